@@ -1,0 +1,185 @@
+"""The warm loss engine: one object per process, shared by every transport.
+
+    engine = Engine(device="auto")             # picks cuda when present, runs every loss once
+    out = engine.evaluate("ciou", pred, target, box_format="xywh", return_grad=True)
+    out.loss, out.grad                         # [N] (or a scalar), and d loss / d pred in the caller's format
+    engine.metric("iou", a, b, pairwise=True)  # [N, M], computed in row chunks
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from . import box_losses, classification, metrics, regression  # noqa: F401  (registration)
+from ._utils import to_xyxy
+from .errors import EngineError, rows_phrase
+from .inputs import FLOAT_DTYPES, VALIDATORS, as_float, check_box_format, check_boxes, example_inputs
+from .registry import LOSSES, METRICS, get_loss, get_metric
+
+log = logging.getLogger("lossd.engine")
+
+REDUCTIONS = ("none", "mean", "sum")
+# Elements of one pairwise chunk: ~30 float temporaries of this many elements stay well under 0.5 GB.
+PAIRWISE_CHUNK_ELEMS = 1 << 21
+
+
+@dataclass
+class Result:
+    """loss: [N] per sample ('none') or a 0-d tensor; grad: pred's shape, or None. Both on the CPU."""
+
+    loss: Tensor
+    grad: Tensor | None
+    dtype: torch.dtype
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    return dev
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, pred: Any) -> torch.dtype:
+    """float32 by default; float64 when asked, or when pred itself is float64 data; fp16/bf16 compute in float32."""
+    if dtype is None:
+        kind = getattr(pred, "dtype", None)
+        return torch.float64 if kind in (torch.float64, "float64") or str(kind) == "float64" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype in ("float16", "bfloat16"):
+        return torch.float32
+    if dtype not in FLOAT_DTYPES:
+        raise EngineError("unknown_dtype", f"dtype must be float32 or float64, got {dtype!r}", field="dtype")
+    return FLOAT_DTYPES[dtype]
+
+
+class Engine:
+    """Evaluates catalog losses and metrics on one device. Thread-safe for concurrent calls (no shared state
+    beyond read-only catalog entries)."""
+
+    def __init__(self, device: str | torch.device = "auto", *, warm: bool = True,
+                 max_pairwise: int = 1_000_000_000) -> None:
+        self.device = pick_device(device)
+        self.max_pairwise = int(max_pairwise)
+        self.warm_seconds: float | None = None
+        if warm:
+            self.warm_up()
+
+    # ----------------------------------------------------------------------------------------------- catalog
+    @staticmethod
+    def losses() -> list[dict]:
+        return [LOSSES[name].describe() for name in sorted(LOSSES)]
+
+    @staticmethod
+    def metrics() -> list[dict]:
+        return [METRICS[name].describe() for name in sorted(METRICS)]
+
+    # ----------------------------------------------------------------------------------------------- evaluate
+    def evaluate(self, loss_name: str, pred: Any, target: Any, *, box_format: str = "xyxy", reduction: str = "none",
+                 weights: Any = None, params: Mapping[str, Any] | None = None, return_grad: bool = True,
+                 dtype: str | torch.dtype | None = None) -> Result:
+        spec = get_loss(loss_name)
+        if reduction not in REDUCTIONS:
+            raise EngineError("unknown_reduction", f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}",
+                              field="reduction")
+        check_box_format(box_format)
+        kwargs = spec.resolve(params)
+        cdtype = _resolve_dtype(dtype, pred)
+        pred_t = as_float(pred, "pred", cdtype, self.device)
+        to_fn, target_t = VALIDATORS[spec.inputs](pred_t, target, box_format, kwargs, cdtype)
+        w = None
+        if weights is not None:
+            w = as_float(weights, "weights", cdtype, self.device)
+            if w.dim() != 1:
+                raise EngineError("invalid_shape", f"weights must be [N], got shape {list(w.shape)}", field="weights")
+            if w.shape[0] != pred_t.shape[0]:
+                raise EngineError("length_mismatch", f"pred has {pred_t.shape[0]} rows but weights has "
+                                  f"{w.shape[0]}", field="weights")
+            neg = (w < 0).nonzero().flatten().tolist()
+            if neg:
+                raise EngineError("invalid_value", f"weights: negative weight at {rows_phrase(neg, len(neg))}",
+                                  field="weights", rows=neg)
+
+        with torch.enable_grad():
+            leaf = pred_t.detach().requires_grad_(return_grad)
+            per_sample = spec.fn(to_fn(leaf), target_t, **kwargs)
+            if w is not None:
+                per_sample = per_sample * w
+            if reduction == "none":
+                out = per_sample
+            elif reduction == "sum":
+                out = per_sample.sum()
+            else:
+                out = self._mean(spec, per_sample, leaf, target_t, kwargs, w)
+            grad = None
+            if return_grad:
+                if out.requires_grad:
+                    (grad,) = torch.autograd.grad(out.sum(), leaf, allow_unused=True)
+                if grad is None:  # the loss does not depend on pred (e.g. an empty batch)
+                    grad = torch.zeros_like(leaf)
+        return Result(out.detach().cpu(), None if grad is None else grad.detach().cpu(), cdtype)
+
+    @staticmethod
+    def _mean(spec, per_sample: Tensor, pred: Tensor, target: Tensor, kwargs: dict, w: Tensor | None) -> Tensor:
+        if spec.mean_weight is None:
+            denom = per_sample.new_tensor(float(per_sample.shape[0]))
+        else:
+            denom = spec.mean_weight(pred, target, **kwargs).sum()
+        if per_sample.shape[0] == 0 or float(denom) == 0:
+            return 0.0 * per_sample.sum()  # keeps the graph, as torchvision does for an empty batch
+        return per_sample.sum() / denom
+
+    # ----------------------------------------------------------------------------------------------- metric
+    def metric(self, name: str, boxes1: Any, boxes2: Any, *, box_format: str = "xyxy", pairwise: bool = False,
+               params: Mapping[str, Any] | None = None, dtype: str | torch.dtype | None = None) -> Tensor:
+        spec = get_metric(name)
+        check_box_format(box_format)
+        kwargs = spec.resolve(params)
+        cdtype = _resolve_dtype(dtype, boxes1)
+        a = as_float(boxes1, "boxes1", cdtype, self.device)
+        b = as_float(boxes2, "boxes2", cdtype, self.device)
+        check_boxes(a, "boxes1", box_format)
+        check_boxes(b, "boxes2", box_format)
+        a, b = to_xyxy(a, box_format), to_xyxy(b, box_format)
+        with torch.no_grad():
+            if not pairwise:
+                if a.shape[0] != b.shape[0]:
+                    raise EngineError("length_mismatch", f"boxes1 has {a.shape[0]} rows but boxes2 has {b.shape[0]}; "
+                                      "elementwise metrics pair row i with row i (use pairwise for N x M)",
+                                      field="boxes2")
+                return spec.fn(a, b, **kwargs).cpu()
+            n, m = a.shape[0], b.shape[0]
+            if n * m > self.max_pairwise:
+                raise EngineError("too_large", f"pairwise {n} x {m} = {n * m} values exceeds the budget of "
+                                  f"{self.max_pairwise}", field="boxes2")
+            out = torch.empty(n, m, dtype=cdtype)
+            rows = max(1, PAIRWISE_CHUNK_ELEMS // max(m, 1))
+            for start in range(0, n, rows):
+                chunk = a[start:start + rows, None, :]
+                out[start:start + rows] = spec.fn(chunk, b[None, :, :], **kwargs).cpu()
+            return out
+
+    # ----------------------------------------------------------------------------------------------- warm-up
+    def warm_up(self) -> float:
+        """Run every loss (with its gradient) and metric once, so the first request pays no start-up cost."""
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(0)
+        for spec in LOSSES.values():
+            pred, target = example_inputs(spec.inputs, 8, gen, torch.float32)
+            self.evaluate(spec.name, pred, target, reduction="mean", dtype="float32")
+        boxes, _ = example_inputs("boxes", 8, gen, torch.float32)
+        for name in METRICS:
+            self.metric(name, boxes, boxes, pairwise=True, dtype="float32")
+        self.warm_seconds = time.perf_counter() - t0
+        log.info("engine warm on %s in %.2fs (%d losses, %d metrics)", self.device, self.warm_seconds, len(LOSSES),
+                 len(METRICS))
+        return self.warm_seconds
+
