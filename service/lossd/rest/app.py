@@ -1,0 +1,68 @@
+"""The FastAPI app factory. The engine is built and warmed in the lifespan (or handed in by a test)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .. import __version__
+from ..engine import Engine
+from ..settings import Settings
+from . import errors, losses, metrics, oip
+from .limits import BodyLimitMiddleware
+from .observability import Observability
+
+log = logging.getLogger("lossd.rest")
+
+
+def create_app(engine: Engine | None = None, settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if app.state.engine is None:
+            # construction is cheap; warming (CUDA init, first kernels) runs off the event loop while
+            # /v2/health/live already answers and /v2/health/ready says 503
+            app.state.engine = Engine(device=settings.device, warm=False, max_pairwise=settings.max_pairwise)
+        eng = app.state.engine
+
+        async def warm() -> None:
+            if eng.warm_seconds is None:
+                await anyio.to_thread.run_sync(eng.warm_up)
+            app.state.ready.set()
+            log.info("lossd ready: engine on %s, warm in %.2fs", eng.device, eng.warm_seconds or 0.0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(warm)
+            yield
+            tg.cancel_scope.cancel()
+
+    app = FastAPI(title="lossd", version=__version__, lifespan=lifespan,
+                  description="Loss-evaluation service for object detection: IoU-family scores, losses and "
+                              "gradients. /v1 is lossd's own API; /v2 is the Open Inference Protocol.")
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.ready = threading.Event()
+    app.state.draining = False
+    app.state.obs = Observability()
+    errors.install(app)
+    app.include_router(losses.router)
+    app.include_router(metrics.router)
+    app.include_router(oip.router)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(generate_latest(app.state.obs.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["Inference-Header-Content-Length"])
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app

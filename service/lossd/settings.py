@@ -1,0 +1,19 @@
+"""Server settings: one pydantic-settings class, read from LOSSD_* environment variables and CLI flags."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOSSD_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="address both transports bind")
+    http_port: int = Field(8000, ge=0, le=65535, description="REST port (0 picks a free one)")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    max_body_bytes: int = Field(64 * 2**20, gt=0, description="largest request body; larger ones get 413")
+    max_pairwise: int = Field(1_000_000_000, gt=0, description="largest N x M a pairwise metric may return")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; ['*'] for any")
+    log_level: str = Field("info", description="logging level")
