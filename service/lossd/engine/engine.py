@@ -19,7 +19,8 @@ from torch import Tensor
 from . import box_losses, classification, metrics, regression  # noqa: F401  (registration)
 from ._utils import to_xyxy
 from .errors import EngineError, rows_phrase
-from .inputs import FLOAT_DTYPES, VALIDATORS, as_float, check_box_format, check_boxes, example_inputs
+from .inputs import (FLOAT_DTYPES, VALIDATORS, as_float, check_box_format, check_boxes, empty_as_rows,
+                     example_inputs)
 from .registry import LOSSES, METRICS, get_loss, get_metric
 
 log = logging.getLogger("lossd.engine")
@@ -94,6 +95,8 @@ class Engine:
         kwargs = spec.resolve(params)
         cdtype = _resolve_dtype(dtype, pred)
         pred_t = as_float(pred, "pred", cdtype, self.device)
+        if spec.inputs in ("boxes", "boxes+logit"):
+            pred_t = empty_as_rows(pred_t, 4 if spec.inputs == "boxes" else 5)
         to_fn, target_t = VALIDATORS[spec.inputs](pred_t, target, box_format, kwargs, cdtype)
         w = None
         if weights is not None:
@@ -144,8 +147,8 @@ class Engine:
         check_box_format(box_format)
         kwargs = spec.resolve(params)
         cdtype = _resolve_dtype(dtype, boxes1)
-        a = as_float(boxes1, "boxes1", cdtype, self.device)
-        b = as_float(boxes2, "boxes2", cdtype, self.device)
+        a = empty_as_rows(as_float(boxes1, "boxes1", cdtype, self.device), 4)
+        b = empty_as_rows(as_float(boxes2, "boxes2", cdtype, self.device), 4)
         check_boxes(a, "boxes1", box_format)
         check_boxes(b, "boxes2", box_format)
         a, b = to_xyxy(a, box_format), to_xyxy(b, box_format)

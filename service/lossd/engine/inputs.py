@@ -7,6 +7,7 @@ function takes, so autograd carries gradients back through any conversion.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -45,7 +46,13 @@ def as_array(x: Any, field: str) -> Tensor:
         raise EngineError("invalid_shape", f"{field} must be a rectangular array of numbers", field=field)
     if arr.dtype.kind == "b":
         arr = arr.astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    arr = np.ascontiguousarray(arr)
+    if not arr.flags.writeable:
+        # a zero-copy view of a request's bytes: the engine never writes into its inputs, so share it
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(arr)
+    return torch.from_numpy(arr)
 
 
 def as_float(x: Any, field: str, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -80,6 +87,11 @@ def check_range(t: Tensor, field: str, lo: float, hi: float, what: str) -> None:
     out = (t < lo) | (t > hi)
     if t.numel() and bool(out.any()):
         _raise_rows("invalid_value", field, bad_rows(out), what)
+
+
+def empty_as_rows(t: Tensor, width: int) -> Tensor:
+    """A bare empty list (shape [0], as JSON writes zero rows) read as zero rows of the expected width."""
+    return t.reshape(0, width) if t.dim() == 1 and t.shape[0] == 0 else t
 
 
 def check_boxes(t: Tensor, field: str, box_format: str, width: int = 4) -> None:
@@ -131,7 +143,7 @@ def _identity(x: Tensor) -> Tensor:
 
 def _boxes(pred: Tensor, target: Any, box_format: str, params: dict, dtype: torch.dtype) -> Validated:
     check_boxes(pred, "pred", box_format)
-    tgt = as_float(target, "target", dtype, pred.device)
+    tgt = empty_as_rows(as_float(target, "target", dtype, pred.device), 4)
     check_boxes(tgt, "target", box_format)
     check_rows(pred, tgt, "target")
     return (lambda x: to_xyxy(x, box_format)), to_xyxy(tgt, box_format)
@@ -139,7 +151,7 @@ def _boxes(pred: Tensor, target: Any, box_format: str, params: dict, dtype: torc
 
 def _boxes_logit(pred: Tensor, target: Any, box_format: str, params: dict, dtype: torch.dtype) -> Validated:
     check_boxes(pred, "pred", box_format, width=5)
-    tgt = as_float(target, "target", dtype, pred.device)
+    tgt = empty_as_rows(as_float(target, "target", dtype, pred.device), 4)
     check_boxes(tgt, "target", box_format)
     check_rows(pred, tgt, "target")
     return (lambda x: torch.cat((to_xyxy(x[:, :4], box_format), x[:, 4:]), dim=1)), to_xyxy(tgt, box_format)

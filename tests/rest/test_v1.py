@@ -1,0 +1,173 @@
+"""/v1: catalog, losses, metrics and their errors, through httpx against the app."""
+
+import numpy as np
+import pytest
+import torch
+
+from lossd.engine import LOSSES
+
+PRED = [[0, 0, 10, 10], [5, 5, 15, 20], [2, 3, 4, 9]]
+TARGET = [[1, 1, 11, 11], [5, 5, 15, 15], [2, 2, 5, 8]]
+
+
+def error_of(resp, status: int, code: str) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()["error"]
+    assert body["code"] == code and body["message"]
+    return body
+
+
+def test_catalog(client):
+    cat = client.get("/v1/losses").json()["losses"]
+    assert sorted(e["name"] for e in cat) == sorted(LOSSES)
+    ciou = client.get("/v1/losses/ciou").json()
+    assert ciou["kind"] == "box" and "Zheng" in ciou["reference"]
+    assert ciou["params"]["eps"] == {"default": 1e-7, "min": 0.0, "max": 0.01, "doc": ciou["params"]["eps"]["doc"],
+                                     "type": "float", "choices": None}
+    assert ciou["params"]["alpha_rule"]["choices"] == ["torchvision", "mmdet", "attached"]
+    error_of(client.get("/v1/losses/nope"), 404, "unknown_loss")
+
+
+def test_loss_values_and_grads_match_engine(client, engine):
+    resp = client.post("/v1/losses/ciou", json={"pred": PRED, "target": TARGET})
+    assert resp.status_code == 200
+    ref = engine.evaluate("ciou", PRED, TARGET)
+    np.testing.assert_allclose(resp.json()["loss"], ref.loss.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(resp.json()["grad"], ref.grad.numpy(), rtol=1e-6)
+
+
+def test_loss_options(client, engine):
+    xywh = [[b[0], b[1], b[2] - b[0], b[3] - b[1]] for b in PRED]
+    txywh = [[b[0], b[1], b[2] - b[0], b[3] - b[1]] for b in TARGET]
+    body = {"pred": xywh, "target": txywh, "box_format": "xywh", "reduction": "mean", "weights": [1, 2, 0.5],
+            "params": {"gamma": 0.5}, "dtype": "float64"}
+    resp = client.post("/v1/losses/eiou", json=body).json()
+    ref = engine.evaluate("eiou", xywh, txywh, box_format="xywh", reduction="mean", weights=[1, 2, 0.5],
+                          params={"gamma": 0.5}, dtype="float64")
+    assert resp["loss"] == pytest.approx(ref.loss.item(), rel=1e-12)
+    np.testing.assert_allclose(resp["grad"], ref.grad.numpy(), rtol=1e-12)
+    nograd = client.post("/v1/losses/giou", json={"pred": PRED, "target": TARGET, "return_grad": False}).json()
+    assert nograd["grad"] is None and len(nograd["loss"]) == 3
+
+
+def test_classification_over_json(client):
+    logits = [[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]]
+    resp = client.post("/v1/losses/cross_entropy", json={"pred": logits, "target": [0, 2], "dtype": "float64"})
+    want = torch.nn.functional.cross_entropy(torch.tensor(logits, dtype=torch.float64), torch.tensor([0, 2]),
+                                             reduction="none")
+    np.testing.assert_allclose(resp.json()["loss"], want.numpy(), rtol=1e-12)
+    resp = client.post("/v1/losses/focal", json={"pred": [[0.3, -2.0]], "target": [[1, 0]]})
+    assert resp.status_code == 200 and len(resp.json()["grad"][0]) == 2
+
+
+def test_empty_batch_is_valid(client):
+    resp = client.post("/v1/losses/giou", json={"pred": [], "target": [], "reduction": "mean"})
+    assert resp.status_code == 200 and resp.json() == {"loss": 0.0, "grad": []}
+    resp = client.post("/v1/losses/ciou", json={"pred": [], "target": []})
+    assert resp.json() == {"loss": [], "grad": []}
+    assert client.post("/v1/metrics/iou", json={"boxes1": [], "boxes2": [[0, 0, 1, 1]], "pairwise": True}).json() \
+        == {"values": []}
+    resp = client.post("/v1/losses/l1", json={"pred": [], "target": [], "reduction": "mean"})
+    assert resp.status_code == 200 and resp.json() == {"loss": 0.0, "grad": []}
+    resp = client.post("/v1/metrics/iou", json={"boxes1": [[0, 0, 1, 1]], "boxes2": [[0, 0, 1, 1]],
+                                                "pairwise": True})
+    assert resp.json()["values"] == [[pytest.approx(1.0)]]
+
+
+@pytest.mark.parametrize("body,status,code,field", [
+    ({"pred": [[0, 0, 10, 10], [0, 0, float("nan"), 1]], "target": TARGET[:2]}, 422, "non_finite", "pred"),
+    ({"pred": PRED, "target": [[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, float("inf")]]}, 422, "non_finite", "target"),
+    ({"pred": [[0, 0, 1]], "target": [[0, 0, 1, 1]]}, 422, "invalid_shape", "pred"),
+    ({"pred": [[0, 0, 1], [0, 0, 1, 1]], "target": TARGET[:2]}, 422, "invalid_shape", "pred"),
+    ({"pred": PRED, "target": TARGET[:2]}, 422, "length_mismatch", "target"),
+    ({"pred": [[0, 0, 10, 10], [9, 0, 1, 1]], "target": TARGET[:2]}, 422, "inverted_box", "pred"),
+    ({"pred": PRED, "target": TARGET, "box_format": "yxyx"}, 422, "unknown_format", "box_format"),
+    ({"pred": PRED, "target": TARGET, "reduction": "avg"}, 422, "unknown_reduction", "reduction"),
+    ({"pred": PRED, "target": TARGET, "params": {"gamma": 1}}, 422, "unknown_param", "params.gamma"),
+    ({"pred": PRED, "target": TARGET, "params": {"eps": 5}}, 422, "param_out_of_range", "params.eps"),
+    ({"pred": PRED, "target": TARGET, "weights": [1, 2]}, 422, "length_mismatch", "weights"),
+    ({"pred": PRED, "target": TARGET, "weights": ["a", 1, 2]}, 422, "invalid_request", "weights.0"),
+    ({"pred": PRED}, 422, "invalid_request", "target"),
+    ({"pred": PRED, "target": TARGET, "colour": "red"}, 422, "invalid_request", "colour"),
+    ({"pred": "boxes", "target": TARGET}, 422, "invalid_shape", "pred"),
+])
+def test_loss_errors(client, body, status, code, field):
+    import json
+
+    resp = client.post("/v1/losses/ciou", content=json.dumps(body), headers={"content-type": "application/json"})
+    err = error_of(resp, status, code)
+    assert err["details"]["field"] == field
+    if code in ("non_finite", "inverted_box"):
+        assert err["details"]["rows"] and "row" in err["message"]
+
+
+def test_rows_in_inverted_error(client):
+    pred = [[0, 0, 1, 1]] * 5 + [[3, 0, 1, 1]] + [[0, 0, 1, 1]] * 3 + [[0, 5, 1, 1]]
+    err = error_of(client.post("/v1/losses/giou", json={"pred": pred, "target": [[0, 0, 1, 1]] * 10}), 422,
+                   "inverted_box")
+    assert err["details"]["rows"] == [5, 9] and "rows 5, 9" in err["message"]
+
+
+def test_unknown_loss_and_bad_json(client):
+    error_of(client.post("/v1/losses/ciouu", json={"pred": PRED, "target": TARGET}), 404, "unknown_loss")
+    resp = client.post("/v1/losses/ciou", content=b'{"pred": [[0, 0', headers={"content-type": "application/json"})
+    error_of(resp, 400, "invalid_json")
+    resp = client.post("/v1/losses/ciou", content=b"not json at all", headers={"content-type": "application/json"})
+    error_of(resp, 400, "invalid_json")
+
+
+def test_body_limit(make_client):
+    small = make_client(max_body_bytes=1000)
+    body = {"pred": [[0, 0, 1, 1]] * 200, "target": [[0, 0, 1, 1]] * 200}
+    err = error_of(small.post("/v1/losses/giou", json=body), 413, "too_large")
+    assert "1000" in err["message"]
+
+    def chunks():  # no Content-Length: the body streams in chunks and is refused once it passes the cap
+        for _ in range(50):
+            yield b" " * 100
+
+    resp = small.post("/v1/losses/giou", content=chunks(), headers={"content-type": "application/json"})
+    error_of(resp, 413, "too_large")
+    ok = small.post("/v1/losses/giou", json={"pred": [[0, 0, 1, 1]], "target": [[0, 0, 1, 1]]})
+    assert ok.status_code == 200
+
+
+def test_metrics_endpoint(client, engine):
+    resp = client.post("/v1/metrics/diou", json={"boxes1": PRED, "boxes2": TARGET}).json()
+    np.testing.assert_allclose(resp["values"], engine.metric("diou", PRED, TARGET).numpy(), rtol=1e-6)
+    resp = client.post("/v1/metrics/giou", json={"boxes1": PRED, "boxes2": TARGET[:2], "pairwise": True}).json()
+    assert np.asarray(resp["values"]).shape == (3, 2)
+    error_of(client.post("/v1/metrics/giou", json={"boxes1": PRED, "boxes2": TARGET[:2]}), 422, "length_mismatch")
+    error_of(client.post("/v1/metrics/jaccard", json={"boxes1": PRED, "boxes2": TARGET}), 404, "unknown_metric")
+    assert {m["name"] for m in client.get("/v1/metrics").json()["metrics"]} >= {"iou", "ciou", "siou", "nwd"}
+
+
+def test_pairwise_budget_is_413(make_client):
+    small = make_client(max_pairwise=4)
+    small.app.state.engine = type(small.app.state.engine)(device="cpu", warm=False, max_pairwise=4)
+    error_of(small.post("/v1/metrics/iou", json={"boxes1": PRED, "boxes2": TARGET, "pairwise": True}), 413,
+             "too_large")
+
+
+def test_prometheus_and_docs(client):
+    client.post("/v1/losses/giou", json={"pred": PRED, "target": TARGET})
+    client.post("/v1/losses/giou", json={"pred": [[1, 0, 0, 1]], "target": [[0, 0, 1, 1]]})
+    text = client.get("/metrics").text
+    assert 'lossd_requests_total{endpoint="v1_loss",name="giou",outcome="ok"} 1.0' in text
+    assert 'lossd_requests_total{endpoint="v1_loss",name="giou",outcome="inverted_box"} 1.0' in text
+    assert "lossd_batch_size_bucket" in text and "lossd_in_flight_requests" in text
+    spec = client.get("/openapi.json").json()
+    infer = spec["paths"]["/v2/models/{name}/infer"]["post"]
+    assert "application/octet-stream" in infer["requestBody"]["content"]
+    assert "/v1/losses/{name}" in spec["paths"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_cors(make_client):
+    c = make_client(cors_origins=["https://annotate.example"])
+    resp = c.options("/v1/losses/iou", headers={"Origin": "https://annotate.example",
+                                                "Access-Control-Request-Method": "POST"})
+    assert resp.headers["access-control-allow-origin"] == "https://annotate.example"
+    resp = c.options("/v1/losses/iou", headers={"Origin": "https://evil.example",
+                                                "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in resp.headers
