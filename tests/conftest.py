@@ -1,3 +1,11 @@
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import NamedTuple
+
+import httpx
 import pytest
 import torch
 
@@ -12,3 +20,49 @@ def engine() -> Engine:
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+class LiveServer(NamedTuple):
+    http_url: str
+    grpc_url: str
+    grpc_target: str
+    proc: subprocess.Popen
+
+
+def start_server(extra_env: dict | None = None) -> LiveServer:
+    """Start `lossd serve` as a user does, on free loopback ports, and wait for /v2/health/ready."""
+    port, grpc_port = free_port(), free_port()
+    env = dict(os.environ, LOSSD_DEVICE="cpu", PYTHONUNBUFFERED="1", **(extra_env or {}))
+    proc = subprocess.Popen([sys.executable, "-m", "lossd.cli", "serve", "--http-port", str(port),
+                             "--grpc-port", str(grpc_port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"lossd serve exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("lossd serve did not become ready in 60 s")
+        time.sleep(0.05)
+    return LiveServer(url, f"grpc://127.0.0.1:{grpc_port}", f"127.0.0.1:{grpc_port}", proc)
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    """One real `lossd serve` process shared by the end-to-end tests."""
+    server = start_server()
+    yield server
+    server.proc.terminate()
+    server.proc.wait(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -19,9 +19,10 @@ def _serve(args: argparse.Namespace) -> int:
                                    "device": args.device}.items() if v is not None}
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings=settings)
+    app = create_app(settings=settings, start_grpc=True)
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level=settings.log_level,
-                            access_log=False, lifespan="on")
+                            access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None)
     server = uvicorn.Server(config)
     server.run()
     return 0

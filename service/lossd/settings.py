@@ -14,6 +14,8 @@ class Settings(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     max_body_bytes: int = Field(64 * 2**20, gt=0, description="largest request body; larger ones get 413")
+    grpc_max_message_bytes: int = Field(256 * 2**20, gt=0, description="largest gRPC message either way")
+    shutdown_grace_seconds: float = Field(10.0, ge=0, description="how long in-flight calls may finish on SIGTERM")
     max_pairwise: int = Field(1_000_000_000, gt=0, description="largest N x M a pairwise metric may return")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; ['*'] for any")
     log_level: str = Field("info", description="logging level")

@@ -1,11 +1,4 @@
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-
-import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -32,39 +25,6 @@ def make_client(engine):
 @pytest.fixture
 def client(make_client) -> TestClient:
     return make_client()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def live_server():
-    """A real `lossd serve` process on a loopback port, waited on through /v2/health/ready."""
-    port = free_port()
-    env = dict(os.environ, LOSSD_DEVICE="cpu", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "lossd.cli", "serve", "--http-port", str(port),
-                             "--grpc-port", str(free_port())], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"lossd serve exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("lossd serve did not become ready in 60 s")
-        time.sleep(0.05)
-    yield url, proc
-    proc.terminate()
-    proc.wait(timeout=20)
 
 
 def binary_request(inputs: dict, parameters: dict | None = None, outputs: list | None = None) -> tuple[bytes, dict]:

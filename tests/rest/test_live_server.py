@@ -7,7 +7,7 @@ from .conftest import binary_request, parse_binary_response
 
 
 def test_readme_example_request(live_server):
-    url, _ = live_server
+    url = live_server.http_url
     # the README's curl example, as JSON
     resp = httpx.post(f"{url}/v1/losses/ciou", json={"pred": [[0, 0, 10, 10]], "target": [[1, 1, 11, 11]]})
     assert resp.status_code == 200
@@ -18,7 +18,7 @@ def test_readme_example_request(live_server):
 
 
 def test_live_errors_and_oip_binary(live_server):
-    url, _ = live_server
+    url = live_server.http_url
     resp = httpx.post(f"{url}/v1/losses/giou", json={"pred": [[3, 0, 1, 1]], "target": [[0, 0, 1, 1]]})
     assert resp.status_code == 422 and resp.json()["error"]["code"] == "inverted_box"
     pred = np.random.default_rng(0).random((1000, 4), dtype=np.float32) * 100 + 1
@@ -30,7 +30,7 @@ def test_live_errors_and_oip_binary(live_server):
 
 
 def test_live_body_limit_default(live_server):
-    url, _ = live_server
+    url = live_server.http_url
     resp = httpx.post(f"{url}/v1/losses/giou", content=b" " * (64 * 2**20 + 1),
                       headers={"content-type": "application/json"})
     assert resp.status_code == 413

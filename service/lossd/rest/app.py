@@ -22,7 +22,8 @@ from .observability import Observability
 log = logging.getLogger("lossd.rest")
 
 
-def create_app(engine: Engine | None = None, settings: Settings | None = None) -> FastAPI:
+def create_app(engine: Engine | None = None, settings: Settings | None = None, *, start_grpc: bool = False) -> FastAPI:
+    """The REST app; with start_grpc the gRPC server runs on the same event loop and engine (lossd serve)."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -32,17 +33,34 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
             # /v2/health/live already answers and /v2/health/ready says 503
             app.state.engine = Engine(device=settings.device, warm=False, max_pairwise=settings.max_pairwise)
         eng = app.state.engine
+        grpc_server = None
+        if start_grpc:
+            from ..grpc_server import GrpcServer
+
+            grpc_server = GrpcServer(eng, settings.host, settings.grpc_port, settings.grpc_max_message_bytes,
+                                     is_ready=lambda: app.state.ready.is_set() and not app.state.draining)
+            await grpc_server.start()
+            app.state.grpc_port = grpc_server.port
 
         async def warm() -> None:
             if eng.warm_seconds is None:
                 await anyio.to_thread.run_sync(eng.warm_up)
+            if grpc_server is not None:
+                await grpc_server.set_serving()
             app.state.ready.set()
-            log.info("lossd ready: engine on %s, warm in %.2fs", eng.device, eng.warm_seconds or 0.0)
+            where = f", gRPC on {settings.host}:{grpc_server.port}" if grpc_server else ""
+            log.info("lossd ready: REST on %s:%d%s, engine on %s, warm in %.2fs", settings.host,
+                     settings.http_port, where, eng.device, eng.warm_seconds or 0.0)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(warm)
             yield
+            # shutting down (SIGTERM): readiness goes false first, then in-flight gRPC calls get the grace period
+            app.state.draining = True
+            if grpc_server is not None:
+                await grpc_server.stop(settings.shutdown_grace_seconds)
             tg.cancel_scope.cancel()
+            log.info("lossd stopped: in-flight calls drained")
 
     app = FastAPI(title="lossd", version=__version__, lifespan=lifespan,
                   description="Loss-evaluation service for object detection: IoU-family scores, losses and "

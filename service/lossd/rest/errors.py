@@ -34,9 +34,16 @@ def _is_oip(request: Request) -> bool:
 
 
 def error_response(request: Request, status: int, body: dict) -> JSONResponse:
+    # the code also travels as a header, so OIP clients (whose error body is a bare string) can read it
+    headers = {"lossd-error-code": body["code"]}
+    details = body.get("details") or {}
+    if details.get("field"):
+        headers["lossd-error-field"] = str(details["field"])
+    if details.get("rows"):
+        headers["lossd-error-rows"] = ",".join(map(str, details["rows"]))
     if _is_oip(request):  # the Open Inference Protocol's error shape
-        return JSONResponse({"error": body["message"]}, status_code=status)
-    return JSONResponse({"error": body}, status_code=status)
+        return JSONResponse({"error": body["message"]}, status_code=status, headers=headers)
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 async def engine_error_handler(request: Request, exc: EngineError) -> JSONResponse:

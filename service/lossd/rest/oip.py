@@ -1,24 +1,14 @@
-"""The Open Inference Protocol (KServe v2, as Triton speaks it) over HTTP, with the binary tensor extension.
-
-Every catalog loss is a model. Inputs PRED and TARGET (and optional WEIGHTS); outputs LOSS and GRAD. Request
-``parameters`` carry box_format, reduction, return_grad and the loss's own parameters. A body may be JSON, or a
-JSON header of ``Inference-Header-Content-Length`` bytes followed by the raw little-endian tensors in input order.
-"""
+"""The Open Inference Protocol (KServe v2) over HTTP, with the binary tensor data extension. The protocol's
+request handling lives in lossd.oip, shared with gRPC; this module is the HTTP framing and routes."""
 
 from __future__ import annotations
 
-import json
-import math
-from typing import Any
-
 import anyio
-import numpy as np
-import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from .. import __version__
 from ..engine import Engine, get_loss
+from ..oip import HEADER, SERVER_METADATA, ProtocolError, check_version, model_metadata, parse_http_body, run_infer
 from .deps import get_engine, get_obs
 from .errors import ApiError
 from .jsonio import dumps
@@ -26,15 +16,6 @@ from .observability import Observability
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 
-DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"), "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
-}
-INPUTS = ("PRED", "TARGET", "WEIGHTS")
-OUTPUTS = ("LOSS", "GRAD")
-RESERVED = {"box_format", "reduction", "return_grad", "binary_data_output", "dtype"}
-HEADER = "inference-header-content-length"
 BINARY_BODY = {"requestBody": {"content": {
     "application/json": {"schema": {"type": "object", "description": "OIP inference request: id?, parameters?, "
                                     "inputs [{name, shape, datatype, data}], outputs?"}},
@@ -44,14 +25,20 @@ BINARY_BODY = {"requestBody": {"content": {
                                             "(parameters.binary_data_size on each binary input)"}}}}}
 
 
-def bad(message: str, status: int = 400) -> ApiError:
-    return ApiError(status, "invalid_request", message)
+def _api_error(exc: ProtocolError) -> ApiError:
+    return ApiError(404 if exc.code == "unknown_version" else 400, exc.code, exc.message)
 
 
-# ------------------------------------------------------------------------------------------------- health/meta
+def _check(name: str, version: str) -> None:
+    try:
+        check_version(name, version)
+    except ProtocolError as exc:
+        raise _api_error(exc) from None
+
+
 @router.get("")
 def server_metadata() -> dict:
-    return {"name": "lossd", "version": __version__, "extensions": ["binary_tensor_data"]}
+    return SERVER_METADATA
 
 
 @router.get("/health/live")
@@ -65,30 +52,10 @@ def ready(request: Request) -> Response:
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-def _shapes(inputs: str) -> tuple[list[int], list[int]]:
-    return {"boxes": ([-1, 4], [-1, 4]), "boxes+logit": ([-1, 5], [-1, 4])}.get(inputs, ([-1, -1], [-1, -1]))
-
-
-def model_metadata(name: str) -> dict:
-    spec = get_loss(name)
-    pred_shape, target_shape = _shapes(spec.inputs)
-    return {
-        "name": name, "versions": ["1"], "platform": "lossd",
-        "inputs": [{"name": "PRED", "datatype": "FP32", "shape": pred_shape},
-                   {"name": "TARGET", "datatype": "FP32", "shape": target_shape},
-                   {"name": "WEIGHTS", "datatype": "FP32", "shape": [-1], "optional": True}],
-        "outputs": [{"name": "LOSS", "datatype": "FP32", "shape": [-1]},
-                    {"name": "GRAD", "datatype": "FP32", "shape": pred_shape}],
-        "parameters": {"kind": spec.kind, "pred": spec.pred_doc, "target": spec.target_doc,
-                       "params": {p.name: p.describe() for p in spec.params},
-                       "request_parameters": sorted(RESERVED - {"dtype"})},
-    }
-
-
 @router.get("/models/{name}")
 @router.get("/models/{name}/versions/{version}")
 def get_model(name: str, version: str = "1") -> dict:
-    _check_version(name, version)
+    _check(name, version)
     return model_metadata(name)
 
 
@@ -96,142 +63,9 @@ def get_model(name: str, version: str = "1") -> dict:
 @router.get("/models/{name}/versions/{version}/ready")
 def model_ready(name: str, request: Request, version: str = "1") -> Response:
     get_loss(name)
-    _check_version(name, version)
+    _check(name, version)
     is_ready = request.app.state.ready.is_set()
     return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else 503)
-
-
-def _check_version(name: str, version: str) -> None:
-    get_loss(name)
-    if version != "1":
-        raise ApiError(404, "unknown_version", f"model {name!r} has only version 1, not {version!r}")
-
-
-# ------------------------------------------------------------------------------------------------- infer
-def _parse_body(body: bytes, header_len: str | None) -> tuple[dict, memoryview]:
-    raw = memoryview(body)
-    if header_len is not None:
-        if not header_len.strip().isdigit() or int(header_len) > len(body):
-            raise bad(f"Inference-Header-Content-Length {header_len!r} must be a whole number no larger than the "
-                      f"body ({len(body)} bytes)")
-        n = int(header_len)
-        head, raw = bytes(raw[:n]), raw[n:]
-    else:
-        head, raw = body, raw[len(body):]
-    try:
-        req = orjson.loads(head)
-    except orjson.JSONDecodeError:
-        try:  # the stdlib also reads NaN/Infinity, so the engine can name their rows
-            req = json.loads(head)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise bad(f"the request header is not valid JSON: {exc}") from None
-    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
-        raise bad("the request must be a JSON object with an 'inputs' list")
-    return req, raw
-
-
-def _tensor(entry: Any, raw: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
-    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-        raise bad("each input needs a 'name'")
-    name = entry["name"]
-    dt = DTYPES.get(entry.get("datatype"))
-    if dt is None:
-        raise bad(f"input {name}: datatype {entry.get('datatype')!r} is not one of {sorted(DTYPES)}")
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                              for s in shape):
-        raise bad(f"input {name}: shape must be a list of non-negative whole numbers, got {shape!r}")
-    count = math.prod(shape)
-    params = entry.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise bad(f"input {name}: parameters must be an object")
-    if "binary_data_size" in params:
-        size = params["binary_data_size"]
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise bad(f"input {name}: binary_data_size must be a non-negative whole number")
-        if size != count * dt.itemsize:
-            raise bad(f"input {name}: binary_data_size {size} does not match shape {shape} of {entry['datatype']} "
-                      f"({count * dt.itemsize} bytes)")
-        if offset + size > len(raw):
-            raise bad(f"input {name}: needs {size} bytes at offset {offset} but the binary part holds only "
-                      f"{len(raw)} bytes")
-        arr = np.frombuffer(raw[offset:offset + size], dtype=dt).reshape(shape)
-        return name, arr, offset + size
-    if "data" not in entry:
-        raise bad(f"input {name}: has neither 'data' nor parameters.binary_data_size")
-    try:
-        arr = np.asarray(entry["data"], dtype=dt if dt.kind != "f" else np.float64)
-    except (ValueError, TypeError) as exc:
-        raise bad(f"input {name}: data is not an array of {entry['datatype']} numbers ({exc})") from None
-    if arr.size != count:
-        raise bad(f"input {name}: data has {arr.size} elements but shape {shape} needs {count}")
-    return name, arr.reshape(shape).astype(dt, copy=False) if dt.kind != "f" else arr.reshape(shape), offset
-
-
-def _run(engine: Engine, model: str, req: dict, raw: memoryview) -> tuple[dict, list[bytes]]:
-    spec = get_loss(model)
-    tensors: dict[str, np.ndarray] = {}
-    datatypes: dict[str, str] = {}
-    offset = 0
-    for entry in req["inputs"]:
-        name, arr, offset = _tensor(entry, raw, offset)
-        if name not in INPUTS:
-            raise bad(f"unknown input {name!r}; model {model} takes {list(INPUTS)}")
-        if name in tensors:
-            raise bad(f"input {name} given twice")
-        tensors[name], datatypes[name] = arr, entry["datatype"]
-    if offset != len(raw):
-        raise bad(f"the binary part holds {len(raw)} bytes but the inputs' binary_data_size add up to {offset}")
-    missing = [n for n in ("PRED", "TARGET") if n not in tensors]
-    if missing:
-        raise bad(f"missing input {missing[0]}; model {model} needs PRED and TARGET")
-    params = req.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise bad("parameters must be an object")
-    box_format = params.get("box_format", "xyxy")
-    reduction = params.get("reduction", "none")
-    return_grad = params.get("return_grad", True)
-    if not isinstance(return_grad, bool):
-        raise bad("parameters.return_grad must be true or false")
-    loss_params = {k: v for k, v in params.items() if k not in RESERVED}
-    requested = req.get("outputs")
-    binary_all = bool(params.get("binary_data_output", False))
-    wanted: dict[str, bool] = {}
-    if requested is None:
-        wanted = {"LOSS": binary_all, "GRAD": binary_all}
-    else:
-        if not isinstance(requested, list):
-            raise bad("outputs must be a list")
-        for o in requested:
-            oname = o.get("name") if isinstance(o, dict) else None
-            if oname not in OUTPUTS:
-                raise bad(f"unknown output {oname!r}; model {model} gives {list(OUTPUTS)}")
-            wanted[oname] = bool((o.get("parameters") or {}).get("binary_data", binary_all))
-    need_grad = return_grad and "GRAD" in wanted
-    out = engine.evaluate(model, tensors["PRED"], tensors["TARGET"], box_format=box_format, reduction=reduction,
-                          weights=tensors.get("WEIGHTS"), params=loss_params, return_grad=need_grad,
-                          dtype="float64" if datatypes["PRED"] == "FP64" else "float32")
-    dt = "FP64" if out.dtype.itemsize == 8 else "FP32"
-    arrays = {"LOSS": out.loss.numpy().reshape(-1)}
-    if need_grad:
-        arrays["GRAD"] = out.grad.numpy()
-    outputs, blobs = [], []
-    for oname in OUTPUTS:
-        if oname not in wanted or oname not in arrays:
-            continue
-        arr = np.ascontiguousarray(arrays[oname], dtype=DTYPES[dt])
-        entry: dict[str, Any] = {"name": oname, "datatype": dt, "shape": list(arr.shape)}
-        if wanted[oname]:
-            blob = arr.tobytes()
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            entry["data"] = arr.reshape(-1)
-        outputs.append(entry)
-    resp = {"model_name": model, "model_version": "1", "outputs": outputs}
-    if "id" in req:
-        resp["id"] = req["id"]
-    return resp, blobs
 
 
 @router.post("/models/{name}/infer", openapi_extra=BINARY_BODY)
@@ -239,16 +73,17 @@ def _run(engine: Engine, model: str, req: dict, raw: memoryview) -> tuple[dict, 
 async def infer(name: str, request: Request, version: str = "1", engine: Engine = Depends(get_engine),
                 obs: Observability = Depends(get_obs)) -> Response:
     """Evaluate a loss: JSON tensors, or the binary tensor data extension (the fast path for large batches)."""
-    _check_version(name, version)
+    _check(name, version)
     body = await request.body()
     with obs.track("v2_infer", name) as t:
-        req, raw = _parse_body(body, request.headers.get(HEADER))
-        resp, blobs = await anyio.to_thread.run_sync(_run, engine, name, req, raw)
+        try:
+            req, raw = parse_http_body(body, request.headers.get(HEADER))
+            resp, blobs = await anyio.to_thread.run_sync(run_infer, engine, name, req, raw)
+        except ProtocolError as exc:
+            raise _api_error(exc) from None
         t.batch_size = int(resp["outputs"][0]["shape"][0]) if resp["outputs"] and resp["outputs"][0]["shape"] else 0
     head = dumps(resp)
     if not blobs:
         return Response(head, media_type="application/json")
     return Response(head + b"".join(blobs), media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(len(head))})
-
-

@@ -1,0 +1,120 @@
+"""numpy <-> wire: the lossd.v1 Tensor message and the OIP binary framing. Raw little-endian bytes both ways,
+never a per-element Python loop on the raw path."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from ._proto.lossd.v1 import lossd_pb2 as pb
+
+NP_OF = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT64: np.dtype("<f8"), pb.DTYPE_FLOAT16: np.dtype("<f2"),
+         pb.DTYPE_INT32: np.dtype("<i4"), pb.DTYPE_INT64: np.dtype("<i8")}
+PB_OF = {v: k for k, v in NP_OF.items()}
+OIP_OF = {np.dtype("<f4"): "FP32", np.dtype("<f8"): "FP64", np.dtype("<f2"): "FP16", np.dtype("<i4"): "INT32",
+          np.dtype("<i8"): "INT64"}
+NP_OF_OIP = {v: k for k, v in OIP_OF.items()}
+
+
+def wire_array(x: Any, *, index: bool = False) -> np.ndarray:
+    """A contiguous little-endian array of a wire dtype: float64 stays, other floats go float32, ints int64."""
+    arr = np.asarray(x)
+    if arr.dtype.kind in "iub":
+        arr = arr.astype("<i8") if index else arr.astype("<f4")
+    elif arr.dtype.kind == "f":
+        arr = arr.astype("<f8" if arr.dtype.itemsize == 8 else "<f4", copy=False)
+    else:
+        raise TypeError(f"expected numbers, got an array of {arr.dtype}")
+    return np.asarray(arr, order="C")
+
+
+def to_tensor(arr: np.ndarray, typed: bool = False) -> pb.Tensor:
+    dt = arr.dtype.newbyteorder("<")
+    arr = np.asarray(arr, dtype=dt, order="C")  # ascontiguousarray would turn a 0-d scalar into [1]
+    t = pb.Tensor(shape=list(arr.shape), dtype=PB_OF.get(dt, pb.DTYPE_UNSPECIFIED))
+    if not typed:
+        t.raw = arr.tobytes()
+    elif dt.kind == "f" and dt.itemsize == 8:
+        t.doubles.values.extend(arr.ravel().tolist())
+    elif dt.kind == "f":
+        t.floats.values.extend(arr.ravel().tolist())
+    else:
+        t.int64s.values.extend(arr.ravel().tolist())
+    return t
+
+
+def from_tensor(t: pb.Tensor, field: str) -> np.ndarray | None:
+    """The array a Tensor carries (a zero-copy view for raw data); None when the message is empty.
+    Raises ValueError naming the field when the data does not fit the shape."""
+    kind = t.WhichOneof("data")
+    shape = list(t.shape)
+    if kind is None and not shape:
+        return None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"{field}: shape {shape} has a negative size")
+    count = math.prod(shape)
+    if kind in ("raw", None):
+        dt = NP_OF.get(t.dtype)
+        if dt is None:
+            raise ValueError(f"{field}: raw data needs a dtype (DTYPE_FLOAT32, ...)")
+        if len(t.raw) != count * dt.itemsize:
+            raise ValueError(f"{field}: {len(t.raw)} raw bytes do not match shape {shape} of "
+                             f"{pb.DType.Name(t.dtype)} ({count * dt.itemsize} bytes)")
+        return np.frombuffer(t.raw, dtype=dt).reshape(shape)
+    values = getattr(t, kind).values
+    if len(values) != count:
+        raise ValueError(f"{field}: {len(values)} values do not match shape {shape} ({count})")
+    return np.asarray(values, dtype={"floats": np.float32, "doubles": np.float64, "int64s": np.int64}[kind]
+                      ).reshape(shape)
+
+
+def to_param(value: Any) -> pb.ParamValue:
+    if isinstance(value, bool):
+        return pb.ParamValue(flag=value)
+    if isinstance(value, (int, float)):
+        return pb.ParamValue(number=float(value))
+    if isinstance(value, str):
+        return pb.ParamValue(text=value)
+    if isinstance(value, (list, tuple)):
+        return pb.ParamValue(numbers=pb.DoubleList(values=[float(v) for v in value]))
+    raise TypeError(f"parameter value {value!r} is not a number, string, bool or list of numbers")
+
+
+def from_param(p: pb.ParamValue) -> Any:
+    kind = p.WhichOneof("kind")
+    if kind == "numbers":
+        return list(p.numbers.values)
+    return None if kind is None else getattr(p, kind)
+
+
+# ------------------------------------------------------------------------------------------- OIP over HTTP
+def oip_binary_request(inputs: dict[str, np.ndarray], parameters: dict) -> tuple[bytes, dict]:
+    header: dict[str, Any] = {"inputs": [], "parameters": parameters}
+    blobs = []
+    for name, arr in inputs.items():
+        blob = arr.tobytes()
+        header["inputs"].append({"name": name, "shape": list(arr.shape), "datatype": OIP_OF[arr.dtype],
+                                 "parameters": {"binary_data_size": len(blob)}})
+        blobs.append(blob)
+    head = json.dumps(header).encode()
+    return head + b"".join(blobs), {"Inference-Header-Content-Length": str(len(head)),
+                                    "Content-Type": "application/octet-stream"}
+
+
+def oip_binary_response(body: bytes, header_len: str | None) -> dict[str, np.ndarray]:
+    n = int(header_len) if header_len is not None else len(body)
+    head = json.loads(body[:n])
+    out, offset = {}, n
+    for o in head["outputs"]:
+        dt = NP_OF_OIP[o["datatype"]]
+        size = (o.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            out[o["name"]] = np.asarray(o["data"], dtype=dt).reshape(o["shape"])
+        else:
+            out[o["name"]] = np.frombuffer(body, dtype=dt, count=size // dt.itemsize, offset=offset
+                                           ).reshape(o["shape"])
+            offset += size
+    return out

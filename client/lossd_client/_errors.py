@@ -1,0 +1,78 @@
+"""Every error the client raises:
+
+    LossdError                 base: .code (the server's stable code), .message, .status, .details
+    ├── InvalidInputError      the request was refused (422/400, INVALID_ARGUMENT): .field and .rows say where
+    ├── NotFoundError          unknown loss or metric (404, NOT_FOUND)
+    ├── TooLargeError          over a size budget (413, RESOURCE_EXHAUSTED with code too_large)
+    ├── OverloadedError        the server shed load (429, RESOURCE_EXHAUSTED); retried before it is raised
+    ├── UnavailableError       the server is down or draining (503, UNAVAILABLE, connection refused); retried
+    ├── DeadlineExceededError  the call ran out of time
+    └── ServerError            anything else the server got wrong (5xx, INTERNAL, UNKNOWN)
+"""
+
+from __future__ import annotations
+
+
+class LossdError(Exception):
+    def __init__(self, code: str, message: str, status: object = None, details: dict | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+        self.details = details or {}
+
+    @property
+    def field(self) -> str | None:
+        return self.details.get("field")
+
+    @property
+    def rows(self) -> list[int] | None:
+        return self.details.get("rows")
+
+
+class InvalidInputError(LossdError):
+    pass
+
+
+class NotFoundError(LossdError):
+    pass
+
+
+class TooLargeError(LossdError):
+    pass
+
+
+class OverloadedError(LossdError):
+    pass
+
+
+class UnavailableError(LossdError):
+    pass
+
+
+class DeadlineExceededError(LossdError):
+    pass
+
+
+class ServerError(LossdError):
+    pass
+
+
+RETRYABLE = (OverloadedError, UnavailableError)
+
+
+def from_http(status: int, code: str | None, message: str, details: dict | None = None) -> LossdError:
+    cls = {404: NotFoundError, 413: TooLargeError, 429: OverloadedError, 503: UnavailableError,
+           504: DeadlineExceededError}.get(status)
+    if cls is None:
+        cls = InvalidInputError if 400 <= status < 500 else ServerError
+    return cls(code or f"http_{status}", message, status, details)
+
+
+def from_grpc(status_name: str, code: str | None, message: str, details: dict | None = None) -> LossdError:
+    if status_name == "RESOURCE_EXHAUSTED":
+        cls = TooLargeError if code == "too_large" else OverloadedError
+    else:
+        cls = {"INVALID_ARGUMENT": InvalidInputError, "NOT_FOUND": NotFoundError, "UNAVAILABLE": UnavailableError,
+               "DEADLINE_EXCEEDED": DeadlineExceededError}.get(status_name, ServerError)
+    return cls(code or status_name.lower(), message, status_name, details)

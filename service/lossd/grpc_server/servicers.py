@@ -1,0 +1,185 @@
+"""Thin servicers: decode the message, call the engine (off the event loop), encode the answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from lossd_client._proto.inference import grpc_predict_v2_pb2 as oip_pb
+from lossd_client._proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
+from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
+from lossd_client._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
+
+from ..engine import Engine, EngineError
+from ..oip import SERVER_METADATA, ProtocolError, check_version, model_metadata, run_infer
+from .errors import abort
+from .tensors import from_numpy, params_to_dict, to_numpy, value_to_param
+
+COMPUTE = {pb.DTYPE_FLOAT64: "float64", pb.DTYPE_FLOAT32: "float32"}
+
+
+def _expired(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+def _evaluate(engine: Engine, req: pb.EvaluateRequest) -> pb.EvaluateResponse:
+    pred = to_numpy(req.pred, "pred")
+    out = engine.evaluate(req.loss, pred, to_numpy(req.target, "target"), box_format=req.box_format or "xyxy",
+                          reduction=req.reduction or "none", weights=to_numpy(req.weights, "weights", required=False),
+                          params=params_to_dict(req.params),
+                          return_grad=req.return_grad if req.HasField("return_grad") else True,
+                          dtype=COMPUTE.get(req.compute_dtype))
+    resp = pb.EvaluateResponse(loss=from_numpy(out.loss.numpy(), req.typed_output), request_id=req.request_id)
+    if out.grad is not None:
+        resp.grad.CopyFrom(from_numpy(out.grad.numpy(), req.typed_output))
+    return resp
+
+
+def _metric(engine: Engine, req: pb.MetricRequest) -> pb.MetricResponse:
+    values = engine.metric(req.metric, to_numpy(req.boxes1, "boxes1"), to_numpy(req.boxes2, "boxes2"),
+                           box_format=req.box_format or "xyxy", pairwise=req.pairwise,
+                           params=params_to_dict(req.params), dtype=COMPUTE.get(req.compute_dtype))
+    return pb.MetricResponse(values=from_numpy(values.numpy(), req.typed_output))
+
+
+def catalog_entry(entry: dict) -> pb.CatalogEntry:
+    params = []
+    for name, p in entry["params"].items():
+        info = pb.ParamInfo(name=name, type=p["type"], doc=p["doc"], choices=p.get("choices") or [])
+        if p["default"] is not None:
+            info.default_value.CopyFrom(value_to_param(p["default"]))
+        if p["min"] is not None:
+            info.min = p["min"]
+        if p["max"] is not None:
+            info.max = p["max"]
+        params.append(info)
+    return pb.CatalogEntry(name=entry["name"], kind=entry["kind"], summary=entry["summary"], doc=entry["doc"],
+                           reference=entry["reference"], pred=entry["pred"], target=entry["target"], params=params)
+
+
+class LossServicer(pb_grpc.LossServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def Evaluate(self, request, context):
+        if _expired(context):
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the work started")
+        try:
+            return await asyncio.to_thread(_evaluate, self.engine, request)
+        except EngineError as exc:
+            await abort(context, exc)
+
+    async def Metric(self, request, context):
+        if _expired(context):
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the work started")
+        try:
+            return await asyncio.to_thread(_metric, self.engine, request)
+        except EngineError as exc:
+            await abort(context, exc)
+
+    async def ListLosses(self, request, context):
+        return pb.ListLossesResponse(losses=[catalog_entry(e) for e in self.engine.losses()],
+                                     metrics=[catalog_entry(e) for e in self.engine.metrics()])
+
+    async def EvaluateStream(self, request_iterator, context):
+        async for item in request_iterator:
+            if _expired(context):
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed")
+            try:
+                resp = await asyncio.to_thread(_evaluate, self.engine, item.request)
+                yield pb.EvaluateStreamResponse(response=resp)
+            except EngineError as exc:
+                yield pb.EvaluateStreamResponse(error=pb.Error(code=exc.code, message=exc.message,
+                                                               field=exc.field or "", rows=exc.rows or [],
+                                                               n_rows=exc.n_rows or 0))
+
+
+# --------------------------------------------------------------------------------------------------- OIP
+
+
+def _param(p: oip_pb.InferParameter):
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def _contents(entry, datatype: str) -> list:
+    c = entry.contents
+    field = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+             "FP64": "fp64_contents", "FP16": "fp32_contents"}.get(datatype, "fp32_contents")
+    return list(getattr(c, field))
+
+
+def _infer(engine: Engine, request: oip_pb.ModelInferRequest) -> oip_pb.ModelInferResponse:
+    """The gRPC request as the protocol's JSON form plus one buffer, run by the shared lossd.oip code."""
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        raise ProtocolError(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs")
+    inputs, blobs = [], []
+    for i, t in enumerate(request.inputs):
+        entry = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape),
+                 "parameters": {k: _param(v) for k, v in t.parameters.items()}}
+        if request.raw_input_contents:
+            blob = request.raw_input_contents[i]
+            entry["parameters"]["binary_data_size"] = len(blob)
+            blobs.append(blob)
+        else:
+            entry["data"] = _contents(t, t.datatype)
+        inputs.append(entry)
+    req = {"inputs": inputs, "parameters": {k: _param(v) for k, v in request.parameters.items()},
+           "id": request.id}
+    req["parameters"]["binary_data_output"] = True  # gRPC answers in raw_output_contents, as Triton does
+    if request.outputs:
+        req["outputs"] = [{"name": o.name, "parameters": {"binary_data": True}} for o in request.outputs]
+    resp, out_blobs = run_infer(engine, request.model_name, req, memoryview(b"".join(blobs)))
+    return oip_pb.ModelInferResponse(
+        model_name=resp["model_name"], model_version="1", id=request.id,
+        outputs=[oip_pb.ModelInferResponse.InferOutputTensor(name=o["name"], datatype=o["datatype"],
+                                                             shape=o["shape"]) for o in resp["outputs"]],
+        raw_output_contents=out_blobs)
+
+
+class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, engine: Engine, is_ready) -> None:
+        self.engine = engine
+        self.is_ready = is_ready
+
+    async def ServerLive(self, request, context):
+        return oip_pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return oip_pb.ServerReadyResponse(ready=self.is_ready())
+
+    async def ModelReady(self, request, context):
+        try:
+            check_version(request.name, request.version or "1")
+        except (EngineError, ProtocolError) as exc:
+            await abort(context, exc)
+        return oip_pb.ModelReadyResponse(ready=self.is_ready())
+
+    async def ServerMetadata(self, request, context):
+        return oip_pb.ServerMetadataResponse(**SERVER_METADATA)
+
+    async def ModelMetadata(self, request, context):
+        try:
+            check_version(request.name, request.version or "1")
+            meta = model_metadata(request.name)
+        except (EngineError, ProtocolError) as exc:
+            await abort(context, exc)
+        tm = oip_pb.ModelMetadataResponse.TensorMetadata
+        return oip_pb.ModelMetadataResponse(
+            name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+            inputs=[tm(name=i["name"], datatype=i["datatype"], shape=i["shape"]) for i in meta["inputs"]],
+            outputs=[tm(name=o["name"], datatype=o["datatype"], shape=o["shape"]) for o in meta["outputs"]])
+
+    async def ModelInfer(self, request, context):
+        if _expired(context):
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the work started")
+        try:
+            return await asyncio.to_thread(_infer, self.engine, request)
+        except (EngineError, ProtocolError) as exc:
+            await abort(context, exc)
+
+

@@ -1,0 +1,37 @@
+"""lossd.v1 messages -> engine inputs: the client's codec (one implementation), with its errors as EngineErrors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lossd_client._codec import from_param, from_tensor, to_param, to_tensor
+from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
+
+from ..engine import EngineError
+
+
+def to_numpy(t: pb.Tensor, field: str, required: bool = True) -> np.ndarray | None:
+    try:
+        arr = from_tensor(t, field)
+    except ValueError as exc:
+        raise EngineError("invalid_shape", str(exc), field=field) from None
+    if arr is None and required:
+        raise EngineError("invalid_shape", f"{field} is missing", field=field)
+    return arr
+
+
+def from_numpy(arr: np.ndarray, typed: bool = False) -> pb.Tensor:
+    return to_tensor(arr, typed)
+
+
+def params_to_dict(params) -> dict:
+    out = {}
+    for name, v in params.items():
+        value = from_param(v)
+        if value is None:
+            raise EngineError("invalid_param", f"params.{name} has no value", field=f"params.{name}")
+        out[name] = value
+    return out
+
+
+value_to_param = to_param
