@@ -13,8 +13,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY client ./client
 COPY service ./service
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir ./client . \
     && useradd --create-home --uid 10001 lossd
 
 USER 10001

@@ -62,7 +62,7 @@ def from_tensor(t: pb.Tensor, field: str) -> np.ndarray | None:
             raise ValueError(f"{field}: raw data needs a dtype (DTYPE_FLOAT32, ...)")
         if len(t.raw) != count * dt.itemsize:
             raise ValueError(f"{field}: {len(t.raw)} raw bytes do not match shape {shape} of "
-                             f"{pb.DType.Name(t.dtype)} ({count * dt.itemsize} bytes)")
+                             f"{pb.Dtype.Name(t.dtype)} ({count * dt.itemsize} bytes)")
         return np.frombuffer(t.raw, dtype=dt).reshape(shape)
     values = getattr(t, kind).values
     if len(values) != count:

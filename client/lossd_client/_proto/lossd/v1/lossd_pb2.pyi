@@ -7,20 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    DTYPE_UNSPECIFIED: _ClassVar[DType]
-    DTYPE_FLOAT32: _ClassVar[DType]
-    DTYPE_FLOAT64: _ClassVar[DType]
-    DTYPE_FLOAT16: _ClassVar[DType]
-    DTYPE_INT32: _ClassVar[DType]
-    DTYPE_INT64: _ClassVar[DType]
-DTYPE_UNSPECIFIED: DType
-DTYPE_FLOAT32: DType
-DTYPE_FLOAT64: DType
-DTYPE_FLOAT16: DType
-DTYPE_INT32: DType
-DTYPE_INT64: DType
+    DTYPE_UNSPECIFIED: _ClassVar[Dtype]
+    DTYPE_FLOAT32: _ClassVar[Dtype]
+    DTYPE_FLOAT64: _ClassVar[Dtype]
+    DTYPE_FLOAT16: _ClassVar[Dtype]
+    DTYPE_INT32: _ClassVar[Dtype]
+    DTYPE_INT64: _ClassVar[Dtype]
+DTYPE_UNSPECIFIED: Dtype
+DTYPE_FLOAT32: Dtype
+DTYPE_FLOAT64: Dtype
+DTYPE_FLOAT16: Dtype
+DTYPE_INT32: Dtype
+DTYPE_INT64: Dtype
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "raw", "floats", "doubles", "int64s")
@@ -31,12 +31,12 @@ class Tensor(_message.Message):
     DOUBLES_FIELD_NUMBER: _ClassVar[int]
     INT64S_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
-    dtype: DType
+    dtype: Dtype
     raw: bytes
     floats: FloatList
     doubles: DoubleList
     int64s: Int64List
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., raw: _Optional[bytes] = ..., floats: _Optional[_Union[FloatList, _Mapping]] = ..., doubles: _Optional[_Union[DoubleList, _Mapping]] = ..., int64s: _Optional[_Union[Int64List, _Mapping]] = ...) -> None: ...
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., raw: _Optional[bytes] = ..., floats: _Optional[_Union[FloatList, _Mapping]] = ..., doubles: _Optional[_Union[DoubleList, _Mapping]] = ..., int64s: _Optional[_Union[Int64List, _Mapping]] = ...) -> None: ...
 
 class FloatList(_message.Message):
     __slots__ = ("values",)
@@ -96,10 +96,10 @@ class EvaluateRequest(_message.Message):
     reduction: str
     params: _containers.MessageMap[str, ParamValue]
     return_grad: bool
-    compute_dtype: DType
+    compute_dtype: Dtype
     typed_output: bool
     request_id: str
-    def __init__(self, loss: _Optional[str] = ..., pred: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., box_format: _Optional[str] = ..., reduction: _Optional[str] = ..., params: _Optional[_Mapping[str, ParamValue]] = ..., return_grad: _Optional[bool] = ..., compute_dtype: _Optional[_Union[DType, str]] = ..., typed_output: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, loss: _Optional[str] = ..., pred: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., box_format: _Optional[str] = ..., reduction: _Optional[str] = ..., params: _Optional[_Mapping[str, ParamValue]] = ..., return_grad: _Optional[bool] = ..., compute_dtype: _Optional[_Union[Dtype, str]] = ..., typed_output: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("loss", "grad", "request_id")
@@ -162,9 +162,9 @@ class MetricRequest(_message.Message):
     box_format: str
     pairwise: bool
     params: _containers.MessageMap[str, ParamValue]
-    compute_dtype: DType
+    compute_dtype: Dtype
     typed_output: bool
-    def __init__(self, metric: _Optional[str] = ..., boxes1: _Optional[_Union[Tensor, _Mapping]] = ..., boxes2: _Optional[_Union[Tensor, _Mapping]] = ..., box_format: _Optional[str] = ..., pairwise: _Optional[bool] = ..., params: _Optional[_Mapping[str, ParamValue]] = ..., compute_dtype: _Optional[_Union[DType, str]] = ..., typed_output: _Optional[bool] = ...) -> None: ...
+    def __init__(self, metric: _Optional[str] = ..., boxes1: _Optional[_Union[Tensor, _Mapping]] = ..., boxes2: _Optional[_Union[Tensor, _Mapping]] = ..., box_format: _Optional[str] = ..., pairwise: _Optional[bool] = ..., params: _Optional[_Mapping[str, ParamValue]] = ..., compute_dtype: _Optional[_Union[Dtype, str]] = ..., typed_output: _Optional[bool] = ...) -> None: ...
 
 class MetricResponse(_message.Message):
     __slots__ = ("values",)

@@ -1,0 +1,172 @@
+"""lossd-client against a real server, both transports, sync and async."""
+
+import asyncio
+import importlib.metadata
+import json
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+from lossd_client import AsyncLossClient, InvalidInputError, LossClient, NotFoundError, UnavailableError
+from lossd_client._codec import oip_binary_request
+
+PRED = np.array([[0, 0, 10, 10], [5, 5, 15, 20], [2, 3, 4, 9]], dtype=np.float32)
+TARGET = np.array([[1, 1, 11, 11], [5, 5, 15, 15], [2, 2, 5, 8]], dtype=np.float32)
+
+
+@pytest.fixture(params=["http", "grpc"])
+def url(request, live_server):
+    return live_server.http_url if request.param == "http" else live_server.grpc_url
+
+
+def random_boxes(n: int, seed: int = 0) -> np.ndarray:
+    g = np.random.default_rng(seed)
+    b = g.random((n, 4), dtype=np.float32) * 100
+    b[:, 2:] += b[:, :2] + 1
+    return b
+
+
+def test_loss_and_metric_match_engine(url, engine):
+    with LossClient(url) as c:
+        loss, grad = c.loss("ciou", PRED, TARGET)
+        ref = engine.evaluate("ciou", PRED, TARGET)
+        np.testing.assert_allclose(loss, ref.loss.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(grad, ref.grad.numpy(), rtol=1e-6)
+        xywh = np.concatenate([PRED[:, :2], PRED[:, 2:] - PRED[:, :2]], 1)
+        txywh = np.concatenate([TARGET[:, :2], TARGET[:, 2:] - TARGET[:, :2]], 1)
+        loss, grad = c.loss("siou", xywh, txywh, box_format="xywh", reduction="mean", weights=[1, 2, 3],
+                            params={"theta": 3})
+        ref = engine.evaluate("siou", xywh, txywh, box_format="xywh", reduction="mean", weights=[1, 2, 3],
+                              params={"theta": 3})
+        assert isinstance(loss, float) and loss == pytest.approx(ref.loss.item(), rel=1e-6)
+        np.testing.assert_allclose(grad, ref.grad.numpy(), rtol=1e-6)
+        logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+        loss, grad = c.loss("cross_entropy", logits, [0, 2], params={"class_weights": [1, 2, 3]})
+        ref = engine.evaluate("cross_entropy", logits, [0, 2], params={"class_weights": [1, 2, 3]})
+        assert loss.dtype == np.float64  # float64 in, float64 out
+        np.testing.assert_allclose(loss, ref.loss.numpy(), rtol=1e-12)
+        ious = c.metric("iou", PRED, TARGET[:2], pairwise=True)
+        np.testing.assert_allclose(ious, engine.metric("iou", PRED, TARGET[:2], pairwise=True).numpy(), rtol=1e-6)
+        assert c.loss("giou", PRED, TARGET, return_grad=False).grad is None
+
+
+def test_chunking_stitches_in_order(url, engine):
+    pred, target = random_boxes(1000, 1), random_boxes(1000, 2)
+    w = np.linspace(0, 2, 1000)
+    with LossClient(url, max_request_bytes=10_000) as c:  # ~300 rows per request
+        for reduction in ("none", "sum", "mean"):
+            loss, grad = c.loss("giou", pred, target, weights=w, reduction=reduction)
+            ref = engine.evaluate("giou", pred, target, weights=w, reduction=reduction)
+            np.testing.assert_allclose(loss, ref.loss.numpy(), rtol=1e-5)
+            np.testing.assert_allclose(grad, ref.grad.numpy(), rtol=1e-5, atol=1e-9)
+        vals = c.metric("diou", pred[:200], target[:50], pairwise=True)
+        np.testing.assert_allclose(vals, engine.metric("diou", pred[:200], target[:50], pairwise=True).numpy(),
+                                   rtol=1e-5, atol=1e-7)
+        vals = c.metric("iou", pred, target)
+        np.testing.assert_allclose(vals, engine.metric("iou", pred, target).numpy(), rtol=1e-5, atol=1e-7)
+        with pytest.raises(ValueError, match="cannot be split"):
+            c.loss("cross_entropy", np.zeros((1000, 3)), np.zeros(1000, dtype=np.int64), reduction="mean")
+
+
+def test_typed_errors(url):
+    with LossClient(url) as c:
+        bad = PRED.copy()
+        bad[[0, 2], 2] = -1
+        with pytest.raises(InvalidInputError) as info:
+            c.loss("giou", bad, TARGET)
+        assert (info.value.code, info.value.field, info.value.rows) == ("inverted_box", "pred", [0, 2])
+        with pytest.raises(NotFoundError) as info:
+            c.loss("cioux", PRED, TARGET)
+        assert info.value.code == "unknown_loss"
+        with pytest.raises(InvalidInputError) as info:
+            c.loss("giou", PRED, TARGET, params={"eps": 3})
+        assert info.value.code == "param_out_of_range"
+
+
+def test_catalog_is_the_same_over_both_transports(live_server):
+    with LossClient(live_server.http_url) as h, LossClient(live_server.grpc_url) as g:
+        http_cat, grpc_cat = h.losses(), g.losses()
+    assert [e["name"] for e in http_cat] == [e["name"] for e in grpc_cat]
+    for a, b in zip(http_cat, grpc_cat):
+        assert a["kind"] == b["kind"] and a["params"].keys() == b["params"].keys()
+        for name in a["params"]:
+            pa, pb = a["params"][name], b["params"][name]
+            assert pa["default"] == pytest.approx(pb["default"]) if isinstance(pa["default"], float) else \
+                pa["default"] == pb["default"]
+            assert (pa["min"], pa["max"], pa["doc"]) == (pb["min"], pb["max"], pb["doc"])
+
+
+def test_async_client(url, engine):
+    async def run():
+        async with AsyncLossClient(url, max_request_bytes=2_000) as c:
+            results = await asyncio.gather(*(c.loss("diou", PRED * k, TARGET * k) for k in (1, 2, 3)))
+            vals = await c.metric("giou", PRED, TARGET, pairwise=True)
+            cat = await c.losses()
+            with pytest.raises(InvalidInputError):
+                await c.loss("giou", PRED[:, :3], TARGET)
+            return results, vals, cat
+
+    results, vals, cat = asyncio.run(run())
+    for k, (loss, grad) in zip((1, 2, 3), results):
+        np.testing.assert_allclose(loss, engine.evaluate("diou", PRED * k, TARGET * k).loss.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(vals, engine.metric("giou", PRED, TARGET, pairwise=True).numpy(), rtol=1e-6)
+    assert len(cat) == len(engine.losses())
+
+
+def test_unreachable_server_is_retried_then_unavailable():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    for url in (f"http://127.0.0.1:{port}", f"grpc://127.0.0.1:{port}"):
+        with LossClient(url, retries=2, backoff=0.01, timeout=2) as c:
+            with pytest.raises(UnavailableError):
+                c.loss("giou", PRED, TARGET)
+
+
+def test_retry_after_is_honoured():
+    """503 and 429 with Retry-After are retried, then the real answer comes through."""
+    calls, waits = [], []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) == 1:
+            return httpx.Response(503, headers={"retry-after": "0.05"}, json={"error": "draining"})
+        if len(calls) == 2:
+            return httpx.Response(429, headers={"retry-after": "0.02"}, json={"error": {"code": "overloaded",
+                                                                                       "message": "busy"}})
+        body, headers = oip_binary_request({"LOSS": np.array([0.5], np.float32),
+                                            "GRAD": np.zeros((1, 4), np.float32)}, {})
+        head_len = int(headers["Inference-Header-Content-Length"])
+        head = json.loads(body[:head_len])
+        out = {"model_name": "giou", "outputs": [dict(i, parameters=i["parameters"]) for i in head["inputs"]]}
+        out_head = json.dumps(out).encode()
+        return httpx.Response(200, content=out_head + body[head_len:],
+                              headers={"Inference-Header-Content-Length": str(len(out_head))})
+
+    c = LossClient("http://lossd.test", retries=3, backoff=5.0)
+    c._http = httpx.Client(base_url="http://lossd.test", transport=httpx.MockTransport(handler))
+    import lossd_client._client as impl
+
+    real_sleep = impl.time.sleep
+    impl.time.sleep = waits.append
+    try:
+        loss, grad = c.loss("giou", PRED[:1], TARGET[:1])
+    finally:
+        impl.time.sleep = real_sleep
+    assert len(calls) == 3 and waits == [0.05, 0.02]  # Retry-After, not the 5 s backoff
+    assert loss.tolist() == [0.5] and grad.shape == (1, 4)
+
+
+def test_installed_client_needs_no_torch(tmp_path):
+    code = ("import sys, lossd_client; from lossd_client._proto.lossd.v1 import lossd_pb2_grpc; "
+            "assert 'torch' not in sys.modules; print(lossd_client.__file__)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    requires = importlib.metadata.requires("lossd-client")
+    names = sorted(r.split(">")[0].split("=")[0].split(";")[0].strip() for r in requires)
+    assert names == ["grpcio", "httpx", "numpy", "protobuf"]
