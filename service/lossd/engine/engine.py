@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from . import box_losses, classification, metrics, regression  # noqa: F401  (registration)
+from . import box_losses, classification, fastpath, metrics, regression  # noqa: F401  (registration)
 from ._utils import to_xyxy
 from .errors import EngineError, rows_phrase
 from .inputs import (FLOAT_DTYPES, VALIDATORS, as_float, check_box_format, check_boxes, empty_as_rows,
@@ -67,8 +67,13 @@ class Engine:
     beyond read-only catalog entries)."""
 
     def __init__(self, device: str | torch.device = "auto", *, warm: bool = True,
-                 max_pairwise: int = 1_000_000_000) -> None:
+                 max_pairwise: int = 1_000_000_000, fast: str = "auto") -> None:
+        """fast: "auto" (numba kernels on CPU, torch.compile on CUDA), "compiled" (torch.compile anywhere) or
+        "off" (the autograd reference only)."""
+        if fast not in ("auto", "compiled", "off"):
+            raise ValueError(f"fast must be auto, compiled or off, got {fast!r}")
         self.device = pick_device(device)
+        self.fast = fast
         self.max_pairwise = int(max_pairwise)
         self.warm_seconds: float | None = None
         if warm:
@@ -94,6 +99,11 @@ class Engine:
         check_box_format(box_format)
         kwargs = spec.resolve(params)
         cdtype = _resolve_dtype(dtype, pred)
+        if self.fast == "auto" and self.device.type == "cpu" and spec.name in fastpath.FUSED_LOSSES:
+            fast = fastpath.cpu_evaluate(spec, pred, target, box_format, reduction, weights, kwargs, return_grad,
+                                         cdtype)
+            if fast is not None:
+                return Result(fast[0], fast[1], cdtype)
         pred_t = as_float(pred, "pred", cdtype, self.device)
         if spec.inputs in ("boxes", "boxes+logit"):
             pred_t = empty_as_rows(pred_t, 4 if spec.inputs == "boxes" else 5)
@@ -110,6 +120,17 @@ class Engine:
             if neg:
                 raise EngineError("invalid_value", f"weights: negative weight at {rows_phrase(neg, len(neg))}",
                                   field="weights", rows=neg)
+
+        if self._compiled_route(spec, kwargs) and return_grad:
+            loss, grad = fastpath.compiled_evaluate(spec, pred_t, target_t, box_format, kwargs, to_fn)
+            if w is not None:
+                loss, grad = loss * w, grad * w.reshape(-1, *([1] * (grad.dim() - 1)))
+            if reduction == "sum":
+                loss = loss.sum()
+            elif reduction == "mean":
+                n = loss.shape[0]
+                loss, grad = (loss.sum() / n, grad / n) if n else (loss.sum() * 0.0, grad)
+            return Result(loss.detach().cpu(), grad.detach().cpu(), cdtype)
 
         with torch.enable_grad():
             leaf = pred_t.detach().requires_grad_(return_grad)
@@ -129,6 +150,11 @@ class Engine:
                 if grad is None:  # the loss does not depend on pred (e.g. an empty batch)
                     grad = torch.zeros_like(leaf)
         return Result(out.detach().cpu(), None if grad is None else grad.detach().cpu(), cdtype)
+
+    def _compiled_route(self, spec, kwargs: dict) -> bool:
+        if spec.name not in fastpath.FUSED_LOSSES or spec.mean_weight is not None:
+            return False
+        return self.fast == "compiled" or (self.fast == "auto" and self.device.type == "cuda")
 
     @staticmethod
     def _mean(spec, per_sample: Tensor, pred: Tensor, target: Tensor, kwargs: dict, w: Tensor | None) -> Tensor:
@@ -174,10 +200,14 @@ class Engine:
     def warm_up(self) -> float:
         """Run every loss (with its gradient) and metric once, so the first request pays no start-up cost."""
         t0 = time.perf_counter()
+        if self.device.type == "cpu" and self.fast == "auto":
+            fastpath.warm_cpu_kernels()
         gen = torch.Generator().manual_seed(0)
         for spec in LOSSES.values():
             pred, target = example_inputs(spec.inputs, 8, gen, torch.float32)
             self.evaluate(spec.name, pred, target, reduction="mean", dtype="float32")
+            if self.device.type == "cuda" and spec.name in fastpath.FUSED_LOSSES:
+                self.evaluate(spec.name, pred.double(), target, reduction="none", dtype="float64")
         boxes, _ = example_inputs("boxes", 8, gen, torch.float32)
         for name in METRICS:
             self.metric(name, boxes, boxes, pairwise=True, dtype="float32")

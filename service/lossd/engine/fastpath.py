@@ -1,0 +1,150 @@
+"""Fast routes to the reference values, chosen per call; the engine falls back to the reference (autograd) path
+whenever a fast route does not apply or the input needs an error message.
+
+- CPU: the numba kernels in fused.py (one pass, analytic gradients, validation in the same pass).
+- CUDA: the reference loss compiled with torch.compile over torch.func.grad_and_value (one fused Triton
+  kernel per loss instead of ~30 launches plus an autograd graph).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import fused
+from .registry import Spec
+
+BOX = {"iou": fused.IOU, "giou": fused.GIOU, "diou": fused.DIOU, "ciou": fused.CIOU, "eiou": fused.EIOU,
+       "siou": fused.SIOU}
+COORD = {"l1": fused.L1, "l2": fused.L2, "mse": fused.MSE, "smooth_l1": fused.SMOOTH_L1, "huber": fused.HUBER}
+MODES = {"linear": fused.LINEAR, "log": fused.LOG, "square": fused.SQUARE}
+NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+FUSED_LOSSES = tuple(BOX) + tuple(COORD)
+
+
+def _box_args(name: str, kwargs: dict) -> tuple | None:
+    """(mode, eps, p1, p2) for the kernel, or None when a parameter value has no fused route."""
+    eps = kwargs.get("eps", 0.0)
+    if name == "iou":
+        return MODES[kwargs["mode"]], eps, 0.0, 0
+    if name == "ciou":
+        if kwargs["alpha_rule"] == "attached":
+            return None
+        return 0, eps, 0.0, 1 if kwargs["alpha_rule"] == "mmdet" else 0
+    if name == "eiou":
+        return 0, eps, float(kwargs["gamma"]), 0
+    if name == "siou":
+        if kwargs["distance_sign"] != "paper":
+            return None
+        return 0, eps, float(kwargs["theta"]), 0
+    return 0, eps, 0.0, 0
+
+
+def _as_np(x: Any, dtype: np.dtype) -> np.ndarray | None:
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu" or x.is_complex():
+            return None
+        x = x.detach().numpy() if x.dtype not in (torch.float16, torch.bfloat16) else x.detach().float().numpy()
+    try:
+        arr = np.asarray(x)
+    except ValueError:
+        return None
+    if arr.dtype.kind not in "iuf":
+        return None
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def cpu_evaluate(spec: Spec, pred: Any, target: Any, box_format: str, reduction: str, weights: Any, kwargs: dict,
+                 return_grad: bool, cdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(loss, grad) from a fused kernel, or None: then the reference path computes (or names the error)."""
+    name = spec.name
+    if name not in BOX and name not in COORD:
+        return None
+    dt = NP_DTYPE[cdtype]
+    p = _as_np(pred, dt)
+    t = _as_np(target, dt)
+    if p is None or t is None:
+        return None
+    if weights is None:
+        w = np.empty(0, dtype=dt)
+    else:
+        w = _as_np(weights, dt)
+        if w is None or w.ndim != 1 or w.shape[0] != p.shape[0] or not (np.isfinite(w).all() and (w >= 0).all()):
+            return None
+    if name in BOX:
+        if p.ndim == 1 and p.shape[0] == 0:
+            p = p.reshape(0, 4)
+        if t.ndim == 1 and t.shape[0] == 0:
+            t = t.reshape(0, 4)
+        if p.ndim != 2 or p.shape[1] != 4 or t.shape != p.shape:
+            return None
+        args = _box_args(name, kwargs)
+        if args is None:
+            return None
+        view = p
+    else:
+        if p.ndim not in (1, 2) or t.shape != p.shape:
+            return None
+        view = p.reshape(p.shape[0], int(np.prod(p.shape[1:])))
+        t = t.reshape(view.shape)
+    n = view.shape[0]
+    scale = 1.0 / n if reduction == "mean" and n else 1.0
+    loss = np.empty(n, dtype=dt)
+    grad = np.empty(view.shape, dtype=dt) if return_grad else np.empty((0, view.shape[1]), dtype=dt)
+    if name in BOX:
+        kernel = fused.box_kernel_parallel if n >= fused.PARALLEL_MIN_ROWS else fused.box_kernel
+        mode, eps, p1, p2 = args
+        status = kernel(BOX[name], mode, fused.FORMATS[box_format], view, t, w, scale, eps, p1, p2, loss, grad,
+                        return_grad)
+    else:
+        kernel = fused.coord_kernel_parallel if n >= fused.PARALLEL_MIN_ROWS else fused.coord_kernel
+        beta = float(kwargs.get("beta", kwargs.get("delta", 0.0)))
+        status = kernel(COORD[name], view, t, w, scale, beta, loss, grad, return_grad)
+    if status != fused.OK:
+        return None
+    loss_t = torch.from_numpy(loss)
+    if reduction == "sum":
+        loss_t = loss_t.sum()
+    elif reduction == "mean":
+        loss_t = loss_t.sum() / n if n else loss_t.sum() * 0.0
+    grad_t = torch.from_numpy(grad.reshape(p.shape)) if return_grad else None
+    return loss_t, grad_t
+
+
+def warm_cpu_kernels() -> None:
+    """Compile (or load from numba's cache) every kernel specialisation the fast path calls."""
+    for dt in (np.float32, np.float64):
+        for rows, box_k, coord_k in ((1, fused.box_kernel, fused.coord_kernel),
+                                     (2, fused.box_kernel_parallel, fused.coord_kernel_parallel)):
+            p = np.tile(np.array([[0, 0, 2, 2]], dtype=dt), (rows, 1))
+            w = np.ones(rows, dtype=dt)
+            for weights in (w, w[:0]):
+                for want in (True, False):
+                    box_k(fused.CIOU, 0, 0, p, p, weights, 1.0, 1e-7, 0.0, 0, np.empty(rows, dt),
+                          np.empty((rows, 4), dt), want)
+                    coord_k(fused.L1, p, p, weights, 1.0, 1.0, np.empty(rows, dt), np.empty((rows, 4), dt), want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compiled reference (the CUDA route; also runs on CPU, where the tests check it against the reference)
+
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def compiled_evaluate(spec: Spec, pred: torch.Tensor, target: torch.Tensor, box_format: str, kwargs: dict,
+                      to_fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample loss and d(sum of loss)/d pred, through one compiled graph of the reference function."""
+    key = (spec.name, box_format, tuple(sorted((k, str(v)) for k, v in kwargs.items())), pred.device.type)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        def per_sample(p: torch.Tensor, t: torch.Tensor):
+            loss = spec.fn(to_fn(p), t, **kwargs)
+            return loss.sum(), loss
+
+        fn = torch.compile(torch.func.grad_and_value(per_sample, has_aux=True), dynamic=True)
+        _COMPILED[key] = fn
+    grad, (_, loss) = fn(pred, target)
+    return loss, grad
+

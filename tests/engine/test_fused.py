@@ -1,0 +1,138 @@
+"""The fast routes against the autograd reference: same values and gradients, same errors."""
+
+import pytest
+import torch
+
+from lossd.engine import Engine, EngineError
+from lossd.engine.fastpath import FUSED_LOSSES
+from lossd.engine.inputs import example_inputs, random_boxes
+
+from .test_properties import DEGENERATE
+
+VARIANTS = [(n, {}) for n in FUSED_LOSSES] + [
+    ("iou", {"mode": "log"}), ("iou", {"mode": "square"}), ("ciou", {"alpha_rule": "mmdet"}),
+    ("eiou", {"gamma": 0.5}), ("siou", {"theta": 2.5}), ("giou", {"eps": 1e-3}),
+    ("smooth_l1", {"beta": 0.3}), ("smooth_l1", {"beta": 0.0}), ("huber", {"delta": 2.0}),
+]
+
+
+@pytest.fixture(scope="module")
+def fast():
+    return Engine(device="cpu", fast="auto")
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return Engine(device="cpu", fast="off", warm=False)
+
+
+def _convert(b: torch.Tensor, fmt: str) -> torch.Tensor:
+    if fmt == "xywh":
+        return torch.cat((b[:, :2], b[:, 2:] - b[:, :2]), 1)
+    if fmt == "cxcywh":
+        return torch.cat((0.5 * (b[:, :2] + b[:, 2:]), b[:, 2:] - b[:, :2]), 1)
+    return b
+
+
+def assert_same(a, b, rtol=1e-9, atol=1e-12):
+    torch.testing.assert_close(a.loss, b.loss, rtol=rtol, atol=atol)
+    if b.grad is None:
+        assert a.grad is None
+    else:
+        torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
+
+
+BOXES = ("iou", "giou", "diou", "ciou", "eiou", "siou")
+CASES = [(n, p, f) for n, p in VARIANTS for f in (("xyxy", "xywh", "cxcywh") if n in BOXES else ("xyxy",))]
+
+
+@pytest.mark.parametrize("name,params,box_format", CASES, ids=[f"{n}{p or ''}-{f}" for n, p, f in CASES])
+def test_fused_matches_reference(fast, ref, name, params, box_format, gen):
+    kind = "boxes" if name in BOXES else "regression"
+    pred, target = example_inputs(kind, 64, gen)
+    if kind == "boxes":
+        pred, target = _convert(pred, box_format), _convert(target, box_format)
+    w = torch.rand(64, generator=gen, dtype=torch.float64)
+    for reduction in ("none", "mean", "sum"):
+        for weights in (None, w):
+            kw = dict(box_format=box_format, reduction=reduction, weights=weights, params=params)
+            assert_same(fast.evaluate(name, pred, target, **kw), ref.evaluate(name, pred, target, **kw))
+    assert fast.evaluate(name, pred, target, return_grad=False, params=params, box_format=box_format).grad is None
+
+
+@pytest.mark.parametrize("name", ["iou", "giou", "diou", "ciou", "eiou", "siou"])
+def test_fused_matches_reference_on_edge_cases(fast, ref, name, gen):
+    pred = torch.tensor([p for p, _ in DEGENERATE.values()], dtype=torch.float64)
+    target = torch.tensor([t for _, t in DEGENERATE.values()], dtype=torch.float64)
+    t = random_boxes(8, gen)
+    wh = t[:, 2:] - t[:, :2]
+    contained = torch.cat((t[:, :2] + 0.2 * wh, t[:, 2:] - 0.3 * wh), 1)
+    pred, target = torch.cat((pred, target, contained, t + 1e4)), torch.cat((target, pred, t, t))
+    assert_same(fast.evaluate(name, pred, target), ref.evaluate(name, pred, target), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["ciou", "siou", "l1"])
+def test_parallel_kernel_and_float32(fast, ref, name, gen):
+    kind = "regression" if name == "l1" else "boxes"
+    pred, target = example_inputs(kind, 20_000, gen)  # above the parallel threshold
+    assert_same(fast.evaluate(name, pred, target, reduction="mean"), ref.evaluate(name, pred, target, reduction="mean"))
+    lo = fast.evaluate(name, pred.float(), target.float())
+    hi = ref.evaluate(name, pred.float().double(), target.float().double())
+    assert lo.loss.dtype == torch.float32
+    torch.testing.assert_close(lo.loss.double(), hi.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_regression_shapes(fast, ref, gen):
+    for shape in ((7,), (7, 3), (0,), (0, 4)):
+        p = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        for name in ("l1", "smooth_l1"):
+            out = fast.evaluate(name, p, t)
+            assert_same(out, ref.evaluate(name, p, t))
+            assert out.grad.shape == p.shape
+
+
+@pytest.mark.parametrize("bad,code", [
+    ({"pred": [[0, 0, 1, 1], [2, 0, 1, 1]]}, "inverted_box"),
+    ({"pred": [[0, 0, 1, 1], [0, 0, float("nan"), 1]]}, "non_finite"),
+    ({"target": [[0, 0, 1, 1], [0, 0, 1, float("inf")]]}, "non_finite"),
+    ({"target": [[0, 0, 1, 1], [0, 3, 1, 1]]}, "inverted_box"),
+    ({"weights": [1.0, -1.0]}, "invalid_value"),
+    ({"pred": [[0, 0, 1]]}, "invalid_shape"),
+])
+def test_fused_errors_are_the_reference_errors(fast, ref, bad, code):
+    args = {"pred": [[0, 0, 1, 1], [0, 0, 2, 2]], "target": [[0, 0, 1, 1], [1, 1, 2, 2]], "weights": None}
+    args.update(bad)
+    errors = []
+    for engine in (fast, ref):
+        with pytest.raises(EngineError) as info:
+            engine.evaluate("ciou", args["pred"], args["target"], weights=args["weights"])
+        errors.append(info.value.to_dict())
+    assert errors[0] == errors[1] and errors[0]["code"] == code
+
+
+def test_unfused_parameter_values_take_the_reference(fast, ref, gen):
+    pred, target = example_inputs("boxes", 16, gen)
+    for name, params in (("ciou", {"alpha_rule": "attached"}), ("siou", {"distance_sign": "mmdet"})):
+        assert_same(fast.evaluate(name, pred, target, params=params), ref.evaluate(name, pred, target, params=params))
+
+
+def test_compiled_route_matches_reference(ref, gen):
+    """The route CUDA takes (torch.compile over torch.func), checked here on the CPU."""
+    compiled = Engine(device="cpu", fast="compiled", warm=False)
+    pred, target = example_inputs("boxes", 32, gen)
+    w = torch.rand(32, generator=gen, dtype=torch.float64)
+    for name in ("ciou", "siou"):
+        kw = dict(reduction="mean", weights=w, box_format="xyxy")
+        assert_same(compiled.evaluate(name, pred, target, **kw), ref.evaluate(name, pred, target, **kw))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("name", ["iou", "giou", "diou", "ciou", "eiou", "siou", "l1", "smooth_l1"])
+def test_cuda_matches_cpu_reference(ref, name, gen):
+    cuda = Engine(device="cuda")
+    kind = "regression" if name in ("l1", "smooth_l1") else "boxes"
+    pred, target = example_inputs(kind, 4096, gen)
+    for reduction in ("none", "mean"):
+        assert_same(cuda.evaluate(name, pred, target, reduction=reduction),
+                    ref.evaluate(name, pred, target, reduction=reduction), rtol=1e-9, atol=1e-10)
