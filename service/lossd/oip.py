@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 
 from . import __version__
-from .engine import Engine, get_loss
+from .engine import Engine, Result, get_loss
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
@@ -132,8 +133,20 @@ def _tensor(entry: Any, raw: memoryview, offset: int) -> tuple[str, np.ndarray, 
     return name, arr.reshape(shape).astype(dt, copy=False) if dt.kind != "f" else arr.reshape(shape), offset
 
 
-def run_infer(engine: Engine, model: str, req: dict, raw: memoryview) -> tuple[dict, list[bytes]]:
-    spec = get_loss(model)
+@dataclass
+class InferCall:
+    """A parsed inference request: the engine call to make, and how to shape its answer."""
+
+    model: str
+    kwargs: dict
+    wanted: dict[str, bool]
+    request_id: Any
+    has_id: bool
+
+
+def prepare_infer(model: str, req: dict, raw: memoryview) -> InferCall:
+    """Check and decode an inference request (JSON form plus the binary inputs, in order) into an engine call."""
+    get_loss(model)
     tensors: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
     offset = 0
@@ -152,12 +165,9 @@ def run_infer(engine: Engine, model: str, req: dict, raw: memoryview) -> tuple[d
     params = req.get("parameters") or {}
     if not isinstance(params, dict):
         raise bad("parameters must be an object")
-    box_format = params.get("box_format", "xyxy")
-    reduction = params.get("reduction", "none")
     return_grad = params.get("return_grad", True)
     if not isinstance(return_grad, bool):
         raise bad("parameters.return_grad must be true or false")
-    loss_params = {k: v for k, v in params.items() if k not in RESERVED}
     requested = req.get("outputs")
     binary_all = bool(params.get("binary_data_output", False))
     wanted: dict[str, bool] = {}
@@ -171,29 +181,40 @@ def run_infer(engine: Engine, model: str, req: dict, raw: memoryview) -> tuple[d
             if oname not in OUTPUTS:
                 raise bad(f"unknown output {oname!r}; model {model} gives {list(OUTPUTS)}")
             wanted[oname] = bool((o.get("parameters") or {}).get("binary_data", binary_all))
-    need_grad = return_grad and "GRAD" in wanted
-    out = engine.evaluate(model, tensors["PRED"], tensors["TARGET"], box_format=box_format, reduction=reduction,
-                          weights=tensors.get("WEIGHTS"), params=loss_params, return_grad=need_grad,
-                          dtype="float64" if datatypes["PRED"] == "FP64" else "float32")
+    kwargs = dict(pred=tensors["PRED"], target=tensors["TARGET"], box_format=params.get("box_format", "xyxy"),
+                  reduction=params.get("reduction", "none"), weights=tensors.get("WEIGHTS"),
+                  params={k: v for k, v in params.items() if k not in RESERVED},
+                  return_grad=return_grad and "GRAD" in wanted,
+                  dtype="float64" if datatypes["PRED"] == "FP64" else "float32")
+    return InferCall(model, kwargs, wanted, req.get("id"), "id" in req)
+
+
+def finish_infer(call: InferCall, out: Result) -> tuple[dict, list[bytes]]:
+    """The response in the protocol's JSON form, plus the binary outputs in order."""
     dt = "FP64" if out.dtype.itemsize == 8 else "FP32"
     arrays = {"LOSS": out.loss.numpy().reshape(-1)}
-    if need_grad:
+    if call.kwargs["return_grad"]:
         arrays["GRAD"] = out.grad.numpy()
     outputs, blobs = [], []
     for oname in OUTPUTS:
-        if oname not in wanted or oname not in arrays:
+        if oname not in call.wanted or oname not in arrays:
             continue
         arr = np.ascontiguousarray(arrays[oname], dtype=DTYPES[dt])
         entry: dict[str, Any] = {"name": oname, "datatype": dt, "shape": list(arr.shape)}
-        if wanted[oname]:
+        if call.wanted[oname]:
             blob = arr.tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
             entry["data"] = arr.reshape(-1)
         outputs.append(entry)
-    resp = {"model_name": model, "model_version": "1", "outputs": outputs}
-    if "id" in req:
-        resp["id"] = req["id"]
+    resp = {"model_name": call.model, "model_version": "1", "outputs": outputs}
+    if call.has_id:
+        resp["id"] = call.request_id
     return resp, blobs
 
+
+def run_infer(engine: Engine, model: str, req: dict, raw: memoryview) -> tuple[dict, list[bytes]]:
+    """Both steps with a direct engine call (no batching)."""
+    call = prepare_infer(model, req, raw)
+    return finish_infer(call, engine.evaluate(model, **call.kwargs))

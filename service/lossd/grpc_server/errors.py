@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from ..batching import DeadlineExpired
 from ..engine import EngineError
 from ..oip import ProtocolError
 
@@ -33,6 +34,9 @@ async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, EngineError):
         context.set_trailing_metadata(trailers(exc))
         await context.abort(status_for(exc.code), exc.message)
+    if isinstance(exc, DeadlineExpired):
+        context.set_trailing_metadata((("lossd-error-code", exc.code),))
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
     if isinstance(exc, ProtocolError):
         context.set_trailing_metadata((("lossd-error-code", exc.code),))
         await context.abort(status_for(exc.code), exc.message)

@@ -14,6 +14,7 @@ from lossd_client._proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
 from lossd_client._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
 
+from ..batching import Batcher
 from ..engine import Engine
 from .servicers import InferenceServicer, LossServicer
 
@@ -26,13 +27,13 @@ SERVICES = (pb.DESCRIPTOR.services_by_name["LossService"].full_name,
 class GrpcServer:
     """Start with ``await start()``; ``set_serving()`` once the engine is warm; ``await stop(grace)`` drains."""
 
-    def __init__(self, engine: Engine, host: str, port: int, max_message_bytes: int,
+    def __init__(self, engine: Engine, batcher: Batcher, host: str, port: int, max_message_bytes: int,
                  is_ready: Callable[[], bool]) -> None:
         opts = [("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes)]
         self.server = grpc.aio.server(options=opts)
-        pb_grpc.add_LossServiceServicer_to_server(LossServicer(engine), self.server)
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, is_ready), self.server)
+        pb_grpc.add_LossServiceServicer_to_server(LossServicer(engine, batcher), self.server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, batcher, is_ready), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(SERVICES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 
@@ -12,7 +13,8 @@ from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
 from lossd_client._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
 
 from ..engine import Engine, EngineError
-from ..oip import SERVER_METADATA, ProtocolError, check_version, model_metadata, run_infer
+from ..batching import Batcher, DeadlineExpired
+from ..oip import SERVER_METADATA, InferCall, ProtocolError, check_version, finish_infer, model_metadata, prepare_infer
 from .errors import abort
 from .tensors import from_numpy, params_to_dict, to_numpy, value_to_param
 
@@ -24,13 +26,18 @@ def _expired(context: grpc.aio.ServicerContext) -> bool:
     return remaining is not None and remaining <= 0
 
 
-def _evaluate(engine: Engine, req: pb.EvaluateRequest) -> pb.EvaluateResponse:
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+async def _evaluate(batcher: Batcher, req: pb.EvaluateRequest, deadline: float | None) -> pb.EvaluateResponse:
     pred = to_numpy(req.pred, "pred")
-    out = engine.evaluate(req.loss, pred, to_numpy(req.target, "target"), box_format=req.box_format or "xyxy",
-                          reduction=req.reduction or "none", weights=to_numpy(req.weights, "weights", required=False),
-                          params=params_to_dict(req.params),
-                          return_grad=req.return_grad if req.HasField("return_grad") else True,
-                          dtype=COMPUTE.get(req.compute_dtype))
+    out = await batcher.evaluate(
+        req.loss, pred, to_numpy(req.target, "target"), box_format=req.box_format or "xyxy",
+        reduction=req.reduction or "none", weights=to_numpy(req.weights, "weights", required=False),
+        params=params_to_dict(req.params), return_grad=req.return_grad if req.HasField("return_grad") else True,
+        dtype=COMPUTE.get(req.compute_dtype), deadline=deadline)
     resp = pb.EvaluateResponse(loss=from_numpy(out.loss.numpy(), req.typed_output), request_id=req.request_id)
     if out.grad is not None:
         resp.grad.CopyFrom(from_numpy(out.grad.numpy(), req.typed_output))
@@ -60,15 +67,14 @@ def catalog_entry(entry: dict) -> pb.CatalogEntry:
 
 
 class LossServicer(pb_grpc.LossServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, batcher: Batcher) -> None:
         self.engine = engine
+        self.batcher = batcher
 
     async def Evaluate(self, request, context):
-        if _expired(context):
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the work started")
         try:
-            return await asyncio.to_thread(_evaluate, self.engine, request)
-        except EngineError as exc:
+            return await _evaluate(self.batcher, request, _deadline(context))
+        except (EngineError, DeadlineExpired) as exc:
             await abort(context, exc)
 
     async def Metric(self, request, context):
@@ -88,7 +94,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             if _expired(context):
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed")
             try:
-                resp = await asyncio.to_thread(_evaluate, self.engine, item.request)
+                resp = await _evaluate(self.batcher, item.request, _deadline(context))
                 yield pb.EvaluateStreamResponse(response=resp)
             except EngineError as exc:
                 yield pb.EvaluateStreamResponse(error=pb.Error(code=exc.code, message=exc.message,
@@ -113,8 +119,8 @@ def _contents(entry, datatype: str) -> list:
     return list(getattr(c, field))
 
 
-def _infer(engine: Engine, request: oip_pb.ModelInferRequest) -> oip_pb.ModelInferResponse:
-    """The gRPC request as the protocol's JSON form plus one buffer, run by the shared lossd.oip code."""
+def _prepare(request: oip_pb.ModelInferRequest) -> InferCall:
+    """The gRPC request as the protocol's JSON form plus one buffer, parsed by the shared lossd.oip code."""
     if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
         raise ProtocolError(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs")
     inputs, blobs = [], []
@@ -133,17 +139,23 @@ def _infer(engine: Engine, request: oip_pb.ModelInferRequest) -> oip_pb.ModelInf
     req["parameters"]["binary_data_output"] = True  # gRPC answers in raw_output_contents, as Triton does
     if request.outputs:
         req["outputs"] = [{"name": o.name, "parameters": {"binary_data": True}} for o in request.outputs]
-    resp, out_blobs = run_infer(engine, request.model_name, req, memoryview(b"".join(blobs)))
+    raw = memoryview(blobs[0]) if len(blobs) == 1 else memoryview(b"".join(blobs))
+    return prepare_infer(request.model_name, req, raw)
+
+
+def _answer(call: InferCall, out) -> oip_pb.ModelInferResponse:
+    resp, out_blobs = finish_infer(call, out)
     return oip_pb.ModelInferResponse(
-        model_name=resp["model_name"], model_version="1", id=request.id,
+        model_name=resp["model_name"], model_version="1", id=call.request_id or "",
         outputs=[oip_pb.ModelInferResponse.InferOutputTensor(name=o["name"], datatype=o["datatype"],
                                                              shape=o["shape"]) for o in resp["outputs"]],
         raw_output_contents=out_blobs)
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, is_ready) -> None:
+    def __init__(self, engine: Engine, batcher: Batcher, is_ready) -> None:
         self.engine = engine
+        self.batcher = batcher
         self.is_ready = is_ready
 
     async def ServerLive(self, request, context):
@@ -175,11 +187,11 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             outputs=[tm(name=o["name"], datatype=o["datatype"], shape=o["shape"]) for o in meta["outputs"]])
 
     async def ModelInfer(self, request, context):
-        if _expired(context):
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the work started")
         try:
-            return await asyncio.to_thread(_infer, self.engine, request)
-        except (EngineError, ProtocolError) as exc:
+            call = _prepare(request)
+            out = await self.batcher.evaluate(request.model_name, **call.kwargs, deadline=_deadline(context))
+            return _answer(call, out)
+        except (EngineError, ProtocolError, DeadlineExpired) as exc:
             await abort(context, exc)
 
 

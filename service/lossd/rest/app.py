@@ -13,6 +13,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
+from ..batching import Batcher
 from ..engine import Engine
 from ..settings import Settings
 from . import errors, losses, metrics, oip
@@ -33,11 +34,14 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
             # /v2/health/live already answers and /v2/health/ready says 503
             app.state.engine = Engine(device=settings.device, warm=False, max_pairwise=settings.max_pairwise)
         eng = app.state.engine
+        app.state.batcher = Batcher(eng, enabled=settings.batching, max_rows=settings.batch_max_rows,
+                                    max_delay=settings.batch_max_delay_ms / 1000)
         grpc_server = None
         if start_grpc:
             from ..grpc_server import GrpcServer
 
-            grpc_server = GrpcServer(eng, settings.host, settings.grpc_port, settings.grpc_max_message_bytes,
+            grpc_server = GrpcServer(eng, app.state.batcher, settings.host, settings.grpc_port,
+                                     settings.grpc_max_message_bytes,
                                      is_ready=lambda: app.state.ready.is_set() and not app.state.draining)
             await grpc_server.start()
             app.state.grpc_port = grpc_server.port

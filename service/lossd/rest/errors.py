@@ -7,6 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..batching import DeadlineExpired
 from ..engine import EngineError
 
 STATUS = {
@@ -50,6 +51,10 @@ async def engine_error_handler(request: Request, exc: EngineError) -> JSONRespon
     return error_response(request, status_for(exc.code), exc.to_dict())
 
 
+async def deadline_handler(request: Request, exc: DeadlineExpired) -> JSONResponse:
+    return error_response(request, 504, {"code": exc.code, "message": str(exc), "details": {}})
+
+
 async def api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(request, exc.status, {"code": exc.code, "message": exc.message, "details": exc.details})
 
@@ -80,5 +85,6 @@ async def http_error_handler(request: Request, exc: StarletteHTTPException) -> J
 def install(app) -> None:
     app.add_exception_handler(EngineError, engine_error_handler)
     app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(DeadlineExpired, deadline_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)

@@ -10,7 +10,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import Engine, get_loss
-from .deps import get_engine, get_obs
+from ..batching import Batcher
+from .deps import get_batcher, get_deadline, get_engine, get_obs
 from .jsonio import json_response
 from .observability import Observability
 
@@ -73,14 +74,16 @@ def describe_loss(name: str) -> dict:
 
 
 @router.post("/{name}", response_model=LossResponse, responses={
-    404: {"description": "unknown loss"}, 413: {"description": "body over the size limit"},
+    404: {"description": "unknown loss"}, 504: {"description": "deadline passed before the work started"}, 413: {"description": "body over the size limit"},
     422: {"description": "invalid input: the error names the field and the offending rows"}})
-def evaluate(name: str, req: LossRequest, engine: Engine = Depends(get_engine),
-             obs: Observability = Depends(get_obs)) -> Response:
-    """Evaluate one loss over a batch: per-sample loss (or the reduced value) and its gradient w.r.t. pred."""
+async def evaluate(name: str, req: LossRequest, batcher: Batcher = Depends(get_batcher),
+                   deadline: float | None = Depends(get_deadline), obs: Observability = Depends(get_obs)) -> Response:
+    """Evaluate one loss over a batch: per-sample loss (or the reduced value) and its gradient w.r.t. pred.
+    Optional header `lossd-timeout: <seconds>`: work not started by then is dropped (504)."""
     with obs.track("v1_loss", name) as t:
-        out = engine.evaluate(name, req.pred, req.target, box_format=req.box_format, reduction=req.reduction,
-                              weights=req.weights, params=req.params, return_grad=req.return_grad, dtype=req.dtype)
+        out = await batcher.evaluate(name, req.pred, req.target, box_format=req.box_format, reduction=req.reduction,
+                                     weights=req.weights, params=req.params, return_grad=req.return_grad,
+                                     dtype=req.dtype, deadline=deadline)
         t.batch_size = int(np.shape(req.pred)[0]) if out.grad is None else int(out.grad.shape[0])
         loss = out.loss.numpy()
         return json_response({"loss": loss if loss.ndim else float(loss),

@@ -7,9 +7,11 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..engine import Engine, get_loss
-from ..oip import HEADER, SERVER_METADATA, ProtocolError, check_version, model_metadata, parse_http_body, run_infer
-from .deps import get_engine, get_obs
+from ..engine import get_loss
+from ..batching import Batcher
+from ..oip import (HEADER, SERVER_METADATA, InferCall, ProtocolError, check_version, finish_infer, model_metadata,
+                   parse_http_body, prepare_infer)
+from .deps import get_batcher, get_deadline, get_obs
 from .errors import ApiError
 from .jsonio import dumps
 from .observability import Observability
@@ -23,6 +25,14 @@ BINARY_BODY = {"requestBody": {"content": {
                                             "binary tensor extension: a JSON header of Inference-Header-Content-"
                                             "Length bytes, then each input's raw little-endian bytes in order "
                                             "(parameters.binary_data_size on each binary input)"}}}}}
+
+
+INLINE_PARSE_BYTES = 256 * 1024
+
+
+def _prepare(name: str, body: bytes, header_len: str | None) -> InferCall:
+    req, raw = parse_http_body(body, header_len)
+    return prepare_infer(name, req, raw)
 
 
 def _api_error(exc: ProtocolError) -> ApiError:
@@ -70,17 +80,21 @@ def model_ready(name: str, request: Request, version: str = "1") -> Response:
 
 @router.post("/models/{name}/infer", openapi_extra=BINARY_BODY)
 @router.post("/models/{name}/versions/{version}/infer", openapi_extra=BINARY_BODY)
-async def infer(name: str, request: Request, version: str = "1", engine: Engine = Depends(get_engine),
-                obs: Observability = Depends(get_obs)) -> Response:
+async def infer(name: str, request: Request, version: str = "1", batcher: Batcher = Depends(get_batcher),
+                deadline: float | None = Depends(get_deadline), obs: Observability = Depends(get_obs)) -> Response:
     """Evaluate a loss: JSON tensors, or the binary tensor data extension (the fast path for large batches)."""
     _check(name, version)
     body = await request.body()
     with obs.track("v2_infer", name) as t:
         try:
-            req, raw = parse_http_body(body, request.headers.get(HEADER))
-            resp, blobs = await anyio.to_thread.run_sync(run_infer, engine, name, req, raw)
+            if len(body) > INLINE_PARSE_BYTES:  # big JSON parses off the event loop
+                call = await anyio.to_thread.run_sync(_prepare, name, body, request.headers.get(HEADER))
+            else:
+                call = _prepare(name, body, request.headers.get(HEADER))
         except ProtocolError as exc:
             raise _api_error(exc) from None
+        out = await batcher.evaluate(name, **call.kwargs, deadline=deadline)
+        resp, blobs = finish_infer(call, out)
         t.batch_size = int(resp["outputs"][0]["shape"][0]) if resp["outputs"] and resp["outputs"][0]["shape"] else 0
     head = dumps(resp)
     if not blobs:
