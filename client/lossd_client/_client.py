@@ -4,7 +4,8 @@
         loss, grad = client.loss("ciou", pred, target, box_format="xywh")
         iou = client.metric("iou", boxes_a, boxes_b, pairwise=True)
 
-Large arrays are split into requests under ``max_request_bytes`` and stitched back in order; UNAVAILABLE, 429
+Large arrays are split into requests under ``max_request_bytes`` (several in flight at once) and stitched back
+in order; UNAVAILABLE, 429
 and 503 are retried with exponential backoff (honouring Retry-After).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
@@ -24,7 +26,10 @@ from ._errors import RETRYABLE, LossdError, UnavailableError, from_grpc, from_ht
 from ._proto.lossd.v1 import lossd_pb2 as pb
 from ._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
 
-DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
+# 8 MiB requests measured fastest for 1M boxes on loopback (both transports); up to 4 are in flight at once,
+# so the server computes one chunk while the next is on the wire
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
+MAX_IN_FLIGHT = 4
 GRPC_MAX_MESSAGE = 512 * 2**20
 # mean over several requests needs the server's denominator; these losses weight it (class weights, ignore_index)
 WEIGHTED_MEAN = {"cross_entropy", "nll"}
@@ -249,7 +254,10 @@ class LossClient:
         """(loss, grad): per-sample loss [N] (a float when reduced) and d loss / d pred in ``box_format``."""
         call = _prepare(name, pred, target, weights, box_format, reduction, params, return_grad)
         parts, split = _plan(call, self.max_request_bytes)
-        return _combine(call, [self._evaluate_one(c) for c in parts], split)
+        if len(parts) == 1:
+            return _combine(call, [self._evaluate_one(parts[0])], split)
+        with ThreadPoolExecutor(max_workers=min(MAX_IN_FLIGHT, len(parts))) as pool:
+            return _combine(call, list(pool.map(self._evaluate_one, parts)), split)
 
     def metric(self, name: str, boxes1: Any, boxes2: Any, *, box_format: str = "xyxy", pairwise: bool = False,
                params: dict | None = None) -> np.ndarray:
@@ -344,7 +352,13 @@ class AsyncLossClient:
                    weights: Any = None, params: dict | None = None, return_grad: bool = True) -> LossResult:
         call = _prepare(name, pred, target, weights, box_format, reduction, params, return_grad)
         parts, split = _plan(call, self.max_request_bytes)
-        return _combine(call, [await self._evaluate_one(c) for c in parts], split)
+        gate = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+        async def one(c: _Call) -> LossResult:
+            async with gate:
+                return await self._evaluate_one(c)
+
+        return _combine(call, list(await asyncio.gather(*(one(c) for c in parts))), split)
 
     async def metric(self, name: str, boxes1: Any, boxes2: Any, *, box_format: str = "xyxy", pairwise: bool = False,
                      params: dict | None = None) -> np.ndarray:

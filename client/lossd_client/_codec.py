@@ -60,10 +60,11 @@ def from_tensor(t: pb.Tensor, field: str) -> np.ndarray | None:
         dt = NP_OF.get(t.dtype)
         if dt is None:
             raise ValueError(f"{field}: raw data needs a dtype (DTYPE_FLOAT32, ...)")
-        if len(t.raw) != count * dt.itemsize:
-            raise ValueError(f"{field}: {len(t.raw)} raw bytes do not match shape {shape} of "
+        raw = t.raw  # each attribute access copies the bytes out of the message: read once
+        if len(raw) != count * dt.itemsize:
+            raise ValueError(f"{field}: {len(raw)} raw bytes do not match shape {shape} of "
                              f"{pb.Dtype.Name(t.dtype)} ({count * dt.itemsize} bytes)")
-        return np.frombuffer(t.raw, dtype=dt).reshape(shape)
+        return np.frombuffer(raw, dtype=dt).reshape(shape)
     values = getattr(t, kind).values
     if len(values) != count:
         raise ValueError(f"{field}: {len(values)} values do not match shape {shape} ({count})")

@@ -18,6 +18,7 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(10.0, ge=0, description="how long in-flight calls may finish on SIGTERM")
     batching: bool = Field(True, description="coalesce concurrent small requests for the same loss")
     batch_max_rows: int = Field(65536, gt=0, description="rows in one batched engine call")
+    batch_inline: bool = Field(True, description="run small fused CPU calls on the event loop (no thread hop)")
     batch_max_delay_ms: float = Field(0.0, ge=0, description="how long a small batch waits for more (0: never)")
     max_pairwise: int = Field(1_000_000_000, gt=0, description="largest N x M a pairwise metric may return")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; ['*'] for any")

@@ -26,7 +26,9 @@ def test_coalesced_requests_equal_their_solo_answers(engine, gen):
     reqs = _requests(gen)
 
     async def run():
-        b = Batcher(engine, max_delay=0.05)  # the first request waits 50 ms, the rest join it
+        # the first request waits 50 ms and the rest join it; inline=False is the GPU's behaviour (a lone small
+        # CPU call would otherwise just run at once, see test_idle_small_cpu_call_runs_at_once)
+        b = Batcher(engine, max_delay=0.05, inline=False)
         outs = await asyncio.gather(*(b.evaluate("ciou", r["pred"], r["target"], reduction=r["reduction"],
                                                  weights=r["weights"], params={"eps": 1e-7}, dtype="float64")
                                       for r in reqs))
@@ -47,7 +49,7 @@ def test_a_bad_request_does_not_spoil_the_batch(engine, gen):
     reqs[2]["pred"][0, 2] = -1e6  # inverted
 
     async def run():
-        b = Batcher(engine, max_delay=0.05)
+        b = Batcher(engine, max_delay=0.05, inline=False)
         return await asyncio.gather(*(b.evaluate("giou", r["pred"], r["target"], reduction=r["reduction"],
                                                  weights=r["weights"]) for r in reqs), return_exceptions=True)
 
@@ -63,7 +65,7 @@ def test_expired_deadline_is_dropped_before_compute(engine, gen):
     pred, target = example_inputs("boxes", 3, gen)
 
     async def run(batching: bool):
-        b = Batcher(engine, enabled=batching, max_delay=0.01)
+        b = Batcher(engine, enabled=batching, max_delay=0.01, inline=False)
         if batching:
             with pytest.raises(DeadlineExpired):  # expires while it waits in the queue
                 await b.evaluate("giou", pred.numpy(), target.numpy(), deadline=time.monotonic() + 0.001)
@@ -75,6 +77,20 @@ def test_expired_deadline_is_dropped_before_compute(engine, gen):
     b, ok = asyncio.run(run(True))
     assert b.batched_requests == 0 and ok.loss.shape == (3,)  # the expired ones never reached the engine
     assert asyncio.run(run(False))[1].loss.shape == (3,)
+
+
+def test_idle_small_cpu_call_runs_at_once(engine, gen):
+    pred, target = example_inputs("boxes", 2, gen)
+
+    async def run():
+        b = Batcher(engine, max_delay=5.0)  # a long window that a queued request would have to wait out
+        t0 = time.monotonic()
+        out = await b.evaluate("ciou", pred.numpy(), target.numpy())
+        return time.monotonic() - t0, b, out
+
+    elapsed, b, out = asyncio.run(run())
+    assert elapsed < 1.0 and b.batched_requests == 0
+    torch.testing.assert_close(out.loss, engine.evaluate("ciou", pred, target).loss)
 
 
 def test_unbatchable_requests_go_straight_through(engine, gen):

@@ -35,7 +35,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
             app.state.engine = Engine(device=settings.device, warm=False, max_pairwise=settings.max_pairwise)
         eng = app.state.engine
         app.state.batcher = Batcher(eng, enabled=settings.batching, max_rows=settings.batch_max_rows,
-                                    max_delay=settings.batch_max_delay_ms / 1000)
+                                    max_delay=settings.batch_max_delay_ms / 1000, inline=settings.batch_inline)
         grpc_server = None
         if start_grpc:
             from ..grpc_server import GrpcServer

@@ -1,0 +1,375 @@
+"""lossd's benchmark suite: one command, figures as ratios measured in the same run.
+
+    python bench/run.py [--quick] [--out bench/results]
+
+Writes results.json, results.md (tables) and results.png (curves) under --out, and prints the tables.
+Sections:
+  engine   pairs/s for loss + gradient at N = 1, 100, 10k, 1M: fused vs the eager-autograd reference
+  service  a real `lossd serve` on loopback: 1M pairs via gRPC raw bytes, OIP REST binary and REST JSON as a
+           fraction of in-process throughput; single-pair latency p50/p99 over REST and gRPC; single-pair
+           requests/s and p99 at concurrency 1, 16, 64 with dynamic batching on and off (gRPC)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+FUSED = ["iou", "giou", "diou", "ciou", "eiou", "siou", "l1", "smooth_l1"]
+SIZES = [1, 100, 10_000, 1_000_000]
+TARGETS = {
+    "fused CIoU loss+grad at 1M pairs vs eager autograd": (">=", 3.0),
+    "single pair in-process (us)": ("<=", 20.0),
+    "1M pairs via gRPC raw bytes / in-process": (">=", 0.5),
+    "1M pairs via OIP REST binary / in-process": (">=", 0.4),
+    "single-pair REST round trip p50 (ms)": ("<=", 1.0),
+    "concurrency 64: batching on / off throughput": (">=", 3.0),
+    "concurrency 64: p99 on / off (lower is better)": ("<=", 1.0),
+}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def boxes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    g = np.random.default_rng(seed)
+    t = g.random((n, 4), dtype=np.float32) * 500
+    t[:, 2:] = t[:, :2] + 5 + g.random((n, 2), dtype=np.float32) * 100
+    wh = t[:, 2:] - t[:, :2]
+    c = 0.5 * (t[:, :2] + t[:, 2:]) + g.normal(size=(n, 2)).astype(np.float32) * 0.1 * wh
+    wh = wh * np.exp(g.normal(size=(n, 2)).astype(np.float32) * 0.1)
+    return np.concatenate([c - wh / 2, c + wh / 2], 1).astype(np.float32), t
+
+
+def timeit(fn, budget: float = 0.4, min_reps: int = 3) -> float:
+    """Median seconds per call over repeated calls filling about `budget` seconds."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    reps = max(min_reps, min(20000, int(budget / once)))
+    chunks = []
+    per_chunk = max(1, reps // 5)
+    for _ in range(max(1, reps // per_chunk)):
+        t0 = time.perf_counter()
+        for _ in range(per_chunk):
+            fn()
+        chunks.append((time.perf_counter() - t0) / per_chunk)
+    return statistics.median(chunks)
+
+
+# ------------------------------------------------------------------------------------------------------ engine
+def bench_engine(quick: bool) -> dict:
+    import torch
+
+    from lossd.engine import Engine
+
+    fast, ref = Engine(device="cpu"), Engine(device="cpu", fast="off", warm=False)
+    rows = []
+    for name in FUSED:
+        for n in SIZES:
+            if name in ("l1", "smooth_l1"):
+                g = np.random.default_rng(n)
+                p, t = g.normal(size=(n, 4)).astype(np.float32), g.normal(size=(n, 4)).astype(np.float32)
+            else:
+                p, t = boxes(n, n)
+            pt, tt = torch.from_numpy(p), torch.from_numpy(t)
+            budget = 0.15 if quick else 0.4
+            t_fast = timeit(lambda: fast.evaluate(name, pt, tt), budget)
+            t_ref = timeit(lambda: ref.evaluate(name, pt, tt), budget)
+            rows.append({"loss": name, "n": n, "fused_s": t_fast, "reference_s": t_ref,
+                         "fused_pairs_per_s": n / t_fast, "reference_pairs_per_s": n / t_ref,
+                         "speedup": t_ref / t_fast})
+            log(f"  engine {name:>9} n={n:>8}: fused {n / t_fast / 1e6:8.2f} M/s ({t_fast * 1e6:9.1f} us)  "
+                f"reference {n / t_ref / 1e6:7.2f} M/s  x{t_ref / t_fast:6.2f}")
+    return {"rows": rows}
+
+
+# ------------------------------------------------------------------------------------------------------ service
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, batching: bool, inline: bool = True) -> None:
+        self.http, self.grpc = free_port(), free_port()
+        # 1M pairs as JSON is ~77 MB, over the 64 MiB default body limit
+        env = dict(os.environ, LOSSD_DEVICE="cpu", LOSSD_BATCHING="true" if batching else "false",
+                   LOSSD_LOG_LEVEL="warning", LOSSD_MAX_BODY_BYTES=str(512 * 2**20),
+                   LOSSD_BATCH_INLINE="true" if inline else "false")
+        self.proc = subprocess.Popen([sys.executable, "-m", "lossd.cli", "serve", "--http-port", str(self.http),
+                                      "--grpc-port", str(self.grpc)], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError("lossd serve did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def bench_bulk(server: Server, quick: bool) -> dict:
+    import httpx
+    import torch
+
+    from lossd.engine import Engine
+    from lossd_client import LossClient
+
+    n = 1_000_000
+    p, t = boxes(n, 7)
+    engine = Engine(device="cpu")
+    pt, tt = torch.from_numpy(p), torch.from_numpy(t)
+    budget = 1.0 if quick else 2.5
+    in_proc = timeit(lambda: engine.evaluate("ciou", pt, tt), budget)
+    out = {"n": n, "in_process_s": in_proc}
+    big = 128 * 2**20
+    with LossClient(f"grpc://127.0.0.1:{server.grpc}", max_request_bytes=big) as c:
+        out["grpc_raw_s"] = timeit(lambda: c.loss("ciou", p, t), budget)
+    with LossClient(f"http://127.0.0.1:{server.http}", max_request_bytes=big) as c:
+        out["oip_rest_binary_s"] = timeit(lambda: c.loss("ciou", p, t), budget)
+    body = json.dumps({"pred": p.tolist(), "target": t.tolist()}).encode()
+    with httpx.Client(timeout=300) as h:
+        url = f"http://127.0.0.1:{server.http}/v1/losses/ciou"
+        out["rest_json_s"] = timeit(lambda: h.post(url, content=body, headers={"content-type": "application/json"}
+                                                   ).raise_for_status(), 0.1, min_reps=1)
+    for k in ("grpc_raw", "oip_rest_binary", "rest_json"):
+        out[f"{k}_fraction"] = in_proc / out[f"{k}_s"]
+        log(f"  1M pairs via {k:>15}: {out[f'{k}_s'] * 1e3:8.1f} ms = {out[f'{k}_fraction']:.2f} of in-process "
+            f"({in_proc * 1e3:.1f} ms)")
+    return out
+
+
+def bench_latency(server: Server, quick: bool) -> dict:
+    import grpc
+
+    from lossd_client._codec import to_tensor
+    from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
+    from lossd_client._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
+
+    reps = 300 if quick else 1000
+    body = json.dumps({"pred": [[0, 0, 10, 10]], "target": [[1, 1, 11, 11]]}).encode()
+    out = {}
+    # a keep-alive stdlib client: what an annotation tool's HTTP library does, without httpx's own ~0.2 ms
+    conn = http.client.HTTPConnection("127.0.0.1", server.http)
+    lat = []
+    for _ in range(reps + 20):
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/losses/ciou", body=body, headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"REST answered {resp.status}")
+        lat.append(time.perf_counter() - t0)
+    conn.close()
+    out["rest"] = _pcts(lat[20:])
+    ch = grpc.insecure_channel(f"127.0.0.1:{server.grpc}")
+    stub = pb_grpc.LossServiceStub(ch)
+    req = pb.EvaluateRequest(loss="ciou", pred=to_tensor(np.array([[0, 0, 10, 10]], np.float32)),
+                             target=to_tensor(np.array([[1, 1, 11, 11]], np.float32)))
+    lat = []
+    for _ in range(reps + 20):
+        t0 = time.perf_counter()
+        stub.Evaluate(req)
+        lat.append(time.perf_counter() - t0)
+    ch.close()
+    out["grpc"] = _pcts(lat[20:])
+    for k, v in out.items():
+        log(f"  single pair {k:>4}: p50 {v['p50_ms']:.3f} ms  p99 {v['p99_ms']:.3f} ms")
+    return out
+
+
+def _pcts(lat: list[float]) -> dict:
+    a = np.asarray(lat) * 1e3
+    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "n": len(a)}
+
+
+async def _load(target: str, concurrency: int, seconds: float) -> dict:
+    import grpc
+
+    from lossd_client._codec import to_tensor
+    from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
+    from lossd_client._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
+
+    channels = [grpc.aio.insecure_channel(target) for _ in range(max(1, concurrency // 16))]
+    stubs = [pb_grpc.LossServiceStub(c) for c in channels]
+    req = pb.EvaluateRequest(loss="ciou", pred=to_tensor(np.array([[0, 0, 10, 10]], np.float32)),
+                             target=to_tensor(np.array([[1, 1, 11, 11]], np.float32)))
+    lat: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    async def worker(i: int) -> None:
+        stub = stubs[i % len(stubs)]
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            await stub.Evaluate(req, timeout=30)
+            lat.append(time.perf_counter() - t0)
+
+    for s in stubs:  # warm the connections
+        await s.Evaluate(req)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    for c in channels:
+        await c.close()
+    return {"requests": len(lat), "rps": len(lat) / elapsed, **_pcts(lat)}
+
+
+MODES = {"on": (True, True), "off": (False, True), "queued": (True, False)}
+
+
+def bench_concurrency(quick: bool) -> dict:
+    """on: the default (batching, small CPU calls inline); off: no batching; queued: batching with every call
+    through the queue and a worker thread, as on a GPU."""
+    out = {}
+    seconds = 1.5 if quick else 4.0
+    for mode, (batching, inline) in MODES.items():
+        server = Server(batching, inline)
+        try:
+            for conc in (1, 16, 64):
+                r = asyncio.run(_load(f"127.0.0.1:{server.grpc}", conc, seconds))
+                out[f"{mode}_{conc}"] = r
+                log(f"  batching {mode:>6} concurrency {conc:>2}: {r['rps']:8.0f} req/s  "
+                    f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms")
+        finally:
+            server.stop()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def summarise(res: dict) -> dict:
+    rows = {(r["loss"], r["n"]): r for r in res["engine"]["rows"]}
+    s = {}
+    s["fused CIoU loss+grad at 1M pairs vs eager autograd"] = rows[("ciou", 1_000_000)]["speedup"]
+    s["single pair in-process (us)"] = rows[("ciou", 1)]["fused_s"] * 1e6
+    if "bulk" in res:
+        s["1M pairs via gRPC raw bytes / in-process"] = res["bulk"]["grpc_raw_fraction"]
+        s["1M pairs via OIP REST binary / in-process"] = res["bulk"]["oip_rest_binary_fraction"]
+        s["1M pairs via REST JSON / in-process"] = res["bulk"]["rest_json_fraction"]
+    if "latency" in res:
+        s["single-pair REST round trip p50 (ms)"] = res["latency"]["rest"]["p50_ms"]
+        s["single-pair gRPC round trip p50 (ms)"] = res["latency"]["grpc"]["p50_ms"]
+    if "concurrency" in res:
+        c = res["concurrency"]
+        s["concurrency 64: batching on / off throughput"] = c["on_64"]["rps"] / c["off_64"]["rps"]
+        s["concurrency 64: p99 on / off (lower is better)"] = c["on_64"]["p99_ms"] / c["off_64"]["p99_ms"]
+    return s
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# lossd benchmark ({res['meta']['when']}, {res['meta']['machine']})", "",
+             f"Command: `{res['meta']['command']}`", "", "## Targets", "", "| figure | measured | target | met |",
+             "|---|---|---|---|"]
+    for k, v in res["summary"].items():
+        tgt = TARGETS.get(k)
+        met = "" if tgt is None else ("yes" if (v >= tgt[1] if tgt[0] == ">=" else v <= tgt[1]) else "**no**")
+        lines.append(f"| {k} | {v:.3g} | {'' if tgt is None else tgt[0] + ' ' + str(tgt[1])} | {met} |")
+    lines += ["", "## Engine: loss + gradient, pairs/s (fused vs eager autograd)", "",
+              "| loss | N | fused M/s | fused time | reference M/s | speed-up |", "|---|---|---|---|---|---|"]
+    for r in res["engine"]["rows"]:
+        lines.append(f"| {r['loss']} | {r['n']:,} | {r['fused_pairs_per_s'] / 1e6:.2f} | "
+                     f"{r['fused_s'] * 1e6:.1f} us | {r['reference_pairs_per_s'] / 1e6:.2f} | {r['speedup']:.2f}x |")
+    if "concurrency" in res:
+        lines += ["", "## Single-pair requests over gRPC, dynamic batching on vs off", "",
+                  "| concurrency | batching | req/s | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+        for k, r in res["concurrency"].items():
+            mode, conc = k.split("_")
+            lines.append(f"| {conc} | {mode} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if "concurrency" in res else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8))
+    axes = np.atleast_1d(axes)
+    ax = axes[0]
+    for name in FUSED:
+        rows = [r for r in res["engine"]["rows"] if r["loss"] == name]
+        line, = ax.plot([r["n"] for r in rows], [r["fused_pairs_per_s"] for r in rows], marker="o", label=name)
+        ax.plot([r["n"] for r in rows], [r["reference_pairs_per_s"] for r in rows], ls="--", color=line.get_color(),
+                alpha=0.6)
+    ax.set(xscale="log", yscale="log", xlabel="pairs per call", ylabel="pairs/s (loss + gradient)",
+           title="Engine: fused (solid) vs eager autograd (dashed)")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(True, which="both", alpha=0.3)
+    if panels == 2:
+        ax = axes[1]
+        c = res["concurrency"]
+        for mode, style in (("on", "-o"), ("off", "--s"), ("queued", ":^")):
+            xs = [1, 16, 64]
+            ax.plot(xs, [c[f"{mode}_{x}"]["rps"] for x in xs], style, label=f"batching {mode}")
+        ax.set(xscale="log", xlabel="concurrent clients", ylabel="single-pair requests/s",
+               title="gRPC single-pair throughput")
+        ax.set_xticks([1, 16, 64], ["1", "16", "64"])
+        ax.legend()
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="shorter timings (for a smoke run)")
+    ap.add_argument("--engine-only", action="store_true", help="skip the service section")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"meta": {"when": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, "
+                    f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+                    "command": "python bench/run.py" + (" --quick" if args.quick else "")
+                    + (" --engine-only" if args.engine_only else "")}}
+    log("[1/4] engine: fused vs eager autograd")
+    res["engine"] = bench_engine(args.quick)
+    if not args.engine_only:
+        server = Server(batching=True)
+        try:
+            log("[2/4] service: 1M pairs per transport")
+            res["bulk"] = bench_bulk(server, args.quick)
+            log("[3/4] service: single-pair latency")
+            res["latency"] = bench_latency(server, args.quick)
+        finally:
+            server.stop()
+        log("[4/4] service: concurrency with batching on and off")
+        res["concurrency"] = bench_concurrency(args.quick)
+    res["summary"] = summarise(res)
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    md = markdown(res)
+    (out / "results.md").write_text(md)
+    plot(res, out / "results.png")
+    print()
+    print(md)
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
