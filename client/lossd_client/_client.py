@@ -259,6 +259,33 @@ class LossClient:
         with ThreadPoolExecutor(max_workers=min(MAX_IN_FLIGHT, len(parts))) as pool:
             return _combine(call, list(pool.map(self._evaluate_one, parts)), split)
 
+    def stream(self, calls: list[dict]) -> list[LossResult]:
+        """Several loss evaluations in order, each a dict of ``loss()``'s arguments (``name``, ``pred``, ``target``,
+        ...). Over gRPC they share one EvaluateStream call (for batch jobs); over HTTP they are sent one by one.
+        The first failing item raises its typed error."""
+        prepared = [_prepare(c["name"], c["pred"], c["target"], c.get("weights"), c.get("box_format", "xyxy"),
+                             c.get("reduction", "none"), c.get("params"), c.get("return_grad", True))
+                    for c in calls]
+        if self.transport == "http":
+            return [self._evaluate_one(c) for c in prepared]
+        reqs = [pb.EvaluateStreamRequest(request=_pb_request(c)) for c in prepared]
+
+        def run() -> list[LossResult]:
+            try:
+                answers = list(self._stub.EvaluateStream(iter(reqs), timeout=self.timeout, metadata=self._metadata))
+            except grpc.RpcError as exc:
+                raise _grpc_error(exc) from None
+            out = []
+            for a in answers:
+                if a.HasField("error"):
+                    e = a.error
+                    raise from_grpc("INVALID_ARGUMENT", e.code, e.message,
+                                    {"field": e.field or None, "rows": list(e.rows) or None})
+                out.append(_from_pb(a.response))
+            return out
+
+        return self._retry(run)
+
     def metric(self, name: str, boxes1: Any, boxes2: Any, *, box_format: str = "xyxy", pairwise: bool = False,
                params: dict | None = None) -> np.ndarray:
         """IoU-family values: [N] row against row, or [N, M] with pairwise=True."""

@@ -1,0 +1,271 @@
+"""Readers for labels and reference boxes: COCO JSON (instances or results), YOLO txt folders, Pascal VOC XML.
+
+Every reader returns a ``BoxSet``: flat arrays over the whole dataset, boxes in xyxy pixels. A row that cannot be
+used (negative size, unknown image or class, a malformed line or file) is never dropped silently: it goes into
+``problems`` with its location, and the job reports it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Image:
+    key: str  # the image's id as the dataset names it (COCO id, file stem)
+    width: float
+    height: float
+    file: str = ""
+
+
+@dataclass
+class BoxSet:
+    images: list[Image]
+    categories: list[str]
+    image: np.ndarray  # [N] index into images
+    category: np.ndarray  # [N] index into categories
+    box: np.ndarray  # [N, 4] xyxy
+    score: np.ndarray  # [N] confidence (1 for human labels)
+    box_id: list[str]  # annotation id, or file:line
+    problems: list[dict] = field(default_factory=list)
+    ignored: dict = field(default_factory=dict)  # counts of rows deliberately left out (e.g. COCO crowd boxes)
+    coco_categories: dict = field(default_factory=dict)  # COCO category id -> name, when read from COCO
+
+    def __len__(self) -> int:
+        return len(self.box_id)
+
+
+class _Builder:
+    def __init__(self, images: list[Image], categories: list[str], source: str) -> None:
+        self.images, self.categories, self.source = images, categories, source
+        self.image_index = {im.key: i for i, im in enumerate(images)}
+        self.category_index = {c: i for i, c in enumerate(categories)}
+        self.rows: list[tuple] = []
+        self.problems: list[dict] = []
+        self.ignored: dict = {}
+
+    def problem(self, location: str, message: str) -> None:
+        self.problems.append({"source": self.source, "location": location, "problem": message})
+
+    def add(self, location: str, box_id: str, image_key: str, category: str, xyxy, score: float = 1.0) -> None:
+        img = self.image_index.get(image_key)
+        if img is None:
+            return self.problem(location, f"unknown image {image_key!r}")
+        cat = self.category_index.get(category)
+        if cat is None:
+            return self.problem(location, f"unknown category {category!r}")
+        try:
+            x1, y1, x2, y2 = (float(v) for v in xyxy)
+            score = float(score)
+        except (TypeError, ValueError):
+            return self.problem(location, f"box {xyxy!r} is not four numbers")
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2, score)):
+            return self.problem(location, f"box {xyxy!r} or score {score!r} is not finite")
+        if x2 < x1 or y2 < y1:
+            return self.problem(location, f"negative width or height: {xyxy!r} (x1, y1, x2, y2)")
+        self.rows.append((img, cat, x1, y1, x2, y2, score, box_id))
+
+    def build(self) -> BoxSet:
+        n = len(self.rows)
+        arr = np.array([r[:7] for r in self.rows], dtype=np.float64).reshape(n, 7)
+        return BoxSet(self.images, self.categories, arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64),
+                      np.ascontiguousarray(arr[:, 2:6]), arr[:, 6].copy(), [r[7] for r in self.rows], self.problems,
+                      self.ignored)
+
+
+# ---------------------------------------------------------------------------------------------------------- COCO
+def read_coco(path: str | Path) -> BoxSet:
+    """COCO instances JSON: images, categories, annotations (bbox = left, top, width, height)."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    images = [Image(str(im["id"]), float(im.get("width", 0)), float(im.get("height", 0)), im.get("file_name", ""))
+              for im in data.get("images", [])]
+    cats = {c["id"]: c["name"] for c in data.get("categories", [])}
+    b = _Builder(images, list(cats.values()), path.name)
+    for i, ann in enumerate(data.get("annotations", [])):
+        loc = f"annotations[{i}] (id {ann.get('id')})"
+        if not isinstance(ann, dict):
+            b.problem(loc, "not an object")
+            continue
+        if ann.get("iscrowd"):
+            b.ignored["crowd"] = b.ignored.get("crowd", 0) + 1
+            continue
+        _coco_row(b, loc, str(ann.get("id", i)), ann, cats)
+    out = b.build()
+    out.coco_categories = cats
+    return out
+
+
+def _coco_row(b: _Builder, loc: str, box_id: str, row: dict, cats: dict, score: float = 1.0) -> None:
+    bbox = row.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        return b.problem(loc, f"bbox {bbox!r} is not [left, top, width, height]")
+    if row.get("category_id") not in cats:
+        return b.problem(loc, f"unknown category id {row.get('category_id')!r}")
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return b.problem(loc, f"bbox {bbox!r} is not four numbers")
+    if w < 0 or h < 0:
+        return b.problem(loc, f"negative width or height in bbox {bbox!r}")
+    b.add(loc, box_id, str(row.get("image_id")), cats[row["category_id"]], (x, y, x + w, y + h), score)
+
+
+def read_coco_reference(path: str | Path, labels: BoxSet, categories_from: str | Path | None = None) -> BoxSet:
+    """A reference against the labels' images: COCO results JSON (a list with scores) or another instances JSON
+    (a second annotator: score 1). Category ids are the labels' COCO ids (read from ``categories_from``)."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    if isinstance(data, dict):  # a second annotator's instances file
+        ref = read_coco(path)
+        return _align(ref, labels)
+    if categories_from:
+        cats = _coco_categories(categories_from)
+    elif labels.coco_categories:
+        cats = labels.coco_categories
+    else:  # labels from YOLO/VOC: ids are 0-based class indices
+        cats = dict(enumerate(labels.categories))
+    b = _Builder(labels.images, labels.categories, path.name)
+    for i, row in enumerate(data):
+        loc = f"results[{i}]"
+        if not isinstance(row, dict):
+            b.problem(loc, "not an object")
+            continue
+        score = row.get("score", 1.0)
+        _coco_row(b, loc, f"r{i}", row, cats, score if isinstance(score, (int, float)) else float("nan"))
+    return b.build()
+
+
+def _coco_categories(path: str | Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    return {c["id"]: c["name"] for c in data.get("categories", [])}
+
+
+def _align(ref: BoxSet, labels: BoxSet) -> BoxSet:
+    """Re-index a reference read on its own onto the labels' images and categories; the rest become problems."""
+    b = _Builder(labels.images, labels.categories, "reference")
+    for j in range(len(ref)):
+        b.add(f"reference box {ref.box_id[j]}", ref.box_id[j], ref.images[ref.image[j]].key,
+              ref.categories[ref.category[j]], ref.box[j], ref.score[j])
+    b.problems = ref.problems + b.problems
+    return b.build()
+
+
+# ---------------------------------------------------------------------------------------------------------- YOLO
+def read_yolo(folder: str | Path, classes: list[str] | str | Path, sizes: dict[str, tuple[float, float]] | str | Path,
+              images: list[Image] | None = None, categories: list[str] | None = None) -> BoxSet:
+    """A folder of ``<image>.txt`` files, one box a line: ``class cx cy w h [confidence]``, normalised to [0, 1].
+    ``classes``: the class names (a list or a file with one per line); ``sizes``: image sizes in pixels (a dict
+    stem -> (width, height), or a CSV file ``image,width,height``)."""
+    folder = Path(folder)
+    names = _lines(classes) if not isinstance(classes, list) else classes
+    size_map = _sizes(sizes) if not isinstance(sizes, dict) else sizes
+    if images is None:
+        images = [Image(k, float(w), float(h), k) for k, (w, h) in sorted(size_map.items())]
+    b = _Builder(images, categories or names, folder.name)
+    for txt in sorted(folder.glob("*.txt")):
+        if txt.name == "classes.txt":
+            continue
+        key = txt.stem
+        if key not in size_map:
+            b.problem(str(txt.name), f"no image size for {key!r}")
+            continue
+        w_img, h_img = size_map[key]
+        for ln, line in enumerate(txt.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            loc = f"{txt.name}:{ln}"
+            parts = line.split()
+            if len(parts) not in (5, 6):
+                b.problem(loc, f"expected 'class cx cy w h [confidence]', got {line!r}")
+                continue
+            try:
+                cls = int(parts[0])
+                cx, cy, w, h = (float(v) for v in parts[1:5])
+                conf = float(parts[5]) if len(parts) == 6 else 1.0
+            except ValueError:
+                b.problem(loc, f"not numbers: {line!r}")
+                continue
+            if not 0 <= cls < len(names):
+                b.problem(loc, f"unknown class id {cls} ({len(names)} classes)")
+                continue
+            if w < 0 or h < 0:
+                b.problem(loc, f"negative width or height in {line!r}")
+                continue
+            box = ((cx - w / 2) * w_img, (cy - h / 2) * h_img, (cx + w / 2) * w_img, (cy + h / 2) * h_img)
+            b.add(loc, loc, key, names[cls], box, conf)
+    return b.build()
+
+
+def _lines(path: str | Path) -> list[str]:
+    return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def _sizes(path: str | Path) -> dict[str, tuple[float, float]]:
+    out = {}
+    for ln in _lines(path):
+        parts = [p.strip() for p in ln.split(",")]
+        if len(parts) == 3 and parts[1].replace(".", "", 1).isdigit():
+            out[Path(parts[0]).stem] = (float(parts[1]), float(parts[2]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- VOC
+def read_voc(folder: str | Path, images: list[Image] | None = None, categories: list[str] | None = None) -> BoxSet:
+    """A folder of Pascal VOC XML files (one per image: filename, size, objects with name and bndbox)."""
+    folder = Path(folder)
+    parsed = []
+    problems = []
+    for xml in sorted(folder.glob("*.xml")):
+        try:
+            root = ET.parse(xml).getroot()
+        except ET.ParseError as exc:
+            problems.append({"source": folder.name, "location": xml.name, "problem": f"malformed XML: {exc}"})
+            continue
+        size = root.find("size")
+        try:
+            w = float(size.findtext("width")) if size is not None else 0.0
+            h = float(size.findtext("height")) if size is not None else 0.0
+        except (TypeError, ValueError):
+            w = h = 0.0
+        parsed.append((xml, root, Image(xml.stem, w, h, root.findtext("filename") or "")))
+    if images is None:
+        images = [p[2] for p in parsed]
+    if categories is None:
+        categories = sorted({(o.findtext("name") or "").strip() for _, root, _ in parsed for o in root.iter("object")})
+    b = _Builder(images, categories, folder.name)
+    b.problems.extend(problems)
+    for xml, root, im in parsed:
+        for k, obj in enumerate(root.iter("object")):
+            loc = f"{xml.name}: object {k}"
+            bb = obj.find("bndbox")
+            vals = [bb.findtext(t) if bb is not None else None for t in ("xmin", "ymin", "xmax", "ymax")]
+            conf = obj.findtext("score") or obj.findtext("confidence") or 1.0
+            b.add(loc, f"{xml.stem}#{k}", im.key, (obj.findtext("name") or "").strip(), vals, conf)
+    return b.build()
+
+
+def read_any(path: str | Path, *, classes=None, sizes=None, like: BoxSet | None = None,
+             categories_from: str | Path | None = None) -> BoxSet:
+    """Pick the reader by what ``path`` is: a .json file (COCO), or a folder of .xml (VOC) or .txt (YOLO)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".json":
+        if like is None:
+            return read_coco(path)
+        return read_coco_reference(path, like, categories_from)
+    if path.is_dir() and any(path.glob("*.xml")):
+        ref = read_voc(path, like.images if like else None, like.categories if like else None)
+        return ref
+    if path.is_dir():
+        if classes is None:
+            classes = path / "classes.txt"
+        if sizes is None:
+            sizes = path / "sizes.csv"
+        return read_yolo(path, classes, sizes, like.images if like else None, like.categories if like else None)
+    raise FileNotFoundError(f"{path}: not a COCO .json file or a folder of VOC .xml / YOLO .txt files")
