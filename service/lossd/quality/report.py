@@ -39,10 +39,14 @@ def _histogram(values: np.ndarray, title: str, lo: float = 0.0, hi: float = 1.0,
             f'</svg><figcaption>{_e(title)}</figcaption></figure>')
 
 
-def _image_href(image_dir: Path | None, file: str) -> str | None:
-    if image_dir is None or not file:
+def _image_href(image_dir: Path | None, file: str, key: str) -> str | None:
+    """The image as a data: URL: its file name, or any browser-readable file named after the image (VOC files
+    often name a .tif where a .png/.jpg copy sits)."""
+    if image_dir is None:
         return None
-    for cand in (image_dir / file, image_dir / Path(file).name):
+    cands = [image_dir / file, image_dir / Path(file).name] if file else []
+    cands += [image_dir / f"{stem}{ext}" for stem in (Path(file).stem, key) if stem for ext in MIME]
+    for cand in cands:
         if cand.is_file() and cand.suffix.lower() in MIME:
             data = base64.b64encode(cand.read_bytes()).decode()
             return f"data:{MIME[cand.suffix.lower()]};base64,{data}"
@@ -53,7 +57,7 @@ def _drawing(img, rows: list[dict], image_dir: Path | None) -> str:
     w = img.width or max([r["x2"] for r in rows] + [1])
     h = img.height or max([r["y2"] for r in rows] + [1])
     scale = 360 / max(w, h, 1)
-    href = _image_href(image_dir, img.file)
+    href = _image_href(image_dir, img.file, img.key)
     bg = (f'<image href="{href}" x="0" y="0" width="{w}" height="{h}" preserveAspectRatio="none"/>' if href
           else f'<rect x="0" y="0" width="{w}" height="{h}" fill="#f4f4f4" stroke="#bbb"/>')
     shapes = []

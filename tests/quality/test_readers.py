@@ -1,0 +1,73 @@
+"""Readers on real annotation data, and bad rows reported with their location, never dropped silently."""
+
+import json
+
+import numpy as np
+
+from lossd.quality import read_any, read_coco, read_voc, read_yolo
+from lossd.quality.readers import read_coco_reference
+
+from .conftest import write_json
+
+
+def test_coco_real_data(coco_dir):
+    labels = read_coco(coco_dir / "instances_val2014_100.json")
+    assert len(labels.images) == 100 and len(labels.categories) == 80
+    assert len(labels) == 830 and labels.ignored == {"crowd": 9} and labels.problems == []
+    raw = json.loads((coco_dir / "instances_val2014_100.json").read_text())
+    first = next(a for a in raw["annotations"] if not a["iscrowd"])
+    i = labels.box_id.index(str(first["id"]))
+    x, y, w, h = first["bbox"]
+    np.testing.assert_allclose(labels.box[i], [x, y, x + w, y + h])
+    preds = read_coco_reference(coco_dir / "fakebbox100_results.json", labels)
+    assert len(preds) == 734 and preds.problems == [] and preds.score.max() <= 1
+
+
+def test_coco_bad_rows_are_reported(tmp_path):
+    data = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.jpg"}],
+            "categories": [{"id": 3, "name": "cat"}],
+            "annotations": [
+                {"id": 10, "image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4]},
+                {"id": 11, "image_id": 1, "category_id": 3, "bbox": [1, 2, -3, 4]},
+                {"id": 12, "image_id": 9, "category_id": 3, "bbox": [1, 2, 3, 4]},
+                {"id": 13, "image_id": 1, "category_id": 7, "bbox": [1, 2, 3, 4]},
+                {"id": 14, "image_id": 1, "category_id": 3, "bbox": [1, 2, "x", 4]},
+                {"id": 15, "image_id": 1, "category_id": 3, "bbox": [1, 2]},
+            ]}
+    labels = read_coco(write_json(tmp_path / "l.json", data))
+    assert labels.box_id == ["10"]
+    got = {p["location"]: p["problem"] for p in labels.problems}
+    assert len(got) == 5
+    assert "negative width" in got["annotations[1] (id 11)"]
+    assert "unknown image" in got["annotations[2] (id 12)"]
+    assert "unknown category" in got["annotations[3] (id 13)"]
+    assert "four numbers" in got["annotations[4] (id 14)"]
+    assert "not [left, top, width, height]" in got["annotations[5] (id 15)"]
+
+
+def test_yolo_folder(tmp_path):
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    (tmp_path / "sizes.csv").write_text("image,width,height\nimg1,200,100\nimg2,50,50\n")
+    (tmp_path / "img1.txt").write_text("0 0.5 0.5 0.2 0.4\n1 0.25 0.25 0.1 0.1 0.9\n7 0.5 0.5 0.1 0.1\n"
+                                       "0 0.5 0.5 -0.1 0.1\nbad line\n")
+    (tmp_path / "img3.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    b = read_yolo(tmp_path, tmp_path / "classes.txt", tmp_path / "sizes.csv")
+    assert len(b) == 2 and [im.key for im in b.images] == ["img1", "img2"]
+    np.testing.assert_allclose(b.box[0], [80, 30, 120, 70])
+    assert b.score.tolist() == [1.0, 0.9] and [b.categories[c] for c in b.category] == ["cat", "dog"]
+    locs = {p["location"]: p["problem"] for p in b.problems}
+    assert "unknown class id 7" in locs["img1.txt:3"] and "negative" in locs["img1.txt:4"]
+    assert "expected" in locs["img1.txt:5"] and "no image size" in locs["img3.txt"]
+    assert len(read_any(tmp_path)) == 2  # classes.txt and sizes.csv found by themselves
+
+
+def test_voc_real_data_and_malformed_file(voc_dir, tmp_path):
+    b = read_voc(voc_dir)
+    counts = {im.key: int((b.image == i).sum()) for i, im in enumerate(b.images)}
+    assert counts["OSBS_029"] == 61 and counts["SOAP_061"] == 37
+    assert set(b.categories) >= {"Tree", "Alive", "Dead"} or set(b.categories) >= {"Tree"}
+    assert b.images[[im.key for im in b.images].index("OSBS_029")].width == 400
+    (tmp_path / "good.xml").write_text((voc_dir / "OSBS_029.xml").read_text())
+    (tmp_path / "broken.xml").write_text("<annotation><object>")
+    b2 = read_voc(tmp_path)
+    assert len(b2) == 61 and b2.problems[0]["location"] == "broken.xml"
