@@ -44,9 +44,9 @@ def _parse_url(url: str) -> tuple[str, str]:
     u = urlparse(url)
     if u.scheme in ("http", "https"):
         return "http", url.rstrip("/")
-    if u.scheme == "grpc":
-        return "grpc", u.netloc
-    raise ValueError(f"url must start with http://, https:// or grpc://, got {url!r}")
+    if u.scheme in ("grpc", "grpcs"):
+        return u.scheme, u.netloc
+    raise ValueError(f"url must start with http://, https://, grpc:// or grpcs:// (TLS), got {url!r}")
 
 
 # --------------------------------------------------------------------------------------------- request plans
@@ -205,16 +205,24 @@ class LossClient:
     """Synchronous client; ``url`` is ``http://host:8000`` or ``grpc://host:50051``."""
 
     def __init__(self, url: str, *, timeout: float = 60.0, retries: int = 3, backoff: float = 0.2,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, api_key: str | None = None) -> None:
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, api_key: str | None = None,
+                 ca_cert: str | None = None) -> None:
+        """api_key: sent as x-api-key; ca_cert: a PEM file to trust for https:// and grpcs:// (a private CA)."""
         self.transport, target = _parse_url(url)
         self.timeout, self.retries, self.backoff, self.max_request_bytes = timeout, retries, backoff, max_request_bytes
         self._metadata = tuple(_headers(api_key).items())
         if self.transport == "http":
-            self._http = httpx.Client(base_url=target, timeout=timeout, headers=_headers(api_key))
+            self._http = httpx.Client(base_url=target, timeout=timeout, headers=_headers(api_key),
+                                      verify=ca_cert or True)
         else:
-            self._channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length",
-                                                                    GRPC_MAX_MESSAGE),
-                                                                   ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)])
+            opts = [("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
+                    ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)]
+            if self.transport == "grpcs":
+                creds = grpc.ssl_channel_credentials(open(ca_cert, "rb").read() if ca_cert else None)
+                self._channel = grpc.secure_channel(target, creds, options=opts)
+            else:
+                self._channel = grpc.insecure_channel(target, options=opts)
+            self.transport = "grpc"
             self._stub = pb_grpc.LossServiceStub(self._channel)
 
     def _retry(self, fn):

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .admission import ResourceExhausted, is_out_of_memory
 from .engine import Engine, EngineError, Result, get_loss
 from .engine.fastpath import FUSED_LOSSES
 
@@ -96,9 +97,16 @@ class Batcher:
         return await fut
 
     async def _call(self, loss_name: str, pred: Any, target: Any, **kwargs) -> Result:
-        if self._inline(loss_name, pred):
-            return self.engine.evaluate(loss_name, pred, target, **kwargs)
-        return await asyncio.to_thread(self.engine.evaluate, loss_name, pred, target, **kwargs)
+        try:
+            if self._inline(loss_name, pred):
+                return self.engine.evaluate(loss_name, pred, target, **kwargs)
+            return await asyncio.to_thread(self.engine.evaluate, loss_name, pred, target, **kwargs)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                _release_cuda_cache()
+                raise ResourceExhausted(f"the {self.engine.device} device ran out of memory for this request "
+                                        f"({_rows(pred)} rows); retry with fewer rows") from None
+            raise
 
     def _inline(self, loss_name: str, pred: Any) -> bool:
         if not self.allow_inline or self.engine.device.type != "cpu" or self.engine.fast != "auto" or loss_name not in FUSED_LOSSES:
@@ -173,6 +181,11 @@ class Batcher:
             for item in items:  # someone's input is bad: everyone gets their own answer
                 await self._single(loss_name, item)
             return
+        except ResourceExhausted:
+            half = len(items) // 2  # out of memory: split the batch and try each half
+            await self._run(loss_name, items[:half])
+            await self._run(loss_name, items[half:])
+            return
         except Exception as exc:  # an internal fault fails the batch, not the server
             for item in items:
                 if not item.future.done():
@@ -204,6 +217,18 @@ class Batcher:
             return
         if not item.future.done():
             item.future.set_result(out)
+
+
+def _rows(x: Any) -> int | str:
+    try:
+        return len(x)
+    except TypeError:
+        return "?"
+
+
+def _release_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _idle(worker: asyncio.Task | None) -> bool:

@@ -20,12 +20,46 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings=settings, start_grpc=True)
+    tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key} if settings.tls_cert else {}
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level=settings.log_level,
                             access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None, **tls)
+    server = _DrainingServer(config, app, settings.drain_seconds)
     server.run()
     return 0
+
+
+class _DrainingServer:
+    """uvicorn.Server whose first SIGTERM/SIGINT first makes readiness false (REST /v2/health/ready 503, gRPC
+    health NOT_SERVING, new work 503/UNAVAILABLE) for drain_seconds, so load balancers stop sending; then the
+    normal graceful shutdown lets in-flight requests finish. A second signal exits at once."""
+
+    def __new__(cls, config, app, drain_seconds: float):
+        import asyncio
+
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            draining = False
+
+            def handle_exit(self, sig, frame) -> None:
+                if self.draining or drain_seconds <= 0:
+                    _mark_draining(app)
+                    return super().handle_exit(sig, frame)
+                self.draining = True
+                _mark_draining(app)
+                loop = asyncio.get_event_loop()
+                grpc_server = getattr(app.state, "grpc_server", None)
+                if grpc_server is not None:
+                    loop.call_soon_threadsafe(lambda: loop.create_task(grpc_server.set_not_serving()))
+                loop.call_soon_threadsafe(loop.call_later, drain_seconds, super().handle_exit, sig, frame)
+
+        return Server(config)
+
+
+def _mark_draining(app) -> None:
+    app.state.draining = True
+    app.state.admission.draining = True
 
 
 def _losses(args: argparse.Namespace) -> int:

@@ -20,6 +20,15 @@ class Settings(BaseSettings):
     batch_max_rows: int = Field(65536, gt=0, description="rows in one batched engine call")
     batch_inline: bool = Field(True, description="run small fused CPU calls on the event loop (no thread hop)")
     batch_max_delay_ms: float = Field(0.0, ge=0, description="how long a small batch waits for more (0: never)")
+    max_in_flight: int = Field(512, gt=0, description="requests in the server at once; more get 429 / "
+                               "RESOURCE_EXHAUSTED at once")
+    max_rows: int = Field(16_000_000, gt=0, description="rows (boxes) one request may carry")
+    drain_seconds: float = Field(0.0, ge=0, description="on SIGTERM, how long readiness is false (new requests "
+                                 "503) before the server stops taking connections")
+    api_keys: list[str] = Field(default_factory=list, description="if set, every request but health/metrics must "
+                                "carry one (REST header x-api-key, gRPC metadata x-api-key)")
+    tls_cert: str | None = Field(None, description="PEM certificate: serve HTTPS and gRPC over TLS")
+    tls_key: str | None = Field(None, description="PEM private key for tls_cert")
     max_pairwise: int = Field(1_000_000_000, gt=0, description="largest N x M a pairwise metric may return")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; ['*'] for any")
     log_level: str = Field("info", description="logging level")

@@ -67,7 +67,7 @@ class Engine:
     beyond read-only catalog entries)."""
 
     def __init__(self, device: str | torch.device = "auto", *, warm: bool = True,
-                 max_pairwise: int = 1_000_000_000, fast: str = "auto") -> None:
+                 max_pairwise: int = 1_000_000_000, fast: str = "auto", max_rows: int | None = None) -> None:
         """fast: "auto" (numba kernels on CPU, torch.compile on CUDA), "compiled" (torch.compile anywhere) or
         "off" (the autograd reference only)."""
         if fast not in ("auto", "compiled", "off"):
@@ -75,6 +75,7 @@ class Engine:
         self.device = pick_device(device)
         self.fast = fast
         self.max_pairwise = int(max_pairwise)
+        self.max_rows = max_rows
         self.warm_seconds: float | None = None
         if warm:
             self.warm_up()
@@ -99,6 +100,7 @@ class Engine:
         check_box_format(box_format)
         kwargs = spec.resolve(params)
         cdtype = _resolve_dtype(dtype, pred)
+        self._check_rows(pred, "pred")
         if self.fast == "auto" and self.device.type == "cpu" and spec.name in fastpath.FUSED_LOSSES:
             fast = fastpath.cpu_evaluate(spec, pred, target, box_format, reduction, weights, kwargs, return_grad,
                                          cdtype)
@@ -151,6 +153,17 @@ class Engine:
                     grad = torch.zeros_like(leaf)
         return Result(out.detach().cpu(), None if grad is None else grad.detach().cpu(), cdtype)
 
+    def _check_rows(self, x: Any, field: str) -> None:
+        if self.max_rows is None:
+            return
+        try:
+            n = len(x)
+        except TypeError:
+            return
+        if n > self.max_rows:
+            raise EngineError("too_large", f"{field} has {n} rows; this server takes at most {self.max_rows} per "
+                              "request (split it; the Python client does so by itself)", field=field)
+
     def _compiled_route(self, spec, kwargs: dict) -> bool:
         if spec.name not in fastpath.FUSED_LOSSES or spec.mean_weight is not None:
             return False
@@ -171,6 +184,8 @@ class Engine:
                params: Mapping[str, Any] | None = None, dtype: str | torch.dtype | None = None) -> Tensor:
         spec = get_metric(name)
         check_box_format(box_format)
+        self._check_rows(boxes1, "boxes1")
+        self._check_rows(boxes2, "boxes2")
         kwargs = spec.resolve(params)
         cdtype = _resolve_dtype(dtype, boxes1)
         a = empty_as_rows(as_float(boxes1, "boxes1", cdtype, self.device), 4)

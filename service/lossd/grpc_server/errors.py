@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from ..admission import Draining, Overloaded, ResourceExhausted
 from ..batching import DeadlineExpired
 from ..engine import EngineError
 from ..oip import ProtocolError
@@ -34,6 +35,11 @@ async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, EngineError):
         context.set_trailing_metadata(trailers(exc))
         await context.abort(status_for(exc.code), exc.message)
+    if isinstance(exc, (Overloaded, Draining, ResourceExhausted)):
+        status = {Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED, Draining: grpc.StatusCode.UNAVAILABLE,
+                  ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED}[type(exc)]
+        context.set_trailing_metadata((("lossd-error-code", exc.code), ("retry-after", "1")))
+        await context.abort(status, str(exc))
     if isinstance(exc, DeadlineExpired):
         context.set_trailing_metadata((("lossd-error-code", exc.code),))
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
+from pathlib import Path
 from typing import Callable
 
 import grpc
@@ -14,7 +16,9 @@ from lossd_client._proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
 from lossd_client._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
 
+from ..admission import Admission
 from ..batching import Batcher
+from ..settings import Settings
 from ..engine import Engine
 from .servicers import InferenceServicer, LossServicer
 
@@ -24,20 +28,57 @@ SERVICES = (pb.DESCRIPTOR.services_by_name["LossService"].full_name,
             oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
 
 
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Every call but health and reflection must carry metadata x-api-key with a configured key."""
+
+    OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (metadata x-api-key)")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(self.OPEN):
+            return await continuation(details)
+        given = dict(details.invocation_metadata or ()).get("x-api-key", "")
+        if any(hmac.compare_digest(given, k) for k in self.keys):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is not None and handler.request_streaming:
+            async def deny_stream(request_iterator, context):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (metadata x-api-key)")
+                yield  # pragma: no cover
+
+            return grpc.stream_stream_rpc_method_handler(deny_stream)
+        return self._deny_unary
+
+
 class GrpcServer:
     """Start with ``await start()``; ``set_serving()`` once the engine is warm; ``await stop(grace)`` drains."""
 
-    def __init__(self, engine: Engine, batcher: Batcher, host: str, port: int, max_message_bytes: int,
+    def __init__(self, engine: Engine, batcher: Batcher, admission: Admission, settings: Settings,
                  is_ready: Callable[[], bool]) -> None:
-        opts = [("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes)]
-        self.server = grpc.aio.server(options=opts)
-        pb_grpc.add_LossServiceServicer_to_server(LossServicer(engine, batcher), self.server)
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, batcher, is_ready), self.server)
+        host, port = settings.host, settings.grpc_port
+        opts = [("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+                ("grpc.max_send_message_length", settings.grpc_max_message_bytes)]
+        interceptors = [ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []
+        self.server = grpc.aio.server(options=opts, interceptors=interceptors)
+        pb_grpc.add_LossServiceServicer_to_server(LossServicer(engine, batcher, admission), self.server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, batcher, admission, is_ready),
+                                                            self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(SERVICES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if settings.tls_cert and settings.tls_key:
+            creds = grpc.ssl_server_credentials([(Path(settings.tls_key).read_bytes(),
+                                                  Path(settings.tls_cert).read_bytes())])
+            self.port = self.server.add_secure_port(f"{host}:{port}", creds)
+        else:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise RuntimeError(f"could not bind gRPC to {host}:{port}")
         self.host = host
@@ -47,6 +88,10 @@ class GrpcServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log.info("gRPC listening on %s:%d", self.host, self.port)
+
+    async def set_not_serving(self) -> None:
+        for name in ("",) + SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def set_serving(self) -> None:
         for name in ("",) + SERVICES:

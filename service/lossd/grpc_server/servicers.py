@@ -13,11 +13,13 @@ from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
 from lossd_client._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
 
 from ..engine import Engine, EngineError
+from ..admission import Admission, Draining, Overloaded, ResourceExhausted, is_out_of_memory
 from ..batching import Batcher, DeadlineExpired
 from ..oip import SERVER_METADATA, InferCall, ProtocolError, check_version, finish_infer, model_metadata, prepare_infer
 from .errors import abort
 from .tensors import from_numpy, params_to_dict, to_numpy, value_to_param
 
+REFUSALS = (EngineError, DeadlineExpired, Overloaded, Draining, ResourceExhausted)
 COMPUTE = {pb.DTYPE_FLOAT64: "float64", pb.DTYPE_FLOAT32: "float32"}
 
 
@@ -67,35 +69,46 @@ def catalog_entry(entry: dict) -> pb.CatalogEntry:
 
 
 class LossServicer(pb_grpc.LossServiceServicer):
-    def __init__(self, engine: Engine, batcher: Batcher) -> None:
+    def __init__(self, engine: Engine, batcher: Batcher, admission: Admission) -> None:
         self.engine = engine
         self.batcher = batcher
+        self.admission = admission
 
     async def Evaluate(self, request, context):
         try:
-            return await _evaluate(self.batcher, request, _deadline(context))
-        except (EngineError, DeadlineExpired) as exc:
+            with self.admission.admit():
+                return await _evaluate(self.batcher, request, _deadline(context))
+        except REFUSALS as exc:
             await abort(context, exc)
 
     async def Metric(self, request, context):
         if _expired(context):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the work started")
         try:
-            return await asyncio.to_thread(_metric, self.engine, request)
-        except EngineError as exc:
+            with self.admission.admit():
+                return await asyncio.to_thread(_metric, self.engine, request)
+        except REFUSALS as exc:
             await abort(context, exc)
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            await abort(context, ResourceExhausted(f"the {self.engine.device} device ran out of memory"))
 
     async def ListLosses(self, request, context):
         return pb.ListLossesResponse(losses=[catalog_entry(e) for e in self.engine.losses()],
                                      metrics=[catalog_entry(e) for e in self.engine.metrics()])
 
     async def EvaluateStream(self, request_iterator, context):
+        if self.admission.draining:
+            await abort(context, Draining("the server is shutting down; retry on another instance"))
         async for item in request_iterator:
             if _expired(context):
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed")
             try:
                 resp = await _evaluate(self.batcher, item.request, _deadline(context))
                 yield pb.EvaluateStreamResponse(response=resp)
+            except ResourceExhausted as exc:
+                yield pb.EvaluateStreamResponse(error=pb.Error(code=exc.code, message=str(exc)))
             except EngineError as exc:
                 yield pb.EvaluateStreamResponse(error=pb.Error(code=exc.code, message=exc.message,
                                                                field=exc.field or "", rows=exc.rows or [],
@@ -153,9 +166,10 @@ def _answer(call: InferCall, out) -> oip_pb.ModelInferResponse:
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, batcher: Batcher, is_ready) -> None:
+    def __init__(self, engine: Engine, batcher: Batcher, admission: Admission, is_ready) -> None:
         self.engine = engine
         self.batcher = batcher
+        self.admission = admission
         self.is_ready = is_ready
 
     async def ServerLive(self, request, context):
@@ -188,10 +202,11 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         try:
-            call = _prepare(request)
-            out = await self.batcher.evaluate(request.model_name, **call.kwargs, deadline=_deadline(context))
-            return _answer(call, out)
-        except (EngineError, ProtocolError, DeadlineExpired) as exc:
+            with self.admission.admit():
+                call = _prepare(request)
+                out = await self.batcher.evaluate(request.model_name, **call.kwargs, deadline=_deadline(context))
+                return _answer(call, out)
+        except REFUSALS + (ProtocolError,) as exc:
             await abort(context, exc)
 
 

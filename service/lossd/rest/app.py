@@ -7,16 +7,18 @@ import threading
 from contextlib import asynccontextmanager
 
 import anyio
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
+from ..admission import Admission
 from ..batching import Batcher
 from ..engine import Engine
 from ..settings import Settings
 from . import errors, losses, metrics, oip
+from .deps import require_api_key
 from .limits import BodyLimitMiddleware
 from .observability import Observability
 
@@ -32,7 +34,8 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
         if app.state.engine is None:
             # construction is cheap; warming (CUDA init, first kernels) runs off the event loop while
             # /v2/health/live already answers and /v2/health/ready says 503
-            app.state.engine = Engine(device=settings.device, warm=False, max_pairwise=settings.max_pairwise)
+            app.state.engine = Engine(device=settings.device, warm=False, max_pairwise=settings.max_pairwise,
+                                      max_rows=settings.max_rows)
         eng = app.state.engine
         app.state.batcher = Batcher(eng, enabled=settings.batching, max_rows=settings.batch_max_rows,
                                     max_delay=settings.batch_max_delay_ms / 1000, inline=settings.batch_inline)
@@ -40,11 +43,11 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
         if start_grpc:
             from ..grpc_server import GrpcServer
 
-            grpc_server = GrpcServer(eng, app.state.batcher, settings.host, settings.grpc_port,
-                                     settings.grpc_max_message_bytes,
+            grpc_server = GrpcServer(eng, app.state.batcher, app.state.admission, settings,
                                      is_ready=lambda: app.state.ready.is_set() and not app.state.draining)
             await grpc_server.start()
             app.state.grpc_port = grpc_server.port
+            app.state.grpc_server = grpc_server
 
         async def warm() -> None:
             if eng.warm_seconds is None:
@@ -61,6 +64,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
             yield
             # shutting down (SIGTERM): readiness goes false first, then in-flight gRPC calls get the grace period
             app.state.draining = True
+            app.state.admission.draining = True
             if grpc_server is not None:
                 await grpc_server.stop(settings.shutdown_grace_seconds)
             tg.cancel_scope.cancel()
@@ -74,9 +78,12 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
     app.state.ready = threading.Event()
     app.state.draining = False
     app.state.obs = Observability()
+    app.state.admission = Admission(settings.max_in_flight)
     errors.install(app)
-    app.include_router(losses.router)
-    app.include_router(metrics.router)
+    # health, metadata and /metrics stay open; the work and the catalog need the key when keys are configured
+    guarded = [Depends(require_api_key)]
+    app.include_router(losses.router, dependencies=guarded)
+    app.include_router(metrics.router, dependencies=guarded)
     app.include_router(oip.router)
 
     @app.get("/metrics", include_in_schema=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import math
 import time
 
@@ -41,3 +42,22 @@ def get_deadline(request: Request) -> float | None:
         raise ApiError(400, "invalid_request", f"header {TIMEOUT_HEADER} must be a positive number of seconds, "
                        f"got {raw!r}")
     return time.monotonic() + seconds
+
+
+async def admitted(request: Request):
+    """Holds one of the server's in-flight slots for the request (429 / 503 when there is none)."""
+    with request.app.state.admission.admit():
+        yield
+
+
+def require_api_key(request: Request) -> None:
+    keys = request.app.state.settings.api_keys
+    if not keys:
+        return
+    given = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if given is None and auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if given is None or not any(hmac.compare_digest(given, k) for k in keys):
+        raise ApiError(401, "unauthorized", "a valid API key is required (header x-api-key or Authorization: "
+                       "Bearer <key>)")

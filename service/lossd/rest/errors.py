@@ -7,6 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..admission import Draining, Overloaded, ResourceExhausted
 from ..batching import DeadlineExpired
 from ..engine import EngineError
 
@@ -55,6 +56,18 @@ async def deadline_handler(request: Request, exc: DeadlineExpired) -> JSONRespon
     return error_response(request, 504, {"code": exc.code, "message": str(exc), "details": {}})
 
 
+async def overloaded_handler(request: Request, exc: Overloaded) -> JSONResponse:
+    resp = error_response(request, 429, {"code": exc.code, "message": str(exc), "details": {}})
+    resp.headers["Retry-After"] = str(max(1, round(request.app.state.admission.retry_after)))
+    return resp
+
+
+async def unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+    resp = error_response(request, 503, {"code": exc.code, "message": str(exc), "details": {}})
+    resp.headers["Retry-After"] = "1"
+    return resp
+
+
 async def api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(request, exc.status, {"code": exc.code, "message": exc.message, "details": exc.details})
 
@@ -75,7 +88,7 @@ async def validation_error_handler(request: Request, exc: RequestValidationError
 
 
 async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
+    code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
     resp = error_response(request, exc.status_code, {"code": code, "message": str(exc.detail), "details": {}})
     if exc.headers:
         resp.headers.update(exc.headers)
@@ -86,5 +99,8 @@ def install(app) -> None:
     app.add_exception_handler(EngineError, engine_error_handler)
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(DeadlineExpired, deadline_handler)
+    app.add_exception_handler(Overloaded, overloaded_handler)
+    app.add_exception_handler(Draining, unavailable_handler)
+    app.add_exception_handler(ResourceExhausted, unavailable_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import Engine, get_loss
 from ..batching import Batcher
-from .deps import get_batcher, get_deadline, get_engine, get_obs
+from .deps import admitted, get_batcher, get_deadline, get_engine, get_obs
 from .jsonio import json_response
 from .observability import Observability
 
@@ -73,8 +73,9 @@ def describe_loss(name: str) -> dict:
     return get_loss(name).describe()
 
 
-@router.post("/{name}", response_model=LossResponse, responses={
-    404: {"description": "unknown loss"}, 504: {"description": "deadline passed before the work started"}, 413: {"description": "body over the size limit"},
+@router.post("/{name}", response_model=LossResponse, dependencies=[Depends(admitted)], responses={
+    404: {"description": "unknown loss"}, 429: {"description": "overloaded; see Retry-After"},
+    503: {"description": "draining or out of device memory"}, 504: {"description": "deadline passed before the work started"}, 413: {"description": "body over the size limit"},
     422: {"description": "invalid input: the error names the field and the offending rows"}})
 async def evaluate(name: str, req: LossRequest, batcher: Batcher = Depends(get_batcher),
                    deadline: float | None = Depends(get_deadline), obs: Observability = Depends(get_obs)) -> Response:

@@ -9,7 +9,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import Engine
-from .deps import get_engine, get_obs
+from ..admission import ResourceExhausted, is_out_of_memory
+from .deps import admitted, get_engine, get_obs
 from .jsonio import json_response
 from .observability import Observability
 
@@ -37,12 +38,18 @@ def list_metrics(engine: Engine = Depends(get_engine)) -> dict:
     return {"metrics": engine.metrics()}
 
 
-@router.post("/{name}", response_model=MetricResponse)
+@router.post("/{name}", response_model=MetricResponse, dependencies=[Depends(admitted)])
 def metric(name: str, req: MetricRequest, engine: Engine = Depends(get_engine),
            obs: Observability = Depends(get_obs)) -> Response:
     """IoU, GIoU, DIoU, CIoU, EIoU, SIoU or NWD of boxes1 vs boxes2."""
     with obs.track("v1_metric", name) as t:
-        values = engine.metric(name, req.boxes1, req.boxes2, box_format=req.box_format, pairwise=req.pairwise,
-                               params=req.params, dtype=req.dtype)
+        try:
+            values = engine.metric(name, req.boxes1, req.boxes2, box_format=req.box_format, pairwise=req.pairwise,
+                                   params=req.params, dtype=req.dtype)
+        except RuntimeError as exc:
+            if is_out_of_memory(exc):
+                raise ResourceExhausted(f"the {engine.device} device ran out of memory; ask for fewer pairs") \
+                    from None
+            raise
         t.batch_size = int(values.numel())
         return json_response({"values": values.numpy()})

@@ -11,7 +11,7 @@ from ..engine import get_loss
 from ..batching import Batcher
 from ..oip import (HEADER, SERVER_METADATA, InferCall, ProtocolError, check_version, finish_infer, model_metadata,
                    parse_http_body, prepare_infer)
-from .deps import get_batcher, get_deadline, get_obs
+from .deps import admitted, get_batcher, get_deadline, get_obs, require_api_key
 from .errors import ApiError
 from .jsonio import dumps
 from .observability import Observability
@@ -78,8 +78,10 @@ def model_ready(name: str, request: Request, version: str = "1") -> Response:
     return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-@router.post("/models/{name}/infer", openapi_extra=BINARY_BODY)
-@router.post("/models/{name}/versions/{version}/infer", openapi_extra=BINARY_BODY)
+@router.post("/models/{name}/infer", openapi_extra=BINARY_BODY, dependencies=[Depends(require_api_key),
+                                                                            Depends(admitted)])
+@router.post("/models/{name}/versions/{version}/infer", openapi_extra=BINARY_BODY,
+             dependencies=[Depends(require_api_key), Depends(admitted)])
 async def infer(name: str, request: Request, version: str = "1", batcher: Batcher = Depends(get_batcher),
                 deadline: float | None = Depends(get_deadline), obs: Observability = Depends(get_obs)) -> Response:
     """Evaluate a loss: JSON tensors, or the binary tensor data extension (the fast path for large batches)."""
