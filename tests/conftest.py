@@ -29,7 +29,7 @@ class LiveServer(NamedTuple):
     proc: subprocess.Popen
 
 
-def start_server(extra_env: dict | None = None) -> LiveServer:
+def start_server(extra_env: dict | None = None, https: bool = False, ca: str | None = None) -> LiveServer:
     """Start `lossd serve` as a user does, on free loopback ports, and wait for /v2/health/ready."""
     port, grpc_port = free_port(), free_port()
     env = dict(os.environ, LOSSD_DEVICE="cpu", PYTHONUNBUFFERED="1", **(extra_env or {}))
@@ -42,7 +42,8 @@ def start_server(extra_env: dict | None = None) -> LiveServer:
         if proc.poll() is not None:
             raise RuntimeError(f"lossd serve exited: {proc.stdout.read()}")
         try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+            probe = url.replace("http://", "https://") if https else url
+            if httpx.get(f"{probe}/v2/health/ready", timeout=1, verify=ca or True).status_code == 200:
                 break
         except httpx.TransportError:
             pass

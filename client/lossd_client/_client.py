@@ -12,6 +12,7 @@ and 503 are retried with exponential backoff (honouring Retry-After).
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -213,7 +214,7 @@ class LossClient:
         self._metadata = tuple(_headers(api_key).items())
         if self.transport == "http":
             self._http = httpx.Client(base_url=target, timeout=timeout, headers=_headers(api_key),
-                                      verify=ca_cert or True)
+                                      verify=ssl.create_default_context(cafile=ca_cert) if ca_cert else True)
         else:
             opts = [("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
                     ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)]
