@@ -34,3 +34,18 @@ def test_live_body_limit_default(live_server):
     resp = httpx.post(f"{url}/v1/losses/giou", content=b" " * (64 * 2**20 + 1),
                       headers={"content-type": "application/json"})
     assert resp.status_code == 413
+
+
+def test_readme_example_answers_as_printed(live_server):
+    import json
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    m = re.search(r"curl -s -X POST http://127.0.0.1:8000/v1/losses/ciou.*?-d '(\{.*?\})'\n```\n\nanswers.*?"
+                  r"```json\n(\{.*?\})\n```", readme, flags=re.S)
+    assert m, "the README's example request and answer"
+    request, printed = json.loads(m.group(1)), json.loads(m.group(2))
+    got = httpx.post(f"{live_server.http_url}/v1/losses/ciou", json=request).json()
+    np.testing.assert_allclose(got["loss"], printed["loss"], rtol=1e-7)
+    np.testing.assert_allclose(got["grad"], printed["grad"], rtol=1e-7)
