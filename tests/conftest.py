@@ -1,5 +1,6 @@
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -43,7 +44,8 @@ def start_server(extra_env: dict | None = None, https: bool = False, ca: str | N
             raise RuntimeError(f"lossd serve exited: {proc.stdout.read()}")
         try:
             probe = url.replace("http://", "https://") if https else url
-            if httpx.get(f"{probe}/v2/health/ready", timeout=1, verify=ca or True).status_code == 200:
+            verify = ssl.create_default_context(cafile=ca) if ca else True
+            if httpx.get(f"{probe}/v2/health/ready", timeout=1, verify=verify).status_code == 200:
                 break
         except httpx.TransportError:
             pass

@@ -89,7 +89,7 @@ class Batcher:
         if not self._queues.get(key) and self._inline(loss_name, p) and _idle(self._workers.get(key)):
             # nothing is waiting to share this call and it runs inline: computing now is what a batch of one does
             _check_deadline(deadline)
-            return self.engine.evaluate(loss_name, p, t, reduction=reduction, weights=w, **kwargs)
+            return await self._call(loss_name, p, t, reduction=reduction, weights=w, **kwargs)
         fut = asyncio.get_running_loop().create_future()
         self._queues.setdefault(key, deque()).append(_Item(p, t, w, reduction, deadline, fut, kwargs))
         if key not in self._workers or self._workers[key].done():

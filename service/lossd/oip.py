@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 
 from . import __version__
-from .engine import Engine, Result, get_loss
+from .engine import Result, get_loss
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
@@ -213,8 +213,3 @@ def finish_infer(call: InferCall, out: Result) -> tuple[dict, list[bytes]]:
         resp["id"] = call.request_id
     return resp, blobs
 
-
-def run_infer(engine: Engine, model: str, req: dict, raw: memoryview) -> tuple[dict, list[bytes]]:
-    """Both steps with a direct engine call (no batching)."""
-    call = prepare_infer(model, req, raw)
-    return finish_infer(call, engine.evaluate(model, **call.kwargs))

@@ -1,6 +1,7 @@
 """Faults and access control: out-of-memory on one batch, request-size limits, API keys, TLS."""
 
 import asyncio
+import ssl
 import subprocess
 
 import httpx
@@ -76,7 +77,7 @@ def guarded_server(tmp_path_factory):
 def test_api_keys_and_tls_over_rest(guarded_server):
     server, ca = guarded_server
     url = server.http_url.replace("http://", "https://")
-    with httpx.Client(verify=ca) as h:
+    with httpx.Client(verify=ssl.create_default_context(cafile=ca)) as h:
         assert h.get(f"{url}/v2/health/ready").status_code == 200  # health stays open
         body = {"pred": BOX, "target": BOX}
         r = h.post(f"{url}/v1/losses/giou", json=body)
@@ -109,7 +110,7 @@ def test_row_limit_over_rest(guarded_server):
     server, ca = guarded_server
     url = server.http_url.replace("http://", "https://")
     r = httpx.post(f"{url}/v1/metrics/iou", json={"boxes1": BOX * 1001, "boxes2": BOX * 1001},
-                   headers={"x-api-key": "s3cret"}, verify=ca)
+                   headers={"x-api-key": "s3cret"}, verify=ssl.create_default_context(cafile=ca))
     assert r.status_code == 413 and "at most 1000" in r.json()["error"]["message"]
 
 

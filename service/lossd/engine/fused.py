@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from numba import njit, prange
 
 # loss kinds and modes (ints: numba specialises on them cheaply)
