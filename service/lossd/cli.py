@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .settings import Settings
@@ -97,7 +98,7 @@ def _quality(args: argparse.Namespace) -> int:
     summary = run(args.labels, args.reference, args.out, th=th, shard_size=args.shard_size, server=args.server,
                   use_ray=args.ray is not None, ray_address=args.ray or None, image_dir=args.images,
                   classes=args.classes, sizes=args.sizes, device=args.device or "auto",
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, api_key=args.api_key or os.environ.get("LOSSD_API_KEY"))
     print(json.dumps({k: summary[k] for k in ("images", "labels", "references", "by_issue", "seconds")}, indent=2))
     print(f"wrote {args.out}/report.html, boxes.parquet, boxes.csv, images.csv, problems.csv, summary.json")
     return 0
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--classes", help="YOLO: class names, one per line (default <folder>/classes.txt)")
     q.add_argument("--sizes", help="YOLO: image sizes as CSV image,width,height (default <folder>/sizes.csv)")
     q.add_argument("--server", help="score on a running lossd, e.g. grpc://127.0.0.1:50051 (streaming call)")
+    q.add_argument("--api-key", help="API key for --server (or LOSSD_API_KEY)")
     q.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="distribute shards over Ray (a local Ray when no address is given)")
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], help="in-process engine device")

@@ -119,3 +119,19 @@ def test_report_in_a_headless_browser(voc_dir, tmp_path):
     res = _chromium([f"--user-data-dir={profile}", "--window-size=1200,1600", f"--screenshot={shot}",
                      (out / "report.html").as_uri()])
     assert res.returncode == 0 and shot.stat().st_size > 20_000
+
+
+def test_server_mode_sends_the_api_key(coco, reference_run, tmp_path):
+    from lossd_client import LossdError
+
+    from ..conftest import start_server
+
+    server = start_server({"LOSSD_API_KEYS": '["k3y"]'})
+    try:
+        with pytest.raises(LossdError):
+            run(*coco, tmp_path / "denied", shard_size=50, progress=False, server=server.grpc_url)
+        run(*coco, tmp_path / "ok", shard_size=30, progress=False, server=server.grpc_url, api_key="k3y")
+        assert (tmp_path / "ok" / "boxes.csv").read_bytes() == (reference_run[0] / "boxes.csv").read_bytes()
+    finally:
+        server.proc.terminate()
+        server.proc.wait(timeout=30)

@@ -68,11 +68,11 @@ def engine_evaluator(device: str = "auto") -> Callable:
     return evaluate
 
 
-def server_evaluator(url: str) -> Callable:
+def server_evaluator(url: str, api_key: str | None = None) -> Callable:
     """Pair metrics from a running lossd: one EvaluateStream call per shard carries all five losses."""
     from lossd_client import LossClient
 
-    client = LossClient(url)
+    client = LossClient(url, api_key=api_key)
 
     def evaluate(pred: np.ndarray, target: np.ndarray, loss: str) -> dict:
         names = list(LOSSES) + [loss]
@@ -143,7 +143,7 @@ def _progress(total: int, done: int, desc: str):
 def run(labels_path: str | Path, reference_path: str | Path, out_dir: str | Path, *, th: Thresholds = Thresholds(),
         shard_size: int = 500, server: str | None = None, ray_address: str | None = None, use_ray: bool = False,
         image_dir: str | Path | None = None, classes=None, sizes=None, device: str = "auto", progress: bool = True,
-        stop_after: int | None = None) -> dict:
+        stop_after: int | None = None, api_key: str | None = None) -> dict:
     """Score a dataset; returns the summary. ``stop_after`` shards (tests) simulates a crash part-way."""
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -166,7 +166,7 @@ def run(labels_path: str | Path, reference_path: str | Path, out_dir: str | Path
     if use_ray:
         _run_ray(inp, shards, paths, todo, th, ray_address, device, bar)
     else:
-        evaluate = server_evaluator(server) if server else engine_evaluator(device)
+        evaluate = server_evaluator(server, api_key) if server else engine_evaluator(device)
         groups = (group(inp.labels.image, len(inp.labels.images)), group(inp.reference.image,
                                                                         len(inp.labels.images)))
         try:
