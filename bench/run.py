@@ -6,8 +6,10 @@ Writes results.json, results.md (tables) and results.png (curves) under --out, a
 Sections:
   engine   pairs/s for loss + gradient at N = 1, 100, 10k, 1M: fused vs the eager-autograd reference
   service  a real `lossd serve` on loopback: 1M pairs via gRPC raw bytes, OIP REST binary and REST JSON as a
-           fraction of in-process throughput; single-pair latency p50/p99 over REST and gRPC; single-pair
-           requests/s and p99 at concurrency 1, 16, 64 with dynamic batching on and off (gRPC)
+           fraction of in-process throughput, with the CPU the client and the server spend on them (what bounds
+           the fraction when they share the machine's cores); single-pair latency p50/p99 over REST and gRPC;
+           single-pair requests/s and p99 at concurrency 1, 16, 64 with dynamic batching on and off (gRPC), for a
+           loss with a fused kernel (ciou) and one on the autograd path (mpdiou)
 """
 
 from __future__ import annotations
@@ -36,9 +38,14 @@ TARGETS = {
     "1M pairs via gRPC raw bytes / in-process": (">=", 0.5),
     "1M pairs via OIP REST binary / in-process": (">=", 0.4),
     "single-pair REST round trip p50 (ms)": ("<=", 1.0),
-    "concurrency 64: batching on / off throughput": (">=", 3.0),
-    "concurrency 64: p99 on / off (lower is better)": ("<=", 1.0),
+    "concurrency 64, ciou (fused kernel): batching on / off throughput": (">=", 3.0),
+    "concurrency 64, ciou (fused kernel): p99 on / off (lower is better)": ("<=", 1.0),
+    "concurrency 64, mpdiou (autograd path): batching on / off throughput": (">=", 3.0),
+    "concurrency 64, mpdiou (autograd path): p99 on / off (lower is better)": ("<=", 1.0),
 }
+# the single-pair load runs one loss with a fused CPU kernel (an engine call of ~11 us) and one served by the
+# autograd reference (~350 us a call, nearly the same for 1 or 64 rows: what a GPU call costs too)
+LOAD_LOSSES = {"ciou": "fused kernel", "mpdiou": "autograd path"}
 
 
 def log(msg: str) -> None:
@@ -53,6 +60,29 @@ def boxes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     c = 0.5 * (t[:, :2] + t[:, 2:]) + g.normal(size=(n, 2)).astype(np.float32) * 0.1 * wh
     wh = wh * np.exp(g.normal(size=(n, 2)).astype(np.float32) * 0.1)
     return np.concatenate([c - wh / 2, c + wh / 2], 1).astype(np.float32), t
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timeit_cpu(fn, server_pid: int | None, budget: float) -> dict:
+    """timeit, plus the CPU per call of this process (the client) and of the server process over the same calls."""
+    calls = [0]
+
+    def counted():
+        calls[0] += 1
+        fn()
+
+    c0, s0 = time.process_time(), proc_cpu(server_pid) if server_pid else 0.0
+    seconds = timeit(counted, budget)
+    out = {"s": seconds, "client_cpu_s": (time.process_time() - c0) / calls[0]}
+    if server_pid:
+        out["server_cpu_s"] = (proc_cpu(server_pid) - s0) / calls[0]
+    return out
 
 
 def timeit(fn, budget: float = 0.4, min_reps: int = 3) -> float:
@@ -133,6 +163,9 @@ class Server:
 
 
 def bench_bulk(server: Server, quick: bool) -> dict:
+    """1M pairs + gradients per transport, as the client sends them (8 MiB requests, up to 4 in flight), with the
+    CPU each side spends: on a machine whose cores the client, the server and the engine share, (client CPU +
+    server CPU) / cores bounds the wall time from below, whatever the overlap."""
     import httpx
     import torch
 
@@ -144,22 +177,30 @@ def bench_bulk(server: Server, quick: bool) -> dict:
     engine = Engine(device="cpu")
     pt, tt = torch.from_numpy(p), torch.from_numpy(t)
     budget = 1.0 if quick else 2.5
-    in_proc = timeit(lambda: engine.evaluate("ciou", pt, tt), budget)
-    out = {"n": n, "in_process_s": in_proc}
-    # the client as a user gets it: 8 MiB requests, up to 4 in flight
+    in_proc = timeit_cpu(lambda: engine.evaluate("ciou", pt, tt), None, budget)
+    out = {"n": n, "in_process_s": in_proc["s"], "in_process_cpu_s": in_proc["client_cpu_s"],
+           "cores": os.cpu_count()}
     with LossClient(f"grpc://127.0.0.1:{server.grpc}") as c:
-        out["grpc_raw_s"] = timeit(lambda: c.loss("ciou", p, t), budget)
+        out["grpc_raw"] = timeit_cpu(lambda: c.loss("ciou", p, t), server.proc.pid, budget)
     with LossClient(f"http://127.0.0.1:{server.http}") as c:
-        out["oip_rest_binary_s"] = timeit(lambda: c.loss("ciou", p, t), budget)
+        out["oip_rest_binary"] = timeit_cpu(lambda: c.loss("ciou", p, t), server.proc.pid, budget)
     body = json.dumps({"pred": p.tolist(), "target": t.tolist()}).encode()
     with httpx.Client(timeout=300) as h:
         url = f"http://127.0.0.1:{server.http}/v1/losses/ciou"
-        out["rest_json_s"] = timeit(lambda: h.post(url, content=body, headers={"content-type": "application/json"}
-                                                   ).raise_for_status(), 0.1, min_reps=1)
+        out["rest_json"] = {"s": timeit(lambda: h.post(url, content=body, headers={
+            "content-type": "application/json"}).raise_for_status(), 0.1, min_reps=1)}
     for k in ("grpc_raw", "oip_rest_binary", "rest_json"):
-        out[f"{k}_fraction"] = in_proc / out[f"{k}_s"]
-        log(f"  1M pairs via {k:>15}: {out[f'{k}_s'] * 1e3:8.1f} ms = {out[f'{k}_fraction']:.2f} of in-process "
-            f"({in_proc * 1e3:.1f} ms)")
+        r = out[k]
+        r["fraction"] = in_proc["s"] / r["s"]
+        msg = f"  1M pairs via {k:>15}: {r['s'] * 1e3:8.1f} ms = {r['fraction']:.2f} of in-process " \
+              f"({in_proc['s'] * 1e3:.1f} ms)"
+        if "server_cpu_s" in r:
+            r["cpu_bound_s"] = (r["client_cpu_s"] + r["server_cpu_s"]) / out["cores"]
+            r["best_fraction"] = in_proc["s"] / r["cpu_bound_s"]
+            msg += f"; CPU client {r['client_cpu_s'] * 1e3:.0f} ms + server {r['server_cpu_s'] * 1e3:.0f} ms " \
+                   f"(engine {in_proc['client_cpu_s'] * 1e3:.0f}) -> at best {r['best_fraction']:.2f} on " \
+                   f"{out['cores']} cores"
+        log(msg)
     return out
 
 
@@ -207,7 +248,7 @@ def _pcts(lat: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "n": len(a)}
 
 
-async def _load(target: str, concurrency: int, seconds: float) -> dict:
+async def _load(target: str, concurrency: int, seconds: float, loss: str = "ciou") -> dict:
     import grpc
 
     from lossd_client._codec import to_tensor
@@ -216,7 +257,7 @@ async def _load(target: str, concurrency: int, seconds: float) -> dict:
 
     channels = [grpc.aio.insecure_channel(target) for _ in range(max(1, concurrency // 16))]
     stubs = [pb_grpc.LossServiceStub(c) for c in channels]
-    req = pb.EvaluateRequest(loss="ciou", pred=to_tensor(np.array([[0, 0, 10, 10]], np.float32)),
+    req = pb.EvaluateRequest(loss=loss, pred=to_tensor(np.array([[0, 0, 10, 10]], np.float32)),
                              target=to_tensor(np.array([[1, 1, 11, 11]], np.float32)))
     lat: list[float] = []
     stop = time.perf_counter() + seconds
@@ -238,22 +279,23 @@ async def _load(target: str, concurrency: int, seconds: float) -> dict:
     return {"requests": len(lat), "rps": len(lat) / elapsed, **_pcts(lat)}
 
 
-MODES = {"on": (True, True), "off": (False, True), "queued": (True, False)}
+MODES = {"on": True, "off": False}
 
 
 def bench_concurrency(quick: bool) -> dict:
-    """on: the default (batching, small CPU calls inline); off: no batching; queued: batching with every call
-    through the queue and a worker thread, as on a GPU."""
+    """Single-pair gRPC requests from 1, 16 and 64 concurrent clients, dynamic batching on and off, for a fused
+    loss and one on the autograd path."""
     out = {}
     seconds = 1.5 if quick else 4.0
-    for mode, (batching, inline) in MODES.items():
-        server = Server(batching, inline)
+    for mode, batching in MODES.items():
+        server = Server(batching)
         try:
-            for conc in (1, 16, 64):
-                r = asyncio.run(_load(f"127.0.0.1:{server.grpc}", conc, seconds))
-                out[f"{mode}_{conc}"] = r
-                log(f"  batching {mode:>6} concurrency {conc:>2}: {r['rps']:8.0f} req/s  "
-                    f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms")
+            for loss in LOAD_LOSSES:
+                for conc in (1, 16, 64):
+                    r = asyncio.run(_load(f"127.0.0.1:{server.grpc}", conc, seconds, loss))
+                    out[f"{loss}_{mode}_{conc}"] = r
+                    log(f"  {loss:>6} batching {mode:>3} concurrency {conc:>2}: {r['rps']:8.0f} req/s  "
+                        f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms")
         finally:
             server.stop()
     return out
@@ -266,16 +308,21 @@ def summarise(res: dict) -> dict:
     s["fused CIoU loss+grad at 1M pairs vs eager autograd"] = rows[("ciou", 1_000_000)]["speedup"]
     s["single pair in-process (us)"] = rows[("ciou", 1)]["fused_s"] * 1e6
     if "bulk" in res:
-        s["1M pairs via gRPC raw bytes / in-process"] = res["bulk"]["grpc_raw_fraction"]
-        s["1M pairs via OIP REST binary / in-process"] = res["bulk"]["oip_rest_binary_fraction"]
-        s["1M pairs via REST JSON / in-process"] = res["bulk"]["rest_json_fraction"]
+        b = res["bulk"]
+        s["1M pairs via gRPC raw bytes / in-process"] = b["grpc_raw"]["fraction"]
+        s["1M pairs via gRPC raw bytes: best fraction its CPU cost allows"] = b["grpc_raw"]["best_fraction"]
+        s["1M pairs via OIP REST binary / in-process"] = b["oip_rest_binary"]["fraction"]
+        s["1M pairs via OIP REST binary: best fraction its CPU cost allows"] = b["oip_rest_binary"]["best_fraction"]
+        s["1M pairs via REST JSON / in-process"] = b["rest_json"]["fraction"]
     if "latency" in res:
         s["single-pair REST round trip p50 (ms)"] = res["latency"]["rest"]["p50_ms"]
         s["single-pair gRPC round trip p50 (ms)"] = res["latency"]["grpc"]["p50_ms"]
     if "concurrency" in res:
         c = res["concurrency"]
-        s["concurrency 64: batching on / off throughput"] = c["on_64"]["rps"] / c["off_64"]["rps"]
-        s["concurrency 64: p99 on / off (lower is better)"] = c["on_64"]["p99_ms"] / c["off_64"]["p99_ms"]
+        for loss, path in LOAD_LOSSES.items():
+            on, off = c[f"{loss}_on_64"], c[f"{loss}_off_64"]
+            s[f"concurrency 64, {loss} ({path}): batching on / off throughput"] = on["rps"] / off["rps"]
+            s[f"concurrency 64, {loss} ({path}): p99 on / off (lower is better)"] = on["p99_ms"] / off["p99_ms"]
     return s
 
 
@@ -292,12 +339,23 @@ def markdown(res: dict) -> str:
     for r in res["engine"]["rows"]:
         lines.append(f"| {r['loss']} | {r['n']:,} | {r['fused_pairs_per_s'] / 1e6:.2f} | "
                      f"{r['fused_s'] * 1e6:.1f} us | {r['reference_pairs_per_s'] / 1e6:.2f} | {r['speedup']:.2f}x |")
+    if "bulk" in res:
+        b = res["bulk"]
+        lines += ["", f"## 1M pairs + gradients per transport (in-process: {b['in_process_s'] * 1e3:.1f} ms, "
+                  f"{b['in_process_cpu_s'] * 1e3:.0f} ms of CPU)", "",
+                  "| transport | wall ms | fraction of in-process | client CPU ms | server CPU ms | "
+                  f"CPU-bound wall on {b['cores']} cores, ms | best fraction |", "|---|---|---|---|---|---|---|"]
+        for k in ("grpc_raw", "oip_rest_binary", "rest_json"):
+            r = b[k]
+            cpu = (f"{r['client_cpu_s'] * 1e3:.0f} | {r['server_cpu_s'] * 1e3:.0f} | {r['cpu_bound_s'] * 1e3:.0f} | "
+                   f"{r['best_fraction']:.2f}") if "server_cpu_s" in r else " |  |  | "
+            lines.append(f"| {k} | {r['s'] * 1e3:.1f} | {r['fraction']:.3g} | {cpu} |")
     if "concurrency" in res:
         lines += ["", "## Single-pair requests over gRPC, dynamic batching on vs off", "",
-                  "| concurrency | batching | req/s | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+                  "| loss | concurrency | batching | req/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
         for k, r in res["concurrency"].items():
-            mode, conc = k.split("_")
-            lines.append(f"| {conc} | {mode} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
+            loss, mode, conc = k.split("_")
+            lines.append(f"| {loss} | {conc} | {mode} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -323,13 +381,15 @@ def plot(res: dict, path: Path) -> None:
     if panels == 2:
         ax = axes[1]
         c = res["concurrency"]
-        for mode, style in (("on", "-o"), ("off", "--s"), ("queued", ":^")):
-            xs = [1, 16, 64]
-            ax.plot(xs, [c[f"{mode}_{x}"]["rps"] for x in xs], style, label=f"batching {mode}")
+        xs = [1, 16, 64]
+        for loss, color in zip(LOAD_LOSSES, ("tab:blue", "tab:orange")):
+            for mode, style in (("on", "-o"), ("off", "--s")):
+                ax.plot(xs, [c[f"{loss}_{mode}_{x}"]["rps"] for x in xs], style, color=color,
+                        label=f"{loss} ({LOAD_LOSSES[loss]}), batching {mode}")
         ax.set(xscale="log", xlabel="concurrent clients", ylabel="single-pair requests/s",
                title="gRPC single-pair throughput")
         ax.set_xticks([1, 16, 64], ["1", "16", "64"])
-        ax.legend()
+        ax.legend(fontsize=8)
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -22,7 +22,8 @@ import grpc
 import httpx
 import numpy as np
 
-from ._codec import from_param, from_tensor, oip_binary_request, oip_binary_response, to_param, to_tensor, wire_array
+from ._codec import (encode_evaluate_request, from_param, from_tensor, oip_binary_request, oip_binary_response,
+                     passthrough, to_param, to_tensor, wire_array, wrap_field)
 from ._errors import RETRYABLE, LossdError, UnavailableError, from_grpc, from_http
 from ._proto.lossd.v1 import lossd_pb2 as pb
 from ._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
@@ -34,6 +35,8 @@ MAX_IN_FLIGHT = 4
 GRPC_MAX_MESSAGE = 512 * 2**20
 # mean over several requests needs the server's denominator; these losses weight it (class weights, ignore_index)
 WEIGHTED_MEAN = {"cross_entropy", "nll"}
+EVALUATE = "/lossd.v1.LossService/Evaluate"
+EVALUATE_STREAM = "/lossd.v1.LossService/EvaluateStream"
 
 
 class LossResult(NamedTuple):
@@ -127,13 +130,19 @@ def _from_oip(call: _Call, resp: httpx.Response) -> LossResult:
     return LossResult(float(loss[0]) if call.reduction != "none" else loss, out.get("GRAD"))
 
 
-def _pb_request(call: _Call) -> pb.EvaluateRequest:
-    req = pb.EvaluateRequest(loss=call.name, pred=to_tensor(call.pred), target=to_tensor(call.target),
-                             box_format=call.box_format, reduction=call.reduction, return_grad=call.return_grad,
-                             params={k: to_param(v) for k, v in call.params.items()})
-    if call.weights is not None:
-        req.weights.CopyFrom(to_tensor(call.weights))
-    return req
+def _pb_request(call: _Call) -> bytes:
+    """The serialized EvaluateRequest (raw tensors, their bytes copied once)."""
+    return encode_evaluate_request(call.name, call.pred, call.target, call.weights, box_format=call.box_format,
+                                   reduction=call.reduction, params=call.params, return_grad=call.return_grad)
+
+
+def _evaluate_methods(channel) -> tuple:
+    """Evaluate and EvaluateStream taking already-encoded requests (the stub's would serialize messages)."""
+    unary = channel.unary_unary(EVALUATE, request_serializer=passthrough,
+                                response_deserializer=pb.EvaluateResponse.FromString)
+    stream = channel.stream_stream(EVALUATE_STREAM, request_serializer=passthrough,
+                                   response_deserializer=pb.EvaluateStreamResponse.FromString)
+    return unary, stream
 
 
 def _from_pb(resp: pb.EvaluateResponse) -> LossResult:
@@ -225,6 +234,7 @@ class LossClient:
                 self._channel = grpc.insecure_channel(target, options=opts)
             self.transport = "grpc"
             self._stub = pb_grpc.LossServiceStub(self._channel)
+            self._evaluate, self._evaluate_stream = _evaluate_methods(self._channel)
 
     def _retry(self, fn):
         for attempt in range(self.retries + 1):
@@ -256,7 +266,7 @@ class LossClient:
             return _from_oip(call, self._retry(lambda: self._http_call(
                 "POST", f"/v2/models/{call.name}/infer", content=body, headers=headers)))
         req = _pb_request(call)
-        return _from_pb(self._retry(lambda: self._grpc_call(self._stub.Evaluate, req)))
+        return _from_pb(self._retry(lambda: self._grpc_call(self._evaluate, req)))
 
     def loss(self, name: str, pred: Any, target: Any, *, box_format: str = "xyxy", reduction: str = "none",
              weights: Any = None, params: dict | None = None, return_grad: bool = True) -> LossResult:
@@ -277,11 +287,11 @@ class LossClient:
                     for c in calls]
         if self.transport == "http":
             return [self._evaluate_one(c) for c in prepared]
-        reqs = [pb.EvaluateStreamRequest(request=_pb_request(c)) for c in prepared]
+        reqs = [wrap_field(1, _pb_request(c)) for c in prepared]  # EvaluateStreamRequest.request
 
         def run() -> list[LossResult]:
             try:
-                answers = list(self._stub.EvaluateStream(iter(reqs), timeout=self.timeout, metadata=self._metadata))
+                answers = list(self._evaluate_stream(iter(reqs), timeout=self.timeout, metadata=self._metadata))
             except grpc.RpcError as exc:
                 raise _grpc_error(exc) from None
             out = []
@@ -350,6 +360,7 @@ class AsyncLossClient:
                 ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
                 ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)])
             self._stub = pb_grpc.LossServiceStub(self._channel)
+            self._evaluate, self._evaluate_stream = _evaluate_methods(self._channel)
 
     async def _retry(self, fn):
         for attempt in range(self.retries + 1):
@@ -382,7 +393,7 @@ class AsyncLossClient:
                                                              headers=headers))
             return _from_oip(call, resp)
         req = _pb_request(call)
-        return _from_pb(await self._retry(lambda: self._grpc_call(self._stub.Evaluate, req)))
+        return _from_pb(await self._retry(lambda: self._grpc_call(self._evaluate, req)))
 
     async def loss(self, name: str, pred: Any, target: Any, *, box_format: str = "xyxy", reduction: str = "none",
                    weights: Any = None, params: dict | None = None, return_grad: bool = True) -> LossResult:

@@ -72,6 +72,72 @@ def from_tensor(t: pb.Tensor, field: str) -> np.ndarray | None:
                       ).reshape(shape)
 
 
+# ------------------------------------------------------------------------------------------- encoded messages
+# Building a message around a large `raw` field and serializing it costs two extra copies of the data inside
+# protobuf (measured on 1M box pairs: 28 ms to build an EvaluateRequest, 23 ms to serialize it, against 2 ms to
+# join the same bytes once). The encoders below write the protobuf wire format directly: protobuf serializes
+# everything but the tensors, and each tensor is appended as its field (a length-delimited Tensor message). The
+# wire format merges concatenated fields, so the result parses as the same message anywhere.
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _tensor_field(number: int, arr: np.ndarray) -> tuple[list, int]:
+    """The pieces of field ``number`` holding ``arr`` as a raw Tensor, and their total length."""
+    dt = arr.dtype.newbyteorder("<")
+    arr = np.asarray(arr, dtype=dt, order="C")
+    head = pb.Tensor(shape=list(arr.shape), dtype=PB_OF.get(dt, pb.DTYPE_UNSPECIFIED)).SerializeToString()
+    data = memoryview(arr.reshape(-1)).cast("B") if arr.size else b""
+    raw_head = b"\x1a" + _varint(len(data))  # Tensor.raw: field 3, length-delimited
+    body_len = len(head) + len(raw_head) + len(data)
+    field_head = _varint(number << 3 | 2) + _varint(body_len)
+    return [field_head, head, raw_head, data], len(field_head) + body_len
+
+
+def encode_message(message, tensors: dict[int, np.ndarray | None]) -> bytes:
+    """``message`` (its small fields) serialized, followed by each array as a raw Tensor in field number k: the
+    bytes of the message that also holds those tensors, with the data copied once."""
+    pieces = [message.SerializeToString()]
+    for number, arr in tensors.items():
+        if arr is not None:
+            pieces += _tensor_field(number, arr)[0]
+    return b"".join(pieces)
+
+
+def wrap_field(number: int, encoded: bytes) -> bytes:
+    """An encoded message as field ``number`` of an enclosing message (e.g. EvaluateStreamResponse.response)."""
+    return b"".join([_varint(number << 3 | 2), _varint(len(encoded)), encoded])
+
+
+def encode_evaluate_request(name: str, pred: np.ndarray, target: np.ndarray, weights: np.ndarray | None, *,
+                            box_format: str, reduction: str, params: dict, return_grad: bool,
+                            request_id: str = "") -> bytes:
+    """A serialized EvaluateRequest with raw tensors (fields pred=2, target=3, weights=4)."""
+    head = pb.EvaluateRequest(loss=name, box_format=box_format, reduction=reduction, return_grad=return_grad,
+                              params={k: to_param(v) for k, v in params.items()}, request_id=request_id)
+    return encode_message(head, {2: pred, 3: target, 4: weights})
+
+
+def encode_evaluate_response(loss: np.ndarray, grad: np.ndarray | None, request_id: str = "") -> bytes:
+    """A serialized EvaluateResponse with raw tensors (fields loss=1, grad=2)."""
+    return encode_message(pb.EvaluateResponse(request_id=request_id), {1: loss, 2: grad})
+
+
+def passthrough(message) -> bytes:
+    """A serializer that takes already-encoded bytes, or a message to serialize."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 def to_param(value: Any) -> pb.ParamValue:
     if isinstance(value, bool):
         return pb.ParamValue(flag=value)
@@ -96,13 +162,14 @@ def oip_binary_request(inputs: dict[str, np.ndarray], parameters: dict) -> tuple
     header: dict[str, Any] = {"inputs": [], "parameters": parameters}
     blobs = []
     for name, arr in inputs.items():
-        blob = arr.tobytes()
+        arr = np.ascontiguousarray(arr)
         header["inputs"].append({"name": name, "shape": list(arr.shape), "datatype": OIP_OF[arr.dtype],
-                                 "parameters": {"binary_data_size": len(blob)}})
-        blobs.append(blob)
+                                 "parameters": {"binary_data_size": arr.nbytes}})
+        blobs.append(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
     head = json.dumps(header).encode()
-    return head + b"".join(blobs), {"Inference-Header-Content-Length": str(len(head)),
-                                    "Content-Type": "application/octet-stream"}
+    # one join: the arrays' bytes are copied once, straight into the body
+    return b"".join([head, *blobs]), {"Inference-Header-Content-Length": str(len(head)),
+                                      "Content-Type": "application/octet-stream"}
 
 
 def oip_binary_response(body: bytes, header_len: str | None) -> dict[str, np.ndarray]:

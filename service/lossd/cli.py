@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from .allocator import tune_malloc
 from .settings import Settings
 
 
@@ -20,6 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
                                    "device": args.device}.items() if v is not None}
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tune_malloc(settings.malloc_retain_mb * 2**20)
     app = create_app(settings=settings, start_grpc=True)
     tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key} if settings.tls_cert else {}
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level=settings.log_level,

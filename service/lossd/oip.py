@@ -189,8 +189,9 @@ def prepare_infer(model: str, req: dict, raw: memoryview) -> InferCall:
     return InferCall(model, kwargs, wanted, req.get("id"), "id" in req)
 
 
-def finish_infer(call: InferCall, out: Result) -> tuple[dict, list[bytes]]:
-    """The response in the protocol's JSON form, plus the binary outputs in order."""
+def finish_infer(call: InferCall, out: Result) -> tuple[dict, list[memoryview]]:
+    """The response in the protocol's JSON form, plus the binary outputs in order (views of the result arrays:
+    each transport copies them once, into its own framing)."""
     dt = "FP64" if out.dtype.itemsize == 8 else "FP32"
     arrays = {"LOSS": out.loss.numpy().reshape(-1)}
     if call.kwargs["return_grad"]:
@@ -202,7 +203,7 @@ def finish_infer(call: InferCall, out: Result) -> tuple[dict, list[bytes]]:
         arr = np.ascontiguousarray(arrays[oname], dtype=DTYPES[dt])
         entry: dict[str, Any] = {"name": oname, "datatype": dt, "shape": list(arr.shape)}
         if call.wanted[oname]:
-            blob = arr.tobytes()
+            blob = memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b"")
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

@@ -11,10 +11,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from lossd_client._codec import passthrough
 from lossd_client._proto.inference import grpc_predict_v2_pb2 as oip_pb
 from lossd_client._proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
-from lossd_client._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
 
 from ..admission import Admission
 from ..batching import Batcher
@@ -26,6 +26,27 @@ log = logging.getLogger("lossd.grpc")
 
 SERVICES = (pb.DESCRIPTOR.services_by_name["LossService"].full_name,
             oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
+
+
+def add_loss_service(servicer: LossServicer, server: grpc.aio.Server) -> None:
+    """pb_grpc.add_LossServiceServicer_to_server, except that Evaluate and EvaluateStream may answer with
+    already-encoded bytes (raw tensors written straight into the wire format, see lossd_client._codec)."""
+    handlers = {
+        "Evaluate": grpc.unary_unary_rpc_method_handler(
+            servicer.Evaluate, request_deserializer=pb.EvaluateRequest.FromString, response_serializer=passthrough),
+        "Metric": grpc.unary_unary_rpc_method_handler(
+            servicer.Metric, request_deserializer=pb.MetricRequest.FromString,
+            response_serializer=pb.MetricResponse.SerializeToString),
+        "ListLosses": grpc.unary_unary_rpc_method_handler(
+            servicer.ListLosses, request_deserializer=pb.ListLossesRequest.FromString,
+            response_serializer=pb.ListLossesResponse.SerializeToString),
+        "EvaluateStream": grpc.stream_stream_rpc_method_handler(
+            servicer.EvaluateStream, request_deserializer=pb.EvaluateStreamRequest.FromString,
+            response_serializer=passthrough),
+    }
+    service = pb.DESCRIPTOR.services_by_name["LossService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -67,7 +88,7 @@ class GrpcServer:
                 ("grpc.max_send_message_length", settings.grpc_max_message_bytes)]
         interceptors = [ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []
         self.server = grpc.aio.server(options=opts, interceptors=interceptors)
-        pb_grpc.add_LossServiceServicer_to_server(LossServicer(engine, batcher, admission), self.server)
+        add_loss_service(LossServicer(engine, batcher, admission), self.server)
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, batcher, admission, is_ready),
                                                             self.server)
         self.health = health.aio.HealthServicer()

@@ -7,6 +7,7 @@ import time
 
 import grpc
 
+from lossd_client._codec import encode_evaluate_response, wrap_field
 from lossd_client._proto.inference import grpc_predict_v2_pb2 as oip_pb
 from lossd_client._proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
@@ -33,16 +34,20 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-async def _evaluate(batcher: Batcher, req: pb.EvaluateRequest, deadline: float | None) -> pb.EvaluateResponse:
+async def _evaluate(batcher: Batcher, req: pb.EvaluateRequest, deadline: float | None) -> pb.EvaluateResponse | bytes:
+    """The answer: encoded EvaluateResponse bytes (raw tensors), or the message itself for typed output."""
     pred = to_numpy(req.pred, "pred")
     out = await batcher.evaluate(
         req.loss, pred, to_numpy(req.target, "target"), box_format=req.box_format or "xyxy",
         reduction=req.reduction or "none", weights=to_numpy(req.weights, "weights", required=False),
         params=params_to_dict(req.params), return_grad=req.return_grad if req.HasField("return_grad") else True,
         dtype=COMPUTE.get(req.compute_dtype), deadline=deadline)
-    resp = pb.EvaluateResponse(loss=from_numpy(out.loss.numpy(), req.typed_output), request_id=req.request_id)
-    if out.grad is not None:
-        resp.grad.CopyFrom(from_numpy(out.grad.numpy(), req.typed_output))
+    grad = None if out.grad is None else out.grad.numpy()
+    if not req.typed_output:  # raw tensors: written straight into the wire bytes, one copy
+        return encode_evaluate_response(out.loss.numpy(), grad, req.request_id)
+    resp = pb.EvaluateResponse(loss=from_numpy(out.loss.numpy(), True), request_id=req.request_id)
+    if grad is not None:
+        resp.grad.CopyFrom(from_numpy(grad, True))
     return resp
 
 
@@ -106,7 +111,8 @@ class LossServicer(pb_grpc.LossServiceServicer):
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed")
             try:
                 resp = await _evaluate(self.batcher, item.request, _deadline(context))
-                yield pb.EvaluateStreamResponse(response=resp)
+                yield (wrap_field(1, resp) if isinstance(resp, bytes)
+                       else pb.EvaluateStreamResponse(response=resp))
             except ResourceExhausted as exc:
                 yield pb.EvaluateStreamResponse(error=pb.Error(code=exc.code, message=str(exc)))
             except EngineError as exc:
@@ -162,7 +168,7 @@ def _answer(call: InferCall, out) -> oip_pb.ModelInferResponse:
         model_name=resp["model_name"], model_version="1", id=call.request_id or "",
         outputs=[oip_pb.ModelInferResponse.InferOutputTensor(name=o["name"], datatype=o["datatype"],
                                                              shape=o["shape"]) for o in resp["outputs"]],
-        raw_output_contents=out_blobs)
+        raw_output_contents=[bytes(b) for b in out_blobs])
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):

@@ -101,5 +101,5 @@ async def infer(name: str, request: Request, version: str = "1", batcher: Batche
     head = dumps(resp)
     if not blobs:
         return Response(head, media_type="application/json")
-    return Response(head + b"".join(blobs), media_type="application/octet-stream",
+    return Response(b"".join([head, *blobs]), media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(len(head))})
