@@ -104,13 +104,17 @@ def _tensor_field(number: int, arr: np.ndarray) -> tuple[list, int]:
     return [field_head, head, raw_head, data], len(field_head) + body_len
 
 
-def encode_message(message, tensors: dict[int, np.ndarray | None]) -> bytes:
-    """``message`` (its small fields) serialized, followed by each array as a raw Tensor in field number k: the
-    bytes of the message that also holds those tensors, with the data copied once."""
+def encode_message(message, tensors: dict[int, np.ndarray | None], blobs: tuple[int, list] = (0, [])) -> bytes:
+    """``message`` (its small fields) serialized, followed by each array as a raw Tensor in field number k, and
+    each of ``blobs`` = (field number, buffers) as one value of a repeated bytes field: the bytes of the message
+    that also holds those tensors and blobs, with the data copied once."""
     pieces = [message.SerializeToString()]
     for number, arr in tensors.items():
         if arr is not None:
             pieces += _tensor_field(number, arr)[0]
+    number, buffers = blobs
+    for blob in buffers:
+        pieces += [_varint(number << 3 | 2), _varint(len(blob)), blob]
     return b"".join(pieces)
 
 

@@ -94,3 +94,18 @@ def test_oip_binary_request_round_trip():
     np.testing.assert_array_equal(out["PRED"], pred)
     np.testing.assert_array_equal(out["TARGET"], target)
     assert out["EMPTY"].shape == (0, 4)
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [16, 64], [3, 0, 5]])
+def test_repeated_bytes_field_parses_as_protobufs_own(sizes):
+    from lossd_client._codec import encode_message
+    from lossd_client._proto.inference import grpc_predict_v2_pb2 as oip_pb
+
+    blobs = [np.arange(n, dtype=np.uint8).tobytes() for n in sizes]
+    head = oip_pb.ModelInferResponse(model_name="ciou", id="7",
+                                     outputs=[oip_pb.ModelInferResponse.InferOutputTensor(name="LOSS", shape=[4])])
+    encoded = encode_message(head, {}, (6, [memoryview(b) for b in blobs]))  # raw_output_contents
+    want = oip_pb.ModelInferResponse()
+    want.CopyFrom(head)
+    want.raw_output_contents.extend(blobs)
+    assert oip_pb.ModelInferResponse.FromString(encoded) == want

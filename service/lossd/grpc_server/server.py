@@ -13,7 +13,6 @@ from grpc_reflection.v1alpha import reflection
 
 from lossd_client._codec import passthrough
 from lossd_client._proto.inference import grpc_predict_v2_pb2 as oip_pb
-from lossd_client._proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
 
 from ..admission import Admission
@@ -28,25 +27,25 @@ SERVICES = (pb.DESCRIPTOR.services_by_name["LossService"].full_name,
             oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
 
 
-def add_loss_service(servicer: LossServicer, server: grpc.aio.Server) -> None:
-    """pb_grpc.add_LossServiceServicer_to_server, except that Evaluate and EvaluateStream may answer with
-    already-encoded bytes (raw tensors written straight into the wire format, see lossd_client._codec)."""
-    handlers = {
-        "Evaluate": grpc.unary_unary_rpc_method_handler(
-            servicer.Evaluate, request_deserializer=pb.EvaluateRequest.FromString, response_serializer=passthrough),
-        "Metric": grpc.unary_unary_rpc_method_handler(
-            servicer.Metric, request_deserializer=pb.MetricRequest.FromString,
-            response_serializer=pb.MetricResponse.SerializeToString),
-        "ListLosses": grpc.unary_unary_rpc_method_handler(
-            servicer.ListLosses, request_deserializer=pb.ListLossesRequest.FromString,
-            response_serializer=pb.ListLossesResponse.SerializeToString),
-        "EvaluateStream": grpc.stream_stream_rpc_method_handler(
-            servicer.EvaluateStream, request_deserializer=pb.EvaluateStreamRequest.FromString,
-            response_serializer=passthrough),
-    }
-    service = pb.DESCRIPTOR.services_by_name["LossService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    server.add_registered_method_handlers(service, handlers)
+HANDLER = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+           (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def add_service(server: grpc.aio.Server, servicer, module, service_name: str, encoded: set[str]) -> None:
+    """What the generated add_XServicer_to_server does, except that the methods in ``encoded`` may answer with
+    already-encoded bytes (raw tensors written straight into the wire format by lossd_client._codec) as well as
+    with messages."""
+    service = module.DESCRIPTOR.services_by_name[service_name]
+    handlers = {}
+    for method in service.methods:
+        make = HANDLER[(method.client_streaming, method.server_streaming)]
+        response = getattr(module, method.output_type.name)
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=getattr(module, method.input_type.name).FromString,
+                                     response_serializer=passthrough if method.name in encoded
+                                     else response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -88,9 +87,10 @@ class GrpcServer:
                 ("grpc.max_send_message_length", settings.grpc_max_message_bytes)]
         interceptors = [ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []
         self.server = grpc.aio.server(options=opts, interceptors=interceptors)
-        add_loss_service(LossServicer(engine, batcher, admission), self.server)
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, batcher, admission, is_ready),
-                                                            self.server)
+        add_service(self.server, LossServicer(engine, batcher, admission), pb, "LossService",
+                    encoded={"Evaluate", "EvaluateStream"})
+        add_service(self.server, InferenceServicer(engine, batcher, admission, is_ready), oip_pb,
+                    "GRPCInferenceService", encoded={"ModelInfer"})
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(SERVICES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

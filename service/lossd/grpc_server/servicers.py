@@ -7,7 +7,7 @@ import time
 
 import grpc
 
-from lossd_client._codec import encode_evaluate_response, wrap_field
+from lossd_client._codec import encode_evaluate_response, encode_message, wrap_field
 from lossd_client._proto.inference import grpc_predict_v2_pb2 as oip_pb
 from lossd_client._proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
@@ -162,13 +162,14 @@ def _prepare(request: oip_pb.ModelInferRequest) -> InferCall:
     return prepare_infer(request.model_name, req, raw)
 
 
-def _answer(call: InferCall, out) -> oip_pb.ModelInferResponse:
+def _answer(call: InferCall, out) -> bytes:
+    """The encoded ModelInferResponse, its raw_output_contents (field 6) written straight into the wire bytes."""
     resp, out_blobs = finish_infer(call, out)
-    return oip_pb.ModelInferResponse(
+    head = oip_pb.ModelInferResponse(
         model_name=resp["model_name"], model_version="1", id=call.request_id or "",
         outputs=[oip_pb.ModelInferResponse.InferOutputTensor(name=o["name"], datatype=o["datatype"],
-                                                             shape=o["shape"]) for o in resp["outputs"]],
-        raw_output_contents=[bytes(b) for b in out_blobs])
+                                                             shape=o["shape"]) for o in resp["outputs"]])
+    return encode_message(head, {}, (6, out_blobs))
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
