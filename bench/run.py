@@ -69,6 +69,14 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def steal() -> float:
+    """CPU seconds the hypervisor has given to others, summed over this machine's CPUs (/proc/stat); time a VM's
+    process loses this way can show up in its own CPU time, so figures taken while it grows are suspect."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
 def timeit_cpu(fn, server_pid: int | None, budget: float, chunks: int = 7) -> dict:
     """Seconds per call, with the CPU per call of this process (the client) and of the server process, all from
     the same run of calls: the chunk of calls with the median wall time (after two warm-up calls)."""
@@ -78,12 +86,14 @@ def timeit_cpu(fn, server_pid: int | None, budget: float, chunks: int = 7) -> di
     per_chunk = max(1, int(budget / chunks / max(time.perf_counter() - t0, 1e-7)))
     rows = []
     for _ in range(chunks):
-        c0, s0, t0 = time.process_time(), proc_cpu(server_pid) if server_pid else 0.0, time.perf_counter()
+        c0, s0, st0 = time.process_time(), proc_cpu(server_pid) if server_pid else 0.0, steal()
+        t0 = time.perf_counter()
         for _ in range(per_chunk):
             fn()
         wall = time.perf_counter() - t0
         rows.append({"s": wall / per_chunk, "client_cpu_s": (time.process_time() - c0) / per_chunk,
-                     "server_cpu_s": (proc_cpu(server_pid) - s0) / per_chunk if server_pid else None})
+                     "server_cpu_s": (proc_cpu(server_pid) - s0) / per_chunk if server_pid else None,
+                     "steal_fraction": (steal() - st0) / (wall * (os.cpu_count() or 1))})
     rows.sort(key=lambda r: r["s"])
     out = dict(rows[len(rows) // 2])
     out["calls_per_chunk"] = per_chunk
@@ -205,7 +215,7 @@ def bench_bulk(server: Server, quick: bool) -> dict:
             r["best_fraction"] = in_proc["s"] / r["cpu_bound_s"]
             msg += f"; CPU client {r['client_cpu_s'] * 1e3:.0f} ms + server {r['server_cpu_s'] * 1e3:.0f} ms " \
                    f"(engine {in_proc['client_cpu_s'] * 1e3:.0f}) -> at best {r['best_fraction']:.2f} on " \
-                   f"{out['cores']} cores"
+                   f"{out['cores']} cores (steal {r['steal_fraction']:.0%})"
         log(msg)
     return out
 
@@ -360,11 +370,12 @@ def markdown(res: dict) -> str:
         lines += ["", f"## 1M pairs + gradients per transport (in-process: {b['in_process_s'] * 1e3:.1f} ms, "
                   f"{b['in_process_cpu_s'] * 1e3:.0f} ms of CPU)", "",
                   "| transport | wall ms | fraction of in-process | client CPU ms | server CPU ms | "
-                  f"CPU-bound wall on {b['cores']} cores, ms | best fraction |", "|---|---|---|---|---|---|---|"]
+                  f"CPU-bound wall on {b['cores']} cores, ms | best fraction | steal |",
+                  "|---|---|---|---|---|---|---|---|"]
         for k in ("grpc_raw", "oip_rest_binary", "rest_json"):
             r = b[k]
             cpu = (f"{r['client_cpu_s'] * 1e3:.0f} | {r['server_cpu_s'] * 1e3:.0f} | {r['cpu_bound_s'] * 1e3:.0f} | "
-                   f"{r['best_fraction']:.2f}") if "server_cpu_s" in r else " |  |  | "
+                   f"{r['best_fraction']:.2f} | {r['steal_fraction']:.0%}") if "server_cpu_s" in r else " |  |  |  | "
             lines.append(f"| {k} | {r['s'] * 1e3:.1f} | {r['fraction']:.3g} | {cpu} |")
     if "concurrency" in res:
         lines += ["", "## Single-pair requests over gRPC, dynamic batching on vs off", "",

@@ -15,6 +15,7 @@ import asyncio
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
@@ -22,8 +23,9 @@ import grpc
 import httpx
 import numpy as np
 
-from ._codec import (encode_evaluate_request, from_param, from_tensor, oip_binary_request, oip_binary_response,
-                     passthrough, to_param, to_tensor, wire_array, wrap_field)
+from ._codec import (WithTensors, decode_with_tensors, encode_evaluate_request, from_param, from_tensor,
+                     oip_binary_request, oip_binary_response, passthrough, to_param, to_tensor, wire_array,
+                     wrap_field)
 from ._errors import RETRYABLE, LossdError, UnavailableError, from_grpc, from_http
 from ._proto.lossd.v1 import lossd_pb2 as pb
 from ._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
@@ -139,15 +141,18 @@ def _pb_request(call: _Call) -> bytes:
 def _evaluate_methods(channel) -> tuple:
     """Evaluate and EvaluateStream taking already-encoded requests (the stub's would serialize messages)."""
     unary = channel.unary_unary(EVALUATE, request_serializer=passthrough,
-                                response_deserializer=pb.EvaluateResponse.FromString)
+                                response_deserializer=partial(decode_with_tensors, pb.EvaluateResponse))
     stream = channel.stream_stream(EVALUATE_STREAM, request_serializer=passthrough,
                                    response_deserializer=pb.EvaluateStreamResponse.FromString)
     return unary, stream
 
 
-def _from_pb(resp: pb.EvaluateResponse) -> LossResult:
-    loss = from_tensor(resp.loss, "loss")
-    grad = from_tensor(resp.grad, "grad") if resp.HasField("grad") else None
+def _from_pb(resp: pb.EvaluateResponse | WithTensors) -> LossResult:
+    """An EvaluateResponse (decoded with its raw tensors left in the received bytes, or a plain message)."""
+    if not isinstance(resp, WithTensors):
+        resp = WithTensors(resp, {})
+    loss = resp.array("loss")
+    grad = resp.array("grad") if resp.has("grad") else None
     return LossResult(float(loss) if loss.ndim == 0 else loss, grad)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -46,10 +46,11 @@ def to_tensor(arr: np.ndarray, typed: bool = False) -> pb.Tensor:
     return t
 
 
-def from_tensor(t: pb.Tensor, field: str) -> np.ndarray | None:
-    """The array a Tensor carries (a zero-copy view for raw data); None when the message is empty.
+def from_tensor(t: pb.Tensor, field: str, raw: bytes | memoryview | None = None) -> np.ndarray | None:
+    """The array a Tensor carries (a zero-copy view for raw data); None when the message is empty. ``raw``: the
+    tensor's raw bytes when they were left out of the message (see decode_with_tensors).
     Raises ValueError naming the field when the data does not fit the shape."""
-    kind = t.WhichOneof("data")
+    kind = "raw" if raw is not None else t.WhichOneof("data")
     shape = list(t.shape)
     if kind is None and not shape:
         return None
@@ -60,7 +61,8 @@ def from_tensor(t: pb.Tensor, field: str) -> np.ndarray | None:
         dt = NP_OF.get(t.dtype)
         if dt is None:
             raise ValueError(f"{field}: raw data needs a dtype (DTYPE_FLOAT32, ...)")
-        raw = t.raw  # each attribute access copies the bytes out of the message: read once
+        if raw is None:
+            raw = t.raw  # each attribute access copies the bytes out of the message: read once
         if len(raw) != count * dt.itemsize:
             raise ValueError(f"{field}: {len(raw)} raw bytes do not match shape {shape} of "
                              f"{pb.Dtype.Name(t.dtype)} ({count * dt.itemsize} bytes)")
@@ -135,6 +137,121 @@ def encode_evaluate_request(name: str, pred: np.ndarray, target: np.ndarray, wei
 def encode_evaluate_response(loss: np.ndarray, grad: np.ndarray | None, request_id: str = "") -> bytes:
     """A serialized EvaluateResponse with raw tensors (fields loss=1, grad=2)."""
     return encode_message(pb.EvaluateResponse(request_id=request_id), {1: loss, 2: grad})
+
+
+# ------------------------------------------------------------------------------------------- decoded messages
+# Parsing a message copies each raw tensor out of the received bytes, and reading its `raw` field copies it
+# again (measured: 3 ms for an 8 MiB EvaluateRequest, against 0.3 ms to copy those bytes once). The decoder
+# below scans the top-level fields, leaves each raw Tensor's data in the received bytes (a read-only view) and
+# lets protobuf parse the rest. Anything it does not expect (a field given twice, groups, a Tensor with typed
+# values, a truncated message) goes to protobuf whole, which parses it or raises exactly as it always would.
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]  # IndexError past the end: the caller falls back to protobuf
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _fields(buf: memoryview):
+    """(field number, wire type, start, value start, end) for each top-level field; ValueError/IndexError on
+    anything malformed or unsupported."""
+    pos, n = 0, len(buf)
+    while pos < n:
+        start = pos
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, end = _read_varint(buf, pos)
+        elif wire == 1:
+            end = pos + 8
+        elif wire == 5:
+            end = pos + 4
+        elif wire == 2:
+            length, pos = _read_varint(buf, pos)
+            end = pos + length
+        else:
+            raise ValueError(f"wire type {wire} (groups) is not used by lossd's messages")
+        if end > n or number == 0:
+            raise ValueError("truncated or invalid field")
+        yield number, wire, start, pos, end
+        pos = end
+
+
+def _split_tensor(buf: memoryview) -> tuple[bytes, memoryview] | None:
+    """A Tensor's shape and dtype (serialized) and its raw data, or None when it carries no raw data."""
+    head, raw = [], None
+    for number, wire, start, value, end in _fields(buf):
+        if number == 3 and wire == 2 and raw is None:
+            raw = buf[value:end]
+        elif number in (1, 2):
+            head.append(buf[start:end])
+        else:
+            return None
+    return (b"".join(head), raw) if raw is not None else None
+
+
+class WithTensors(NamedTuple):
+    """A parsed message whose raw tensors were left in the received bytes: those fields are empty in
+    ``message``; ``tensors`` maps each field's name to (its shape and dtype as a Tensor, its raw bytes)."""
+
+    message: Any
+    tensors: dict[str, tuple[pb.Tensor, memoryview]]
+
+    def array(self, field: str, required: bool = True) -> np.ndarray | None:
+        """The field's array (a read-only view of the received bytes when raw); ValueError names the field."""
+        if field in self.tensors:
+            head, raw = self.tensors[field]
+            return from_tensor(head, field, raw)
+        arr = from_tensor(getattr(self.message, field), field)
+        if arr is None and required:
+            raise ValueError(f"{field} is missing")
+        return arr
+
+    def has(self, field: str) -> bool:
+        return field in self.tensors or self.message.HasField(field)
+
+
+def decode_with_tensors(cls, data: bytes | memoryview) -> WithTensors:
+    """``cls.FromString(data)``, except that raw Tensor fields are not copied out of ``data``."""
+    by_number = {f.number: f.name for f in cls.DESCRIPTOR.fields
+                 if f.message_type is not None and f.message_type.full_name == pb.Tensor.DESCRIPTOR.full_name}
+    buf = memoryview(data)
+    try:
+        rest, tensors, seen = [], {}, set()
+        for number, wire, start, value, end in _fields(buf):
+            if number in seen and number in by_number:
+                raise ValueError("a Tensor field given twice is merged: protobuf's job")
+            seen.add(number)
+            split = _split_tensor(buf[value:end]) if number in by_number and wire == 2 else None
+            if split is None:
+                rest.append(buf[start:end])
+            else:
+                tensors[by_number[number]] = (pb.Tensor.FromString(split[0]), split[1])
+    except (ValueError, IndexError):
+        return WithTensors(cls.FromString(bytes(buf)), {})
+    return WithTensors(cls.FromString(b"".join(rest)), tensors)
+
+
+def decode_field(cls, number: int, data: bytes | memoryview, outer_cls) -> WithTensors:
+    """The message in field ``number`` of ``outer_cls`` (e.g. EvaluateStreamRequest.request), decoded with
+    decode_with_tensors when it is the outer message's only field."""
+    buf = memoryview(data)
+    try:
+        fields = list(_fields(buf))
+    except (ValueError, IndexError):
+        fields = []
+    if len(fields) == 1 and fields[0][0] == number and fields[0][1] == 2:
+        return decode_with_tensors(cls, buf[fields[0][3]:fields[0][4]])
+    outer = outer_cls.FromString(bytes(buf))
+    return WithTensors(getattr(outer, outer_cls.DESCRIPTOR.fields_by_number[number].name), {})
 
 
 def passthrough(message) -> bytes:

@@ -109,3 +109,113 @@ def test_repeated_bytes_field_parses_as_protobufs_own(sizes):
     want.CopyFrom(head)
     want.raw_output_contents.extend(blobs)
     assert oip_pb.ModelInferResponse.FromString(encoded) == want
+
+
+# ------------------------------------------------------------------------------------------- the decoder
+TENSOR_FIELDS = {pb.EvaluateRequest: ("pred", "target", "weights"), pb.EvaluateResponse: ("loss", "grad"),
+                 pb.MetricRequest: ("boxes1", "boxes2")}
+
+
+def _outcome(fn):
+    try:
+        return "ok", fn()
+    except Exception as exc:  # what each side raises is compared by type and message
+        return type(exc).__name__, str(exc)
+
+
+def assert_decodes_like_protobuf(cls, data: bytes) -> None:
+    """decode_with_tensors(cls, data) gives what protobuf's own parse gives: the same error, or the same arrays and
+    the same other fields."""
+    from google.protobuf.message import DecodeError
+
+    from lossd_client._codec import decode_with_tensors
+
+    try:
+        want = cls.FromString(data)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            decode_with_tensors(cls, data)
+        return
+    got = decode_with_tensors(cls, data)
+    for field in TENSOR_FIELDS[cls]:
+        w = _outcome(lambda: from_tensor(getattr(want, field), field))
+        g = _outcome(lambda: got.array(field, required=False))
+        assert w[0] == g[0], field
+        if w[0] == "ok" and w[1] is not None:
+            assert g[1].dtype == w[1].dtype
+            np.testing.assert_array_equal(g[1], w[1])
+        else:
+            assert g[1] is None if w[1] is None else g[1] == w[1]
+        assert got.has(field) == want.HasField(field)
+    rest = cls()
+    rest.CopyFrom(want)
+    for field in got.tensors:
+        rest.ClearField(field)
+    assert got.message == rest
+
+
+tensors = st.one_of(
+    st.none(),
+    st.builds(lambda n, dt: to_tensor((np.arange(n * 4) * 1.5).astype(dt).reshape(n, 4)),
+              st.integers(0, 6), st.sampled_from([np.float32, np.float64, np.int64])),
+    st.builds(lambda n, dt: to_tensor((np.arange(n) * 0.5).astype(dt), typed=True),
+              st.integers(0, 6), st.sampled_from([np.float32, np.float64, np.int64])),
+    st.builds(lambda n: pb.Tensor(shape=[n, 4], dtype=pb.DTYPE_FLOAT32, raw=b"\x01" * (n * 8)),  # lies
+              st.integers(1, 3)))
+
+
+@st.composite
+def requests(draw) -> bytes:
+    fields = {}
+    for name in ("pred", "target", "weights"):
+        t = draw(tensors)
+        if t is not None:
+            fields[name] = t
+    req = pb.EvaluateRequest(loss=draw(st.sampled_from(["ciou", "giou", ""])), reduction="sum",
+                             params={"eps": to_param(draw(st.floats(0, 1)))}, **fields)
+    if draw(st.booleans()):
+        req.return_grad = draw(st.booleans())
+    data = req.SerializeToString()
+    if draw(st.booleans()):  # a second message appended: protobuf merges the two
+        data += pb.EvaluateRequest(target=draw(tensors) or pb.Tensor(), request_id="second").SerializeToString()
+    return data
+
+
+@given(requests())
+@settings(max_examples=300, deadline=None)
+def test_decoder_reads_what_protobuf_reads(data):
+    assert_decodes_like_protobuf(pb.EvaluateRequest, data)
+
+
+@given(requests(), st.data())
+@settings(max_examples=300, deadline=None)
+def test_decoder_on_damaged_bytes(data, draw):
+    damaged = bytearray(data)
+    for _ in range(draw.draw(st.integers(1, 3))):
+        if damaged:
+            damaged[draw.draw(st.integers(0, len(damaged) - 1))] = draw.draw(st.integers(0, 255))
+    cut = draw.draw(st.integers(0, len(damaged)))
+    assert_decodes_like_protobuf(pb.EvaluateRequest, bytes(damaged[:cut]))
+
+
+def test_decoder_leaves_raw_data_in_place():
+    from lossd_client._codec import decode_field, decode_with_tensors
+
+    pred = np.arange(4000, dtype=np.float32).reshape(1000, 4)
+    data = encode_evaluate_request("ciou", pred, pred, None, box_format="xyxy", reduction="none", params={},
+                                   return_grad=True)
+    got = decode_with_tensors(pb.EvaluateRequest, data)
+    arr = got.array("pred")
+    assert set(got.tensors) == {"pred", "target"} and not got.message.HasField("pred")
+    assert np.shares_memory(arr, np.frombuffer(data, np.uint8))  # a view of the received bytes, not a copy
+    assert not arr.flags.writeable
+    np.testing.assert_array_equal(arr, pred)
+    # the stream's wrapper: the request inside EvaluateStreamRequest.request
+    inner = decode_field(pb.EvaluateRequest, 1, wrap_field(1, data), pb.EvaluateStreamRequest)
+    np.testing.assert_array_equal(inner.array("target"), pred)
+    assert inner.message.loss == "ciou"
+    # a response and a metric request decode the same way
+    resp = encode_evaluate_response(pred[:, 0].copy(), pred, "r")
+    assert_decodes_like_protobuf(pb.EvaluateResponse, resp)
+    metric = pb.MetricRequest(metric="iou", boxes1=to_tensor(pred), boxes2=to_tensor(pred[:3], typed=True))
+    assert_decodes_like_protobuf(pb.MetricRequest, metric.SerializeToString())

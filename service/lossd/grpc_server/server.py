@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -11,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lossd_client._codec import passthrough
+from lossd_client._codec import decode_field, decode_with_tensors, passthrough
 from lossd_client._proto.inference import grpc_predict_v2_pb2 as oip_pb
 from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
 
@@ -31,17 +32,26 @@ HANDLER = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): g
            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
 
 
-def add_service(server: grpc.aio.Server, servicer, module, service_name: str, encoded: set[str]) -> None:
+# lossd.v1 requests whose raw tensors stay in the received bytes (servicers read them as WithTensors)
+LOSS_DECODERS = {
+    "Evaluate": partial(decode_with_tensors, pb.EvaluateRequest),
+    "Metric": partial(decode_with_tensors, pb.MetricRequest),
+    "EvaluateStream": lambda data: decode_field(pb.EvaluateRequest, 1, data, pb.EvaluateStreamRequest),
+}
+
+
+def add_service(server: grpc.aio.Server, servicer, module, service_name: str, encoded: set[str],
+                decoders: dict | None = None) -> None:
     """What the generated add_XServicer_to_server does, except that the methods in ``encoded`` may answer with
     already-encoded bytes (raw tensors written straight into the wire format by lossd_client._codec) as well as
-    with messages."""
+    with messages, and ``decoders`` replace the request parsers of some methods."""
     service = module.DESCRIPTOR.services_by_name[service_name]
     handlers = {}
     for method in service.methods:
         make = HANDLER[(method.client_streaming, method.server_streaming)]
         response = getattr(module, method.output_type.name)
-        handlers[method.name] = make(getattr(servicer, method.name),
-                                     request_deserializer=getattr(module, method.input_type.name).FromString,
+        parse = (decoders or {}).get(method.name, getattr(module, method.input_type.name).FromString)
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=parse,
                                      response_serializer=passthrough if method.name in encoded
                                      else response.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
@@ -88,7 +98,7 @@ class GrpcServer:
         interceptors = [ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []
         self.server = grpc.aio.server(options=opts, interceptors=interceptors)
         add_service(self.server, LossServicer(engine, batcher, admission), pb, "LossService",
-                    encoded={"Evaluate", "EvaluateStream"})
+                    encoded={"Evaluate", "EvaluateStream"}, decoders=LOSS_DECODERS)
         add_service(self.server, InferenceServicer(engine, batcher, admission, is_ready), oip_pb,
                     "GRPCInferenceService", encoded={"ModelInfer"})
         self.health = health.aio.HealthServicer()

@@ -7,7 +7,7 @@ import time
 
 import grpc
 
-from lossd_client._codec import encode_evaluate_response, encode_message, wrap_field
+from lossd_client._codec import WithTensors, encode_evaluate_response, encode_message, wrap_field
 from lossd_client._proto.inference import grpc_predict_v2_pb2 as oip_pb
 from lossd_client._proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
@@ -34,12 +34,13 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-async def _evaluate(batcher: Batcher, req: pb.EvaluateRequest, deadline: float | None) -> pb.EvaluateResponse | bytes:
-    """The answer: encoded EvaluateResponse bytes (raw tensors), or the message itself for typed output."""
-    pred = to_numpy(req.pred, "pred")
+async def _evaluate(batcher: Batcher, decoded: WithTensors, deadline: float | None) -> pb.EvaluateResponse | bytes:
+    """The answer: encoded EvaluateResponse bytes (raw tensors), or the message itself for typed output.
+    ``decoded``: the request, its raw tensors still in the received bytes (decode_with_tensors)."""
+    req = decoded.message
     out = await batcher.evaluate(
-        req.loss, pred, to_numpy(req.target, "target"), box_format=req.box_format or "xyxy",
-        reduction=req.reduction or "none", weights=to_numpy(req.weights, "weights", required=False),
+        req.loss, to_numpy(decoded, "pred"), to_numpy(decoded, "target"), box_format=req.box_format or "xyxy",
+        reduction=req.reduction or "none", weights=to_numpy(decoded, "weights", required=False),
         params=params_to_dict(req.params), return_grad=req.return_grad if req.HasField("return_grad") else True,
         dtype=COMPUTE.get(req.compute_dtype), deadline=deadline)
     grad = None if out.grad is None else out.grad.numpy()
@@ -51,8 +52,9 @@ async def _evaluate(batcher: Batcher, req: pb.EvaluateRequest, deadline: float |
     return resp
 
 
-def _metric(engine: Engine, req: pb.MetricRequest) -> pb.MetricResponse:
-    values = engine.metric(req.metric, to_numpy(req.boxes1, "boxes1"), to_numpy(req.boxes2, "boxes2"),
+def _metric(engine: Engine, decoded: WithTensors) -> pb.MetricResponse:
+    req = decoded.message
+    values = engine.metric(req.metric, to_numpy(decoded, "boxes1"), to_numpy(decoded, "boxes2"),
                            box_format=req.box_format or "xyxy", pairwise=req.pairwise,
                            params=params_to_dict(req.params), dtype=COMPUTE.get(req.compute_dtype))
     return pb.MetricResponse(values=from_numpy(values.numpy(), req.typed_output))
@@ -110,7 +112,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             if _expired(context):
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed")
             try:
-                resp = await _evaluate(self.batcher, item.request, _deadline(context))
+                resp = await _evaluate(self.batcher, item, _deadline(context))
                 yield (wrap_field(1, resp) if isinstance(resp, bytes)
                        else pb.EvaluateStreamResponse(response=resp))
             except ResourceExhausted as exc:

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from lossd_client._codec import from_param, from_tensor, to_param, to_tensor
+from lossd_client._codec import WithTensors, from_param, to_param, to_tensor
 from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
 
 from ..engine import EngineError
 
 
-def to_numpy(t: pb.Tensor, field: str, required: bool = True) -> np.ndarray | None:
+def to_numpy(message: WithTensors, field: str, required: bool = True) -> np.ndarray | None:
+    """The array in ``message``'s field (raw tensors are views of the received bytes)."""
     try:
-        arr = from_tensor(t, field)
+        return message.array(field, required)
     except ValueError as exc:
         raise EngineError("invalid_shape", str(exc), field=field) from None
-    if arr is None and required:
-        raise EngineError("invalid_shape", f"{field} is missing", field=field)
-    return arr
 
 
 def from_numpy(arr: np.ndarray, typed: bool = False) -> pb.Tensor:
