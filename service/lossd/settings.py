@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     max_pairwise: int = Field(1_000_000_000, gt=0, description="largest N x M a pairwise metric may return")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; ['*'] for any")
     log_level: str = Field("info", description="logging level")
+    gc_freeze: bool = Field(True, description="once warm, move the objects loaded at start-up out of Python's "
+                            "garbage collections (each full collection would otherwise walk ~300k of them)")
     malloc_retain_mb: int = Field(256, ge=0, le=2**20, description="freed heap (MiB) glibc keeps for reuse instead "
                                   "of returning it to the kernel: large requests skip page faults (0: glibc's "
                                   "defaults)")
