@@ -23,7 +23,7 @@ import grpc
 import httpx
 import numpy as np
 
-from ._codec import (WithTensors, decode_with_tensors, encode_evaluate_request, from_param, from_tensor,
+from ._codec import (SMALL_MESSAGE, WithTensors, decode_with_tensors, encode_evaluate_request, from_param, from_tensor,
                      oip_binary_request, oip_binary_response, passthrough, to_param, to_tensor, wire_array,
                      wrap_field)
 from ._errors import RETRYABLE, LossdError, UnavailableError, from_grpc, from_http
@@ -141,7 +141,8 @@ def _pb_request(call: _Call) -> bytes:
 def _evaluate_methods(channel) -> tuple:
     """Evaluate and EvaluateStream taking already-encoded requests (the stub's would serialize messages)."""
     unary = channel.unary_unary(EVALUATE, request_serializer=passthrough,
-                                response_deserializer=partial(decode_with_tensors, pb.EvaluateResponse))
+                                response_deserializer=partial(decode_with_tensors, pb.EvaluateResponse,
+                                                              min_bytes=SMALL_MESSAGE))
     stream = channel.stream_stream(EVALUATE_STREAM, request_serializer=passthrough,
                                    response_deserializer=pb.EvaluateStreamResponse.FromString)
     return unary, stream

@@ -71,6 +71,27 @@ def test_chunking_stitches_in_order(url, engine):
             c.loss("cross_entropy", np.zeros((1000, 3)), np.zeros(1000, dtype=np.int64), reduction="mean")
 
 
+def test_large_requests_match_the_engine(url, engine):
+    """Messages over SMALL_MESSAGE: on gRPC their raw tensors are decoded in place on both sides."""
+    pred, target = random_boxes(20_000, 3), random_boxes(20_000, 4)  # 640 kB of boxes, one request
+    with LossClient(url) as c:
+        loss, grad = c.loss("ciou", pred, target)
+        ref = engine.evaluate("ciou", pred, target)
+        np.testing.assert_allclose(loss, ref.loss.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(grad, ref.grad.numpy(), rtol=1e-6, atol=1e-12)
+        vals = c.metric("giou", pred, target)
+        np.testing.assert_allclose(vals, engine.metric("giou", pred, target).numpy(), rtol=1e-6)
+        if c.transport == "grpc":
+            out = c.stream([dict(name="diou", pred=pred, target=target), dict(name="l1", pred=pred, target=target)])
+            np.testing.assert_allclose(out[0].loss, engine.evaluate("diou", pred, target).loss.numpy(), rtol=1e-6)
+            np.testing.assert_allclose(out[1].grad, engine.evaluate("l1", pred, target).grad.numpy(), rtol=1e-6)
+        bad = pred.copy()
+        bad[15_001, 2] = np.nan
+        with pytest.raises(InvalidInputError) as err:
+            c.loss("ciou", bad, target)
+        assert err.value.details.get("rows") == [15_001] and err.value.details.get("field") == "pred"
+
+
 def test_typed_errors(url):
     with LossClient(url) as c:
         bad = PRED.copy()

@@ -208,6 +208,9 @@ def test_decoder_leaves_raw_data_in_place():
     arr = got.array("pred")
     assert set(got.tensors) == {"pred", "target"} and not got.message.HasField("pred")
     assert np.shares_memory(arr, np.frombuffer(data, np.uint8))  # a view of the received bytes, not a copy
+    small = decode_with_tensors(pb.EvaluateRequest, data, min_bytes=len(data) + 1)  # parsed by protobuf whole
+    assert small.tensors == {} and small.message.HasField("pred")
+    np.testing.assert_array_equal(small.array("pred"), pred)
     assert not arr.flags.writeable
     np.testing.assert_array_equal(arr, pred)
     # the stream's wrapper: the request inside EvaluateStreamRequest.request

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lossd_client._codec import decode_field, decode_with_tensors, passthrough
+from lossd_client._codec import SMALL_MESSAGE, decode_field, decode_with_tensors, passthrough
 from lossd_client._proto.inference import grpc_predict_v2_pb2 as oip_pb
 from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
 
@@ -34,9 +34,10 @@ HANDLER = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): g
 
 # lossd.v1 requests whose raw tensors stay in the received bytes (servicers read them as WithTensors)
 LOSS_DECODERS = {
-    "Evaluate": partial(decode_with_tensors, pb.EvaluateRequest),
-    "Metric": partial(decode_with_tensors, pb.MetricRequest),
-    "EvaluateStream": lambda data: decode_field(pb.EvaluateRequest, 1, data, pb.EvaluateStreamRequest),
+    "Evaluate": partial(decode_with_tensors, pb.EvaluateRequest, min_bytes=SMALL_MESSAGE),
+    "Metric": partial(decode_with_tensors, pb.MetricRequest, min_bytes=SMALL_MESSAGE),
+    "EvaluateStream": partial(decode_field, pb.EvaluateRequest, 1, outer_cls=pb.EvaluateStreamRequest,
+                              min_bytes=SMALL_MESSAGE),
 }
 
 
