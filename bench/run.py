@@ -220,6 +220,63 @@ def bench_bulk(server: Server, quick: bool) -> dict:
     return out
 
 
+def _echo_server(port: int) -> None:
+    """A grpc.aio server whose one method answers each request with 5/8 of its size in bytes (made once per
+    size) and does nothing else: what moving 1M pairs' bytes (32 MB in, 20 MB out) costs grpc's C core and Python
+    layer alone. The process is tuned as `lossd serve` tunes its own."""
+    import grpc
+
+    from lossd.allocator import tune_malloc
+
+    tune_malloc(256 * 2**20)
+    answers: dict[int, bytes] = {}
+
+    async def echo(request: bytes, context) -> bytes:
+        size = len(request) * 5 // 8
+        if size not in answers:
+            answers[size] = bytes(size)
+        return answers[size]
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 2**30),
+                                          ("grpc.max_send_message_length", 2**30)])
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def bench_grpc_floor(quick: bool) -> dict:
+    """The same bytes as the 1M-pair gRPC call, in the same 8 MiB requests with 4 in flight, through a server
+    that does nothing with them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from lossd_client._client import DEFAULT_MAX_REQUEST_BYTES, MAX_IN_FLIGHT
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--echo-server", str(port)])
+    try:
+        opts = [("grpc.max_receive_message_length", 2**30), ("grpc.max_send_message_length", 2**30)]
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=opts) as ch:
+            grpc.channel_ready_future(ch).result(timeout=60)
+            echo = ch.unary_unary("/bench.Echo/Echo")
+            data = np.random.default_rng(0).bytes(1_000_000 * 32)
+            parts = [data[i:i + DEFAULT_MAX_REQUEST_BYTES] for i in range(0, len(data), DEFAULT_MAX_REQUEST_BYTES)]
+            with ThreadPoolExecutor(MAX_IN_FLIGHT) as pool:
+                out = timeit_cpu(lambda: list(pool.map(echo, parts)), proc.pid, 1.0 if quick else 2.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    log(f"  1M pairs' bytes through a do-nothing grpc.aio server: {out['s'] * 1e3:.1f} ms; CPU client "
+        f"{out['client_cpu_s'] * 1e3:.0f} ms + server {out['server_cpu_s'] * 1e3:.0f} ms")
+    return out
+
+
 def bench_latency(server: Server, quick: bool) -> dict:
     import grpc
 
@@ -337,6 +394,9 @@ def summarise(res: dict) -> dict:
         b = res["bulk"]
         s["1M pairs via gRPC raw bytes / in-process"] = b["grpc_raw"]["fraction"]
         s["1M pairs via gRPC raw bytes: best fraction its CPU cost allows"] = b["grpc_raw"]["best_fraction"]
+        if "grpc_floor" in b:
+            s["1M pairs' bytes through a do-nothing grpc.aio server / in-process"] = (
+                b["in_process_s"] / b["grpc_floor"]["s"])
         s["1M pairs via OIP REST binary / in-process"] = b["oip_rest_binary"]["fraction"]
         s["1M pairs via OIP REST binary: best fraction its CPU cost allows"] = b["oip_rest_binary"]["best_fraction"]
         s["1M pairs via REST JSON / in-process"] = b["rest_json"]["fraction"]
@@ -377,6 +437,13 @@ def markdown(res: dict) -> str:
             cpu = (f"{r['client_cpu_s'] * 1e3:.0f} | {r['server_cpu_s'] * 1e3:.0f} | {r['cpu_bound_s'] * 1e3:.0f} | "
                    f"{r['best_fraction']:.2f} | {r['steal_fraction']:.0%}") if "server_cpu_s" in r else " |  |  |  | "
             lines.append(f"| {k} | {r['s'] * 1e3:.1f} | {r['fraction']:.3g} | {cpu} |")
+        if "grpc_floor" in b:
+            f = b["grpc_floor"]
+            bound = (f["client_cpu_s"] + f["server_cpu_s"]) / b["cores"]
+            lines.append(f"| the same bytes through a do-nothing grpc.aio server | {f['s'] * 1e3:.1f} | "
+                         f"{b['in_process_s'] / f['s']:.3g} | {f['client_cpu_s'] * 1e3:.0f} | "
+                         f"{f['server_cpu_s'] * 1e3:.0f} | {bound * 1e3:.0f} | {b['in_process_s'] / bound:.2f} | "
+                         f"{f['steal_fraction']:.0%} |")
     if "concurrency" in res:
         lines += ["", "## Single-pair requests over gRPC, dynamic batching on vs off", "",
                   "| loss | concurrency | batching | req/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
@@ -392,7 +459,7 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 2 if "concurrency" in res else 1
+    panels = 1 + ("concurrency" in res) + ("bulk" in res)
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8))
     axes = np.atleast_1d(axes)
     ax = axes[0]
@@ -405,7 +472,22 @@ def plot(res: dict, path: Path) -> None:
            title="Engine: fused (solid) vs eager autograd (dashed)")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(True, which="both", alpha=0.3)
-    if panels == 2:
+    if "bulk" in res:
+        ax = axes[-1]
+        b = res["bulk"]
+        names = ["in-process", "grpc_raw", "oip_rest_binary"]
+        walls = [b["in_process_s"] * 1e3] + [b[k]["s"] * 1e3 for k in names[1:]]
+        bounds = [b["in_process_s"] * 1e3] + [b[k]["cpu_bound_s"] * 1e3 for k in names[1:]]
+        ax.bar(names, walls, color=["tab:gray", "tab:blue", "tab:orange"], label="measured")
+        ax.scatter(names, bounds, marker="_", s=900, color="black", zorder=3,
+                   label=f"(client + server CPU) / {b['cores']} cores")
+        for target, name in ((0.5, "grpc_raw"), (0.4, "oip_rest_binary")):
+            ax.scatter([name], [b["in_process_s"] * 1e3 / target], marker="v", color="tab:red", zorder=3)
+        ax.scatter([], [], marker="v", color="tab:red", label="target")
+        ax.set(ylabel="ms for 1M pairs + gradients", title="1M pairs: transport vs in-process")
+        ax.legend(fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    if "concurrency" in res:
         ax = axes[1]
         c = res["concurrency"]
         xs = [1, 16, 64]
@@ -427,7 +509,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="shorter timings (for a smoke run)")
     ap.add_argument("--engine-only", action="store_true", help="skip the service section")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)  # bench_grpc_floor's server process
     args = ap.parse_args()
+    if args.echo_server:
+        _echo_server(args.echo_server)
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"meta": {"when": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, "
@@ -441,6 +527,7 @@ def main() -> int:
         try:
             log("[2/4] service: 1M pairs per transport")
             res["bulk"] = bench_bulk(server, args.quick)
+            res["bulk"]["grpc_floor"] = bench_grpc_floor(args.quick)
             log("[3/4] service: single-pair latency")
             res["latency"] = bench_latency(server, args.quick)
         finally:
