@@ -11,7 +11,7 @@ import torch
 from lossd.batching import Batcher
 from lossd.engine import Engine
 from lossd.engine.inputs import example_inputs
-from lossd_client import LossClient, TooLargeError
+from lossd_client import LossClient, LossdError, TooLargeError, UnavailableError
 
 from ..conftest import start_server
 
@@ -104,6 +104,22 @@ def test_api_keys_and_tls_over_grpc(guarded_server):
         with pytest.raises(Exception) as info:
             c.loss("giou", BOX, BOX)
         assert "UNAUTHENTICATED" in str(info.value.status) or "api key" in str(info.value).lower()
+
+
+def test_client_over_https_with_a_key(guarded_server):
+    server, ca = guarded_server
+    url = server.http_url.replace("http://", "https://").replace("127.0.0.1", "localhost")
+    with LossClient(url, api_key="s3cret", ca_cert=ca) as c:
+        assert c._bulk is not None  # binary requests take the http.client path, with the same trust and key
+        loss, grad = c.loss("giou", BOX, BOX)
+        assert loss.tolist() == [pytest.approx(0.0, abs=1e-6)] and grad.shape == (1, 4)
+    with LossClient(url, ca_cert=ca, retries=0) as c:
+        with pytest.raises(LossdError) as info:
+            c.loss("giou", BOX, BOX)
+        assert info.value.code == "unauthorized"
+    with LossClient(url, api_key="s3cret", retries=0) as c:  # the server's CA is not trusted by default
+        with pytest.raises(UnavailableError):
+            c.loss("giou", BOX, BOX)
 
 
 def test_row_limit_over_rest(guarded_server):
