@@ -200,10 +200,13 @@ def _split_tensor(buf: memoryview) -> tuple[bytes, memoryview] | None:
 
 class WithTensors(NamedTuple):
     """A parsed message whose raw tensors were left in the received bytes: those fields are empty in
-    ``message``; ``tensors`` maps each field's name to (its shape and dtype as a Tensor, its raw bytes)."""
+    ``message``; ``tensors`` maps each field's name to (its shape and dtype as a Tensor, its raw bytes);
+    ``blobs``, when not None, holds the values of the repeated bytes field asked for (e.g. the OIP's
+    raw_input_contents), likewise left in place and empty in ``message``."""
 
     message: Any
     tensors: dict[str, tuple[pb.Tensor, memoryview]]
+    blobs: list[memoryview] | None = None
 
     def array(self, field: str, required: bool = True) -> np.ndarray | None:
         """The field's array (a read-only view of the received bytes when raw); ValueError names the field."""
@@ -224,20 +227,25 @@ class WithTensors(NamedTuple):
 SMALL_MESSAGE = 64 * 1024
 
 
-def decode_with_tensors(cls, data: bytes | memoryview, min_bytes: int = 0) -> WithTensors:
-    """``cls.FromString(data)``, except that raw Tensor fields are not copied out of ``data`` (messages of at
-    least ``min_bytes``; smaller ones are parsed by protobuf whole)."""
+def decode_with_tensors(cls, data: bytes | memoryview, min_bytes: int = 0,
+                        blobs_field: int | None = None) -> WithTensors:
+    """``cls.FromString(data)``, except that raw Tensor fields, and the values of the repeated bytes field number
+    ``blobs_field``, are not copied out of ``data`` (messages of at least ``min_bytes``; smaller ones are parsed
+    by protobuf whole)."""
     if len(data) < min_bytes:
         return WithTensors(cls.FromString(bytes(data)), {})
     by_number = {f.number: f.name for f in cls.DESCRIPTOR.fields
                  if f.message_type is not None and f.message_type.full_name == pb.Tensor.DESCRIPTOR.full_name}
     buf = memoryview(data)
     try:
-        rest, tensors, seen = [], {}, set()
+        rest, tensors, blobs, seen = [], {}, [], set()
         for number, wire, start, value, end in _fields(buf):
             if number in seen and number in by_number:
                 raise ValueError("a Tensor field given twice is merged: protobuf's job")
             seen.add(number)
+            if number == blobs_field and wire == 2:
+                blobs.append(buf[value:end])
+                continue
             split = _split_tensor(buf[value:end]) if number in by_number and wire == 2 else None
             if split is None:
                 rest.append(buf[start:end])
@@ -245,7 +253,7 @@ def decode_with_tensors(cls, data: bytes | memoryview, min_bytes: int = 0) -> Wi
                 tensors[by_number[number]] = (pb.Tensor.FromString(split[0]), split[1])
     except (ValueError, IndexError):
         return WithTensors(cls.FromString(bytes(buf)), {})
-    return WithTensors(cls.FromString(b"".join(rest)), tensors)
+    return WithTensors(cls.FromString(b"".join(rest)), tensors, blobs if blobs_field is not None else None)
 
 
 def decode_field(cls, number: int, data: bytes | memoryview, outer_cls, min_bytes: int = 0) -> WithTensors:

@@ -222,3 +222,36 @@ def test_decoder_leaves_raw_data_in_place():
     assert_decodes_like_protobuf(pb.EvaluateResponse, resp)
     metric = pb.MetricRequest(metric="iou", boxes1=to_tensor(pred), boxes2=to_tensor(pred[:3], typed=True))
     assert_decodes_like_protobuf(pb.MetricRequest, metric.SerializeToString())
+
+
+@given(st.lists(st.binary(max_size=40), max_size=4), st.booleans(), st.data())
+@settings(max_examples=200, deadline=None)
+def test_repeated_bytes_left_in_place(blobs, damage, draw):
+    from google.protobuf.message import DecodeError
+
+    from lossd_client._codec import decode_with_tensors
+    from lossd_client._proto.inference import grpc_predict_v2_pb2 as oip_pb
+
+    inp = oip_pb.ModelInferRequest.InferInputTensor
+    req = oip_pb.ModelInferRequest(model_name="ciou", id="7", inputs=[inp(name=f"I{i}", shape=[len(b)])
+                                                                      for i, b in enumerate(blobs)],
+                                   raw_input_contents=blobs)
+    data = req.SerializeToString()
+    if damage and data:
+        cut = draw.draw(st.integers(0, len(data) - 1))
+        data = data[:cut] + bytes([draw.draw(st.integers(0, 255))]) + data[cut + 1:]
+    try:
+        want = oip_pb.ModelInferRequest.FromString(data)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            decode_with_tensors(oip_pb.ModelInferRequest, data, blobs_field=7)
+        return
+    got = decode_with_tensors(oip_pb.ModelInferRequest, data, blobs_field=7)
+    if got.blobs is None:  # fell back to protobuf whole
+        assert got.message == want
+        return
+    assert [bytes(b) for b in got.blobs] == list(want.raw_input_contents)
+    rest = oip_pb.ModelInferRequest()
+    rest.CopyFrom(want)
+    rest.ClearField("raw_input_contents")
+    assert got.message == rest

@@ -180,6 +180,34 @@ def test_open_inference_protocol_over_grpc(channel, engine):
     assert rpc_error(stub.ModelInfer, short).code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_large_model_infer(channel, engine):
+    """Over SMALL_MESSAGE: raw_input_contents are read in place of the received bytes; the answer is the same."""
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    g = np.random.default_rng(5)
+    pred = (g.random((20_000, 4)) * 100).astype(np.float32)
+    pred[:, 2:] += pred[:, :2] + 1
+    target = pred + g.normal(size=pred.shape).astype(np.float32)
+    target[:, 2:] = np.maximum(target[:, 2:], target[:, :2] + 0.5)
+    inp = oip.ModelInferRequest.InferInputTensor
+    inputs = [inp(name="PRED", datatype="FP32", shape=[20_000, 4]),
+              inp(name="TARGET", datatype="FP32", shape=[20_000, 4])]
+    resp = stub.ModelInfer(oip.ModelInferRequest(model_name="ciou", id="big", inputs=inputs,
+                                                 raw_input_contents=[pred.tobytes(), target.tobytes()]))
+    out = {o.name: np.frombuffer(raw, "<f4").reshape(o.shape) for o, raw in zip(resp.outputs,
+                                                                                  resp.raw_output_contents)}
+    ref = engine.evaluate("ciou", pred, target)
+    np.testing.assert_allclose(out["LOSS"], ref.loss.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(out["GRAD"], ref.grad.numpy(), rtol=1e-6, atol=1e-12)
+    assert resp.id == "big"
+    bad = pred.copy()
+    bad[12_345] = [5, 5, 1, 1]  # inverted
+    err = rpc_error(stub.ModelInfer, oip.ModelInferRequest(model_name="ciou", inputs=inputs,
+                                                           raw_input_contents=[bad.tobytes(), target.tobytes()]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "12345" in err.details()
+    one = oip.ModelInferRequest(model_name="ciou", inputs=inputs, raw_input_contents=[pred.tobytes()])
+    assert rpc_error(stub.ModelInfer, one).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_health_and_reflection(channel):
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "lossd.v1.LossService", "inference.GRPCInferenceService"):

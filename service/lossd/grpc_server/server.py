@@ -40,6 +40,10 @@ LOSS_DECODERS = {
                               min_bytes=SMALL_MESSAGE),
 }
 
+# ModelInfer's raw_input_contents (field 7) stay in the received bytes
+OIP_DECODERS = {"ModelInfer": partial(decode_with_tensors, oip_pb.ModelInferRequest, min_bytes=SMALL_MESSAGE,
+                                      blobs_field=7)}
+
 
 def add_service(server: grpc.aio.Server, servicer, module, service_name: str, encoded: set[str],
                 decoders: dict | None = None) -> None:
@@ -101,7 +105,7 @@ class GrpcServer:
         add_service(self.server, LossServicer(engine, batcher, admission), pb, "LossService",
                     encoded={"Evaluate", "EvaluateStream"}, decoders=LOSS_DECODERS)
         add_service(self.server, InferenceServicer(engine, batcher, admission, is_ready), oip_pb,
-                    "GRPCInferenceService", encoded={"ModelInfer"})
+                    "GRPCInferenceService", encoded={"ModelInfer"}, decoders=OIP_DECODERS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(SERVICES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

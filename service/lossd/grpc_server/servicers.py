@@ -140,16 +140,20 @@ def _contents(entry, datatype: str) -> list:
     return list(getattr(c, field))
 
 
-def _prepare(request: oip_pb.ModelInferRequest) -> InferCall:
-    """The gRPC request as the protocol's JSON form plus one buffer, parsed by the shared lossd.oip code."""
-    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
-        raise ProtocolError(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs")
+def _prepare(decoded: WithTensors) -> InferCall:
+    """The gRPC request as the protocol's JSON form plus one buffer, parsed by the shared lossd.oip code.
+    ``decoded``: the request, its raw_input_contents left in the received bytes when it was large."""
+    request = decoded.message
+    # each access to raw_input_contents[i] copies; read them once
+    contents = decoded.blobs if decoded.blobs is not None else list(request.raw_input_contents)
+    if contents and len(contents) != len(request.inputs):
+        raise ProtocolError(f"{len(contents)} raw_input_contents for {len(request.inputs)} inputs")
     inputs, blobs = [], []
     for i, t in enumerate(request.inputs):
         entry = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape),
                  "parameters": {k: _param(v) for k, v in t.parameters.items()}}
-        if request.raw_input_contents:
-            blob = request.raw_input_contents[i]
+        if contents:
+            blob = contents[i]
             entry["parameters"]["binary_data_size"] = len(blob)
             blobs.append(blob)
         else:
@@ -209,11 +213,12 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             inputs=[tm(name=i["name"], datatype=i["datatype"], shape=i["shape"]) for i in meta["inputs"]],
             outputs=[tm(name=o["name"], datatype=o["datatype"], shape=o["shape"]) for o in meta["outputs"]])
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, decoded, context):
         try:
             with self.admission.admit():
-                call = _prepare(request)
-                out = await self.batcher.evaluate(request.model_name, **call.kwargs, deadline=_deadline(context))
+                call = _prepare(decoded)
+                out = await self.batcher.evaluate(decoded.message.model_name, **call.kwargs,
+                                                  deadline=_deadline(context))
                 return _answer(call, out)
         except REFUSALS + (ProtocolError,) as exc:
             await abort(context, exc)
