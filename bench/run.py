@@ -504,6 +504,17 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def write_results(out: Path, stem: str, res: dict, to_markdown, to_plot) -> None:
+    """<stem>.json, .md and .png under out; prints the markdown."""
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    md = to_markdown(res)
+    (out / f"{stem}.md").write_text(md)
+    to_plot(res, out / f"{stem}.png")
+    print()
+    print(md)
+    log(f"wrote {out / f'{stem}.json'}, {out / f'{stem}.md'}, {out / f'{stem}.png'}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter timings (for a smoke run)")
@@ -535,13 +546,7 @@ def main() -> int:
         log("[4/4] service: concurrency with batching on and off")
         res["concurrency"] = bench_concurrency(args.quick)
     res["summary"] = summarise(res)
-    (out / "results.json").write_text(json.dumps(res, indent=2))
-    md = markdown(res)
-    (out / "results.md").write_text(md)
-    plot(res, out / "results.png")
-    print()
-    print(md)
-    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
+    write_results(out, "results", res, markdown, plot)
     return 0
 
 
