@@ -146,6 +146,34 @@ def bench_engine(quick: bool) -> dict:
     return {"rows": rows}
 
 
+TOOL_LOSSES, TOOL_SIZES = ("ciou", "siou"), (1, 10_000, 1_000_000)
+
+
+def bench_tools(quick: bool) -> dict:
+    """How the CPU route was chosen: the numba kernels vs torch.compile (inductor) of the reference (the CUDA
+    route, run here on the CPU) vs eager autograd, loss + gradient, in the same run."""
+    import torch
+
+    from lossd.engine import Engine
+
+    engines = {"numba": Engine(device="cpu"), "torch.compile": Engine(device="cpu", fast="compiled", warm=False),
+               "eager": Engine(device="cpu", fast="off", warm=False)}
+    rows = []
+    for name in TOOL_LOSSES:
+        for n in TOOL_SIZES:
+            p, t = boxes(n, n)
+            pt, tt = torch.from_numpy(p), torch.from_numpy(t)
+            t0 = time.perf_counter()
+            engines["torch.compile"].evaluate(name, pt, tt)  # compiles on the first call of a loss (and size class)
+            first = time.perf_counter() - t0
+            row = {"loss": name, "n": n, "compile_first_call_s": first}
+            for tool, e in engines.items():
+                row[tool] = timeit(lambda e=e: e.evaluate(name, pt, tt), 0.15 if quick else 0.4)
+            rows.append(row)
+            log(f"  tools {name:>5} n={n:>8}: " + "  ".join(f"{k} {row[k] * 1e6:9.1f} us" for k in engines))
+    return {"rows": rows}
+
+
 # ------------------------------------------------------------------------------------------------------ service
 def free_port() -> int:
     with socket.socket() as s:
@@ -425,6 +453,13 @@ def markdown(res: dict) -> str:
     for r in res["engine"]["rows"]:
         lines.append(f"| {r['loss']} | {r['n']:,} | {r['fused_pairs_per_s'] / 1e6:.2f} | "
                      f"{r['fused_s'] * 1e6:.1f} us | {r['reference_pairs_per_s'] / 1e6:.2f} | {r['speedup']:.2f}x |")
+    if "tools" in res:
+        lines += ["", "## Choosing the CPU route: loss + gradient, us per call", "",
+                  "| loss | N | numba kernel | torch.compile (inductor) | eager autograd | numba vs torch.compile |",
+                  "|---|---|---|---|---|---|"]
+        for r in res["tools"]["rows"]:
+            lines.append(f"| {r['loss']} | {r['n']:,} | {r['numba'] * 1e6:.1f} | {r['torch.compile'] * 1e6:.1f} | "
+                         f"{r['eager'] * 1e6:.1f} | {r['torch.compile'] / r['numba']:.1f}x |")
     if "bulk" in res:
         b = res["bulk"]
         lines += ["", f"## 1M pairs + gradients per transport (in-process: {b['in_process_s'] * 1e3:.1f} ms, "
@@ -531,8 +566,9 @@ def main() -> int:
                     f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
                     "command": "python bench/run.py" + (" --quick" if args.quick else "")
                     + (" --engine-only" if args.engine_only else "")}}
-    log("[1/4] engine: fused vs eager autograd")
+    log("[1/4] engine: fused vs eager autograd; numba vs torch.compile")
     res["engine"] = bench_engine(args.quick)
+    res["tools"] = bench_tools(args.quick)
     if not args.engine_only:
         server = Server(batching=True)
         try:

@@ -127,6 +127,69 @@ def test_compiled_route_matches_reference(ref, gen):
         assert_same(compiled.evaluate(name, pred, target, **kw), ref.evaluate(name, pred, target, **kw))
 
 
+@pytest.fixture
+def fresh_compiled(monkeypatch):
+    """The compiled route with its own empty cache, dynamo reset and loud about silent eager fallbacks, on the
+    aot_eager backend: dynamo's tracing and guards as inductor sees them, without inductor's C++ builds."""
+    import torch._dynamo
+    import torch._dynamo.utils
+
+    from lossd.engine import fastpath
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(fastpath, "_COMPILED", {})
+    monkeypatch.setattr(fastpath, "BACKEND", "aot_eager")
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    yield fastpath
+    torch._dynamo.reset()
+
+
+def test_compiled_route_compiles_every_fused_loss_whole(fresh_compiled, ref, gen):
+    """Every fused loss, and two in float32 and other formats (13 graphs, over dynamo's 8 per code object), is
+    traced as one graph: no graph break, no recompile limit, none left to the reference; values as the
+    reference's."""
+    import torch._dynamo.utils
+
+    compiled = Engine(device="cpu", fast="compiled", warm=False)
+    cases = [(name, torch.float64, "xyxy") for name in FUSED_LOSSES]
+    cases += [("ciou", torch.float32, "cxcywh"), ("siou", torch.float32, "xywh")]
+    for name, dtype, fmt in cases:
+        pred, target = example_inputs("boxes", 16, gen, dtype)
+        pred, target = _convert(pred, fmt), _convert(target, fmt)
+        got = compiled.evaluate(name, pred, target, box_format=fmt, dtype=dtype)
+        want = ref.evaluate(name, pred, target, box_format=fmt, dtype=dtype)
+        assert_same(got, want, **(dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}))
+    graphs = fresh_compiled._COMPILED
+    assert len(graphs) == len(cases) and all(fn is not None for fn in graphs.values())
+    counters = torch._dynamo.utils.counters
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not counters["unimplemented"], dict(counters["unimplemented"])
+    assert counters["stats"]["unique_graphs"] == len(graphs)  # one graph each: no splits, no recompiles
+
+
+def test_compiled_route_past_its_graph_limit_takes_the_reference(fresh_compiled, ref, gen, monkeypatch):
+    monkeypatch.setattr(fresh_compiled, "MAX_COMPILED", 2)
+    compiled = Engine(device="cpu", fast="compiled", warm=False)
+    pred, target = example_inputs("boxes", 16, gen)
+    for name in ("iou", "giou", "diou", "ciou"):
+        assert_same(compiled.evaluate(name, pred, target), ref.evaluate(name, pred, target))
+    assert [k[0] for k in fresh_compiled._COMPILED] == ["iou", "giou"]
+
+
+def test_a_loss_that_cannot_be_compiled_takes_the_reference(fresh_compiled, ref, gen, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no graph for you")
+
+    monkeypatch.setattr(fresh_compiled, "_compile", lambda *a: broken)
+    compiled = Engine(device="cpu", fast="compiled", warm=False)
+    pred, target = example_inputs("boxes", 16, gen)
+    for _ in range(2):
+        assert_same(compiled.evaluate("ciou", pred, target), ref.evaluate("ciou", pred, target))
+    assert list(fresh_compiled._COMPILED.values()) == [None]
+    assert sum("could not compile ciou" in r.getMessage() for r in caplog.records) == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 @pytest.mark.parametrize("name", ["iou", "giou", "diou", "ciou", "eiou", "siou", "l1", "smooth_l1"])
 def test_cuda_matches_cpu_reference(ref, name, gen):

@@ -44,6 +44,8 @@ _FROZEN: contextvars.ContextVar[_Frozen | None] = contextvars.ContextVar("lossd_
 def stop_gradient(t: Tensor) -> Tensor:
     """``t.detach()``. Inside ``frozen_detached()`` the first call of each detached term records its value and
     later calls replay it, so finite differences see the same constant that autograd treats as constant."""
+    if torch.compiler.is_compiling():  # never frozen there, and ContextVar.get would break the compiled graph
+        return t.detach()
     store = _FROZEN.get()
     if store is None:
         return t.detach()

@@ -123,8 +123,10 @@ class Engine:
                 raise EngineError("invalid_value", f"weights: negative weight at {rows_phrase(neg, len(neg))}",
                                   field="weights", rows=neg)
 
-        if self._compiled_route(spec, kwargs) and return_grad:
-            loss, grad = fastpath.compiled_evaluate(spec, pred_t, target_t, box_format, kwargs, to_fn)
+        compiled = (fastpath.compiled_evaluate(spec, pred_t, target_t, box_format, kwargs, to_fn)
+                    if self._compiled_route(spec, kwargs) and return_grad else None)
+        if compiled is not None:
+            loss, grad = compiled
             if w is not None:
                 loss, grad = loss * w, grad * w.reshape(-1, *([1] * (grad.dim() - 1)))
             if reduction == "sum":

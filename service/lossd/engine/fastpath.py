@@ -8,6 +8,8 @@ whenever a fast route does not apply or the input needs an error message.
 
 from __future__ import annotations
 
+import logging
+import types
 from typing import Any, Callable
 
 import numpy as np
@@ -15,6 +17,8 @@ import torch
 
 from . import fused
 from .registry import Spec
+
+log = logging.getLogger("lossd.engine")
 
 BOX = {"iou": fused.IOU, "giou": fused.GIOU, "diou": fused.DIOU, "ciou": fused.CIOU, "eiou": fused.EIOU,
        "siou": fused.SIOU}
@@ -130,21 +134,53 @@ def warm_cpu_kernels() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # compiled reference (the CUDA route; also runs on CPU, where the tests check it against the reference)
 
-_COMPILED: dict[tuple, Callable] = {}
+MAX_COMPILED = 64  # (loss, format, parameters, device, dtype) graphs kept; past that, calls take the reference
+BACKEND = "inductor"  # torch.compile's backend (the tests use a quicker one to check tracing alone)
+_COMPILED: dict[tuple, Callable | None] = {}  # None: the loss could not be compiled whole; it takes the reference
+
+
+def _compile(spec: Spec, kwargs: dict, to_fn: Callable, tag: str) -> Callable:
+    def per_sample(p: torch.Tensor, t: torch.Tensor):
+        loss = spec.fn(to_fn(p), t, **kwargs)
+        return loss.sum(), loss
+
+    grad_and_value = torch.func.grad_and_value(per_sample, has_aux=True)
+
+    def entry(p: torch.Tensor, t: torch.Tensor):
+        return grad_and_value(p, t)
+
+    # dynamo keeps compiled graphs per code object, at most recompile_limit (8) of them, and every closure of one
+    # function shares its code object: the ninth (loss, format, parameters) would silently run eagerly. A code
+    # object of its own per key keeps each cache to its one graph.
+    own = types.FunctionType(entry.__code__.replace(co_name=f"lossd_compiled_{tag}"), entry.__globals__,
+                             entry.__name__, entry.__defaults__, entry.__closure__)
+    # fullgraph: a graph break would split the one fused graph into pieces run eagerly in between
+    return torch.compile(own, backend=BACKEND, dynamic=True, fullgraph=True)
 
 
 def compiled_evaluate(spec: Spec, pred: torch.Tensor, target: torch.Tensor, box_format: str, kwargs: dict,
-                      to_fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample loss and d(sum of loss)/d pred, through one compiled graph of the reference function."""
-    key = (spec.name, box_format, tuple(sorted((k, str(v)) for k, v in kwargs.items())), pred.device.type)
-    fn = _COMPILED.get(key)
-    if fn is None:
-        def per_sample(p: torch.Tensor, t: torch.Tensor):
-            loss = spec.fn(to_fn(p), t, **kwargs)
-            return loss.sum(), loss
-
-        fn = torch.compile(torch.func.grad_and_value(per_sample, has_aux=True), dynamic=True)
+                      to_fn: Callable) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-sample loss and d(sum of loss)/d pred, through one compiled graph of the reference function; None
+    where the caller should take the reference instead (a loss that cannot be compiled whole, or too many
+    distinct graphs already)."""
+    key = (spec.name, box_format, tuple(sorted((k, str(v)) for k, v in kwargs.items())), pred.device.type,
+           pred.dtype)
+    if key not in _COMPILED:
+        if len(_COMPILED) >= MAX_COMPILED:
+            return None
+        fn = _compile(spec, kwargs, to_fn, str(len(_COMPILED)))
+        try:
+            grad, (_, loss) = fn(pred, target)
+        except Exception:  # noqa: BLE001 - compilation failed: the reference computes the same values
+            log.warning("torch.compile could not compile %s (%s) whole; it takes the reference path", spec.name,
+                        key[1:], exc_info=True)
+            _COMPILED[key] = None
+            return None
         _COMPILED[key] = fn
+        return loss, grad
+    fn = _COMPILED[key]
+    if fn is None:
+        return None
     grad, (_, loss) = fn(pred, target)
     return loss, grad
 
