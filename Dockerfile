@@ -21,6 +21,6 @@ RUN pip install --no-cache-dir ./client . \
 
 USER 10001
 EXPOSE 8000 50051
-HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2).status != 200)"]
 ENTRYPOINT ["lossd", "serve"]
