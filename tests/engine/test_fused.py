@@ -111,6 +111,20 @@ def test_fused_errors_are_the_reference_errors(fast, ref, bad, code):
     assert errors[0] == errors[1] and errors[0]["code"] == code
 
 
+@pytest.mark.parametrize("name", ["iou", "giou", "diou", "ciou", "eiou", "siou"])
+def test_zero_eps_divisions_give_the_reference_nans(fast, ref, name):
+    """eps = 0 on empty unions and zero heights divides by zero: the kernels give the reference's NaN and inf
+    row by row (numpy's error model), never an exception."""
+    pred = torch.tensor([[0, 0, 0, 0], [0, 0, 2, 0], [0, 0, 0, 3], [1, 1, 3, 4], [0, 0, 1, 1]], dtype=torch.float64)
+    target = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 5], [0, 0, 2, 0], [1, 1, 3, 4], [2, 2, 3, 3]],
+                          dtype=torch.float64)
+    got = fast.evaluate(name, pred, target, params={"eps": 0.0})
+    want = ref.evaluate(name, pred, target, params={"eps": 0.0})
+    assert torch.isnan(want.loss).any()
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-9, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
 def test_unfused_parameter_values_take_the_reference(fast, ref, gen):
     pred, target = example_inputs("boxes", 16, gen)
     for name, params in (("ciou", {"alpha_rule": "attached"}), ("siou", {"distance_sign": "mmdet"})):

@@ -101,6 +101,18 @@ def test_loss_errors(client, body, status, code, field):
         assert err["details"]["rows"] and "row" in err["message"]
 
 
+@pytest.mark.parametrize("name", ["iou", "giou", "diou", "ciou", "eiou", "siou"])
+def test_eps_zero_on_a_zero_area_pair_is_nan_not_500(client, name):
+    """With eps 0, a pair whose union is empty has no IoU: the reference gives NaN (JSON null) for that row and
+    its gradient; the other rows are unaffected. (The fused kernels used to raise ZeroDivisionError: a 500.)"""
+    r = client.post(f"/v1/losses/{name}", json={"pred": [[0, 0, 2, 0], [0, 0, 1, 1]],
+                                                "target": [[0, 0, 0, 5], [0, 0, 1, 2]], "params": {"eps": 0.0}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["loss"][0] is None and body["grad"][0] == [None] * 4
+    assert isinstance(body["loss"][1], float) and all(isinstance(g, float) for g in body["grad"][1])
+
+
 def test_rows_in_inverted_error(client):
     pred = [[0, 0, 1, 1]] * 5 + [[3, 0, 1, 1]] + [[0, 0, 1, 1]] * 3 + [[0, 5, 1, 1]]
     err = error_of(client.post("/v1/losses/giou", json={"pred": pred, "target": [[0, 0, 1, 1]] * 10}), 422,

@@ -5,6 +5,9 @@ are a faster route to the same numbers and are tested against it to 1e-9 in floa
 torch's conventions at the non-smooth points too: min/max split a tie 0.5/0.5, clamp(min=0) passes the
 gradient at exactly 0, |x| has gradient 0 at 0.
 
+Divisions follow numpy's error model: a zero denominator (possible only with eps = 0) gives the reference's
+inf or NaN for that row rather than an exception.
+
 A kernel also validates its rows (finite values, x1 <= x2, y1 <= y2) in the same pass and reports a status;
 on any problem the engine re-runs the reference validation, which names the field and the rows.
 """
@@ -26,19 +29,19 @@ PARALLEL_MIN_ROWS = 4096
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
 def _lo(a, b):
     """d min(a, b) / da, torch's convention (a tie splits). Branch-free: on random boxes these comparisons
     are coin flips, and mispredicted branches cost more than the arithmetic."""
     return (a < b) * 1.0 + (a == b) * 0.5
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
 def _sign(a):
     return (a > 0) * 1.0 - (a < 0) * 1.0
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
 def _to_xyxy(a, b, c, d, fmt):
     if fmt == 1:
         return a, b, a + c, b + d
@@ -47,7 +50,7 @@ def _to_xyxy(a, b, c, d, fmt):
     return a, b, c, d
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
 def _from_xyxy_grad(g0, g1, g2, g3, fmt):
     """Chain rule from d/d(x1, y1, x2, y2) back to the caller's format."""
     if fmt == 1:
@@ -57,7 +60,17 @@ def _from_xyxy_grad(g0, g1, g2, g3, fmt):
     return g0, g1, g2, g3
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
+def _pow_and_below(q, theta):
+    """(q ** theta, q ** (theta - 1)) for q >= 0; SIoU's default theta = 4 by multiplication (two pow calls
+    cost more than the rest of the loss)."""
+    if theta == 4.0:
+        q2 = q * q
+        return q2 * q2, q2 * q
+    return q**theta, q ** (theta - 1.0)
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
 def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2):
     """(loss, d/dx1, d/dy1, d/dx2, d/dy2) of one pred box against one target box, all xyxy.
     p1: EIoU's gamma or SIoU's theta; p2: CIoU's alpha rule (0 torchvision, 1 mmdet)."""
@@ -125,14 +138,16 @@ def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2):
             g_ch += g_D * 2.0 * ch
             if kind == CIOU:
                 hh1 = h1 + eps
-                a1 = math.atan(w1 / hh1)
-                a2 = math.atan(w2 / (h2 + eps))
-                v = K_ASPECT * (a2 - a1) * (a2 - a1)
+                hh2 = h2 + eps
+                # atan(w2/hh2) - atan(w1/hh1) as one atan: atan a - atan b = atan((a - b) / (1 + ab)) for ab > -1,
+                # and both ratios are >= 0 here. Half the transcendental work, and no cancellation when a ~ b.
+                da = math.atan((w2 * hh1 - w1 * hh2) / (hh2 * hh1 + w2 * w1))
+                v = K_ASPECT * da * da
                 alpha = v / (1.0 - iou + v + eps)
                 if p2 == 1 and not iou > 0.5:
                     alpha = 0.0
                 loss += alpha * v  # alpha is detached: it scales v's gradient only
-                g_a1 = alpha * (-2.0 * K_ASPECT * (a2 - a1))
+                g_a1 = alpha * (-2.0 * K_ASPECT * da)
                 den = hh1 * hh1 + w1 * w1
                 g_w1 += g_a1 * hh1 / den
                 g_h1 -= g_a1 * w1 / den
@@ -173,7 +188,9 @@ def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2):
             oh = adh / (mh + eps)
             qw = 1.0 - math.exp(-ow)
             qh = 1.0 - math.exp(-oh)
-            loss = 1.0 - iou + 0.5 * ((1.0 - ex) + (1.0 - ey) + qw**theta + qh**theta)
+            qwt, qwt1 = _pow_and_below(qw, theta)
+            qht, qht1 = _pow_and_below(qh, theta)
+            loss = 1.0 - iou + 0.5 * ((1.0 - ex) + (1.0 - ey) + qwt + qht)
             g_iou = -1.0
             g_gamma = 0.5 * (rx * ex + ry * ey)
             g_rx = 0.5 * gamma * ex
@@ -184,8 +201,8 @@ def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2):
             g_dy += g_angle * 2.0 * ax / S * _sign(dy) + g_S * 2.0 * dy + g_ry * 2.0 * dy / Ey
             g_cw -= g_rx * rx / Ex * 2.0 * cw
             g_ch -= g_ry * ry / Ey * 2.0 * ch
-            g_ow = 0.5 * theta * qw ** (theta - 1.0) * (1.0 - qw)
-            g_oh = 0.5 * theta * qh ** (theta - 1.0) * (1.0 - qh)
+            g_ow = 0.5 * theta * qwt1 * (1.0 - qw)
+            g_oh = 0.5 * theta * qht1 * (1.0 - qh)
             mwe = mw + eps
             mhe = mh + eps
             g_w1 += g_ow * (_sign(w1 - w2) / mwe - adw / (mwe * mwe) * _lo(w2, w1))
@@ -214,7 +231,7 @@ def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2):
     return loss, gx1, gy1, gx2, gy2
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
 def _row_status(p, t, i, fmt):
     # x * 0 is 0 for every finite x and NaN for inf/NaN: one comparison checks four values, branch-free
     if not (p[i, 0] * 0.0 + p[i, 1] * 0.0 + p[i, 2] * 0.0 + p[i, 3] * 0.0) == 0.0:
@@ -234,7 +251,7 @@ def _row_status(p, t, i, fmt):
     return OK
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
 def _box_row(kind, mode, fmt, p, t, w, scale, eps, p1, p2, loss, grad, i, want_grad):
     x1, y1, x2, y2 = _to_xyxy(p[i, 0], p[i, 1], p[i, 2], p[i, 3], fmt)
     X1, Y1, X2, Y2 = _to_xyxy(t[i, 0], t[i, 1], t[i, 2], t[i, 3], fmt)
@@ -250,7 +267,7 @@ def _box_row(kind, mode, fmt, p, t, w, scale, eps, p1, p2, loss, grad, i, want_g
         grad[i, 3] = g3 * s
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True)
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 def box_kernel(kind, mode, fmt, p, t, w, scale, eps, p1, p2, loss, grad, want_grad):
     """Serial: validate every row first (so nothing is computed on bad input), then compute."""
     n = p.shape[0]
@@ -263,7 +280,7 @@ def box_kernel(kind, mode, fmt, p, t, w, scale, eps, p1, p2, loss, grad, want_gr
     return OK
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", parallel=True)
 def box_kernel_parallel(kind, mode, fmt, p, t, w, scale, eps, p1, p2, loss, grad, want_grad):
     """One pass: each row is checked and computed together; a bad row's status discards the whole result."""
     n = p.shape[0]
@@ -288,7 +305,7 @@ def box_kernel_parallel(kind, mode, fmt, p, t, w, scale, eps, p1, p2, loss, grad
 L1, L2, MSE, SMOOTH_L1, HUBER = 0, 1, 2, 3, 4
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
 def _coord(kind, z, beta):
     a = abs(z)
     if kind == L1:
@@ -309,7 +326,7 @@ def _coord(kind, z, beta):
     return beta * (a - 0.5 * beta), beta * _sign(z)
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
 def _coord_row(kind, p, t, w, scale, beta, loss, grad, i, want_grad):
     acc = 0.0
     wi = w[i] if w.shape[0] > 0 else 1.0
@@ -321,7 +338,7 @@ def _coord_row(kind, p, t, w, scale, beta, loss, grad, i, want_grad):
     loss[i] = acc * wi
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True)
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 def coord_kernel(kind, p, t, w, scale, beta, loss, grad, want_grad):
     n, d = p.shape
     for i in range(n):
@@ -335,7 +352,7 @@ def coord_kernel(kind, p, t, w, scale, beta, loss, grad, want_grad):
     return OK
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", parallel=True)
 def coord_kernel_parallel(kind, p, t, w, scale, beta, loss, grad, want_grad):
     n, d = p.shape
     bad = 0
