@@ -13,6 +13,9 @@ VARIANTS = [(n, {}) for n in FUSED_LOSSES] + [
     ("iou", {"mode": "log"}), ("iou", {"mode": "square"}), ("ciou", {"alpha_rule": "mmdet"}),
     ("eiou", {"gamma": 0.5}), ("siou", {"theta": 2.5}), ("giou", {"eps": 1e-3}),
     ("smooth_l1", {"beta": 0.3}), ("smooth_l1", {"beta": 0.0}), ("huber", {"delta": 2.0}),
+    ("mpdiou", {"normalizer": "enclosing"}), ("mpdiou", {"image_width": 100.0, "image_height": 37.0}),
+    ("wiou", {"version": "v2", "iou_mean": 0.4}), ("wiou", {"version": "v2", "gamma": 0.0}),
+    ("wiou", {"version": "v3", "iou_mean": 0.3}), ("wiou", {"version": "v3", "alpha": 2.5, "delta": 1.5}),
 ]
 
 
@@ -42,7 +45,7 @@ def assert_same(a, b, rtol=1e-9, atol=1e-12):
         torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
 
 
-BOXES = ("iou", "giou", "diou", "ciou", "eiou", "siou")
+BOXES = ("iou", "giou", "diou", "ciou", "eiou", "siou", "mpdiou", "wiou")
 CASES = [(n, p, f) for n, p in VARIANTS for f in (("xyxy", "xywh", "cxcywh") if n in BOXES else ("xyxy",))]
 
 
@@ -60,7 +63,7 @@ def test_fused_matches_reference(fast, ref, name, params, box_format, gen):
     assert fast.evaluate(name, pred, target, return_grad=False, params=params, box_format=box_format).grad is None
 
 
-@pytest.mark.parametrize("name", ["iou", "giou", "diou", "ciou", "eiou", "siou"])
+@pytest.mark.parametrize("name", BOXES)
 def test_fused_matches_reference_on_edge_cases(fast, ref, name, gen):
     pred = torch.tensor([p for p, _ in DEGENERATE.values()], dtype=torch.float64)
     target = torch.tensor([t for _, t in DEGENERATE.values()], dtype=torch.float64)
@@ -71,7 +74,7 @@ def test_fused_matches_reference_on_edge_cases(fast, ref, name, gen):
     assert_same(fast.evaluate(name, pred, target), ref.evaluate(name, pred, target), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["ciou", "siou", "l1"])
+@pytest.mark.parametrize("name", ["ciou", "siou", "wiou", "l1"])
 def test_parallel_kernel_and_float32(fast, ref, name, gen):
     kind = "regression" if name == "l1" else "boxes"
     pred, target = example_inputs(kind, 20_000, gen)  # above the parallel threshold
@@ -111,7 +114,7 @@ def test_fused_errors_are_the_reference_errors(fast, ref, bad, code):
     assert errors[0] == errors[1] and errors[0]["code"] == code
 
 
-@pytest.mark.parametrize("name", ["iou", "giou", "diou", "ciou", "eiou", "siou"])
+@pytest.mark.parametrize("name", BOXES)
 def test_zero_eps_divisions_give_the_reference_nans(fast, ref, name):
     """eps = 0 on empty unions and zero heights divides by zero: the kernels give the reference's NaN and inf
     row by row (numpy's error model), never an exception."""

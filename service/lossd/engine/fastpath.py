@@ -21,7 +21,8 @@ from .registry import Spec
 log = logging.getLogger("lossd.engine")
 
 BOX = {"iou": fused.IOU, "giou": fused.GIOU, "diou": fused.DIOU, "ciou": fused.CIOU, "eiou": fused.EIOU,
-       "siou": fused.SIOU}
+       "siou": fused.SIOU, "mpdiou": fused.MPDIOU, "wiou": fused.WIOU}
+WIOU_VERSIONS = {"v1": 0, "v2": 1, "v3": 2}
 COORD = {"l1": fused.L1, "l2": fused.L2, "mse": fused.MSE, "smooth_l1": fused.SMOOTH_L1, "huber": fused.HUBER}
 MODES = {"linear": fused.LINEAR, "log": fused.LOG, "square": fused.SQUARE}
 NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
@@ -29,21 +30,29 @@ FUSED_LOSSES = tuple(BOX) + tuple(COORD)
 
 
 def _box_args(name: str, kwargs: dict) -> tuple | None:
-    """(mode, eps, p1, p2) for the kernel, or None when a parameter value has no fused route."""
+    """(mode, eps, p1, p2, p3) for the kernel (see fused.box_loss_grad), or None when a parameter value has no
+    fused route."""
     eps = kwargs.get("eps", 0.0)
     if name == "iou":
-        return MODES[kwargs["mode"]], eps, 0.0, 0
+        return MODES[kwargs["mode"]], eps, 0.0, 0.0, 0.0
     if name == "ciou":
         if kwargs["alpha_rule"] == "attached":
             return None
-        return 0, eps, 0.0, 1 if kwargs["alpha_rule"] == "mmdet" else 0
+        return 1 if kwargs["alpha_rule"] == "mmdet" else 0, eps, 0.0, 0.0, 0.0
     if name == "eiou":
-        return 0, eps, float(kwargs["gamma"]), 0
+        return 0, eps, float(kwargs["gamma"]), 0.0, 0.0
     if name == "siou":
         if kwargs["distance_sign"] != "paper":
             return None
-        return 0, eps, float(kwargs["theta"]), 0
-    return 0, eps, 0.0, 0
+        return 0, eps, float(kwargs["theta"]), 0.0, 0.0
+    if name == "mpdiou":
+        image = float(kwargs["image_width"]) ** 2 + float(kwargs["image_height"]) ** 2
+        return 0 if kwargs["normalizer"] == "image" else 1, eps, image, 0.0, 0.0
+    if name == "wiou":
+        version = WIOU_VERSIONS[kwargs["version"]]
+        p2 = float(kwargs["gamma"] if version == 1 else kwargs["alpha"])
+        return version, eps, float(kwargs["iou_mean"]), p2, float(kwargs["delta"])
+    return 0, eps, 0.0, 0.0, 0.0
 
 
 def _as_np(x: Any, dtype: np.dtype) -> np.ndarray | None:
@@ -99,9 +108,9 @@ def cpu_evaluate(spec: Spec, pred: Any, target: Any, box_format: str, reduction:
     grad = np.empty(view.shape, dtype=dt) if return_grad else np.empty((0, view.shape[1]), dtype=dt)
     if name in BOX:
         kernel = fused.box_kernel_parallel if n >= fused.PARALLEL_MIN_ROWS else fused.box_kernel
-        mode, eps, p1, p2 = args
-        status = kernel(BOX[name], mode, fused.FORMATS[box_format], view, t, w, scale, eps, p1, p2, loss, grad,
-                        return_grad)
+        mode, eps, p1, p2, p3 = args
+        status = kernel(BOX[name], mode, fused.FORMATS[box_format], view, t, w, scale, float(eps), p1, p2, p3, loss,
+                        grad, return_grad)
     else:
         kernel = fused.coord_kernel_parallel if n >= fused.PARALLEL_MIN_ROWS else fused.coord_kernel
         beta = float(kwargs.get("beta", kwargs.get("delta", 0.0)))
@@ -126,7 +135,7 @@ def warm_cpu_kernels() -> None:
             w = np.ones(rows, dtype=dt)
             for weights in (w, w[:0]):
                 for want in (True, False):
-                    box_k(fused.CIOU, 0, 0, p, p, weights, 1.0, 1e-7, 0.0, 0, np.empty(rows, dt),
+                    box_k(fused.CIOU, 0, 0, p, p, weights, 1.0, 1e-7, 0.0, 0.0, 0.0, np.empty(rows, dt),
                           np.empty((rows, 4), dt), want)
                     coord_k(fused.L1, p, p, weights, 1.0, 1.0, np.empty(rows, dt), np.empty((rows, 4), dt), want)
 

@@ -19,7 +19,7 @@ import math
 from numba import njit, prange
 
 # loss kinds and modes (ints: numba specialises on them cheaply)
-IOU, GIOU, DIOU, CIOU, EIOU, SIOU = 0, 1, 2, 3, 4, 5
+IOU, GIOU, DIOU, CIOU, EIOU, SIOU, MPDIOU, WIOU = 0, 1, 2, 3, 4, 5, 6, 7
 LINEAR, LOG, SQUARE = 0, 1, 2
 FORMATS = {"xyxy": 0, "xywh": 1, "cxcywh": 2}
 OK, BAD_PRED, BAD_TARGET, INVERTED_PRED, INVERTED_TARGET = 0, 1, 2, 3, 4
@@ -71,9 +71,12 @@ def _pow_and_below(q, theta):
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
-def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2):
+def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2, p3):
     """(loss, d/dx1, d/dy1, d/dx2, d/dy2) of one pred box against one target box, all xyxy.
-    p1: EIoU's gamma or SIoU's theta; p2: CIoU's alpha rule (0 torchvision, 1 mmdet)."""
+    mode: IoU's linear/log/square, CIoU's alpha rule (0 torchvision, 1 mmdet), MPDIoU's normaliser (0 image,
+    1 enclosing box), WIoU's version (0 v1, 1 v2, 2 v3).
+    p1: EIoU's gamma, SIoU's theta, MPDIoU's image w^2 + h^2, WIoU's iou_mean; p2: WIoU's gamma (v2) or alpha (v3);
+    p3: WIoU's delta (v3)."""
     w1 = x2 - x1
     h1 = y2 - y1
     w2 = X2 - X1
@@ -95,6 +98,10 @@ def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2):
     g_ch = 0.0
     g_dx = 0.0
     g_dy = 0.0
+    g_cx1 = 0.0  # gradients straight onto the corners (MPDIoU's corner distances)
+    g_cy1 = 0.0
+    g_cx2 = 0.0
+    g_cy2 = 0.0
     loss = 0.0
     cw = max(x2, X2) - min(x1, X1)
     ch = max(y2, Y2) - min(y1, Y1)
@@ -115,6 +122,40 @@ def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2):
                 g_iou = -1.0 / iou
             else:
                 loss = -math.log(floor)
+    elif kind == MPDIOU:
+        ex1 = x1 - X1
+        ey1 = y1 - Y1
+        ex2 = x2 - X2
+        ey2 = y2 - Y2
+        d = ex1 * ex1 + ey1 * ey1 + ex2 * ex2 + ey2 * ey2
+        norm = p1
+        if mode == 1:
+            norm = cw * cw + ch * ch + eps
+            g_norm = -d / (norm * norm)
+            g_cw += g_norm * 2.0 * cw
+            g_ch += g_norm * 2.0 * ch
+        loss = 1.0 - iou + d / norm
+        g_iou = -1.0
+        g_cx1 = 2.0 * ex1 / norm
+        g_cy1 = 2.0 * ey1 / norm
+        g_cx2 = 2.0 * ex2 / norm
+        g_cy2 = 2.0 * ey2 / norm
+    elif kind == WIOU:
+        R = dx * dx + dy * dy
+        Ds = cw * cw + ch * ch + eps  # detached: no gradient through the enclosing box
+        E = math.exp(R / Ds)
+        l_iou = 1.0 - iou
+        f = 1.0  # the focusing factor, detached
+        if mode == 1:
+            f = (l_iou / p1) ** p2
+        elif mode == 2:
+            b = l_iou / p1
+            f = b / (p3 * p2 ** (b - p3))
+        loss = f * E * l_iou
+        g_iou = -f * E
+        g_R = f * E * l_iou / Ds
+        g_dx += g_R * 2.0 * dx
+        g_dy += g_R * 2.0 * dy
     elif kind == GIOU:
         C = cw * ch
         loss = 1.0 - iou + (C - union) / (C + eps)
@@ -144,7 +185,7 @@ def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2):
                 da = math.atan((w2 * hh1 - w1 * hh2) / (hh2 * hh1 + w2 * w1))
                 v = K_ASPECT * da * da
                 alpha = v / (1.0 - iou + v + eps)
-                if p2 == 1 and not iou > 0.5:
+                if mode == 1 and not iou > 0.5:
                     alpha = 0.0
                 loss += alpha * v  # alpha is detached: it scales v's gradient only
                 g_a1 = alpha * (-2.0 * K_ASPECT * da)
@@ -224,10 +265,10 @@ def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2):
     gx1 += -g_w1 - g_cw * _lo(x1, X1)
     gy2 += g_h1 + g_ch * _lo(Y2, y2)
     gy1 += -g_h1 - g_ch * _lo(y1, Y1)
-    gx1 -= 0.5 * g_dx
-    gx2 -= 0.5 * g_dx
-    gy1 -= 0.5 * g_dy
-    gy2 -= 0.5 * g_dy
+    gx1 += g_cx1 - 0.5 * g_dx
+    gx2 += g_cx2 - 0.5 * g_dx
+    gy1 += g_cy1 - 0.5 * g_dy
+    gy2 += g_cy2 - 0.5 * g_dy
     return loss, gx1, gy1, gx2, gy2
 
 
@@ -252,10 +293,10 @@ def _row_status(p, t, i, fmt):
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
-def _box_row(kind, mode, fmt, p, t, w, scale, eps, p1, p2, loss, grad, i, want_grad):
+def _box_row(kind, mode, fmt, p, t, w, scale, eps, p1, p2, p3, loss, grad, i, want_grad):
     x1, y1, x2, y2 = _to_xyxy(p[i, 0], p[i, 1], p[i, 2], p[i, 3], fmt)
     X1, Y1, X2, Y2 = _to_xyxy(t[i, 0], t[i, 1], t[i, 2], t[i, 3], fmt)
-    v, g0, g1, g2, g3 = box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2)
+    v, g0, g1, g2, g3 = box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2, p3)
     wi = w[i] if w.shape[0] > 0 else 1.0
     loss[i] = v * wi
     if want_grad:
@@ -268,7 +309,7 @@ def _box_row(kind, mode, fmt, p, t, w, scale, eps, p1, p2, loss, grad, i, want_g
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
-def box_kernel(kind, mode, fmt, p, t, w, scale, eps, p1, p2, loss, grad, want_grad):
+def box_kernel(kind, mode, fmt, p, t, w, scale, eps, p1, p2, p3, loss, grad, want_grad):
     """Serial: validate every row first (so nothing is computed on bad input), then compute."""
     n = p.shape[0]
     for i in range(n):
@@ -276,19 +317,19 @@ def box_kernel(kind, mode, fmt, p, t, w, scale, eps, p1, p2, loss, grad, want_gr
         if s != OK:
             return s
     for i in range(n):
-        _box_row(kind, mode, fmt, p, t, w, scale, eps, p1, p2, loss, grad, i, want_grad)
+        _box_row(kind, mode, fmt, p, t, w, scale, eps, p1, p2, p3, loss, grad, i, want_grad)
     return OK
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", parallel=True)
-def box_kernel_parallel(kind, mode, fmt, p, t, w, scale, eps, p1, p2, loss, grad, want_grad):
+def box_kernel_parallel(kind, mode, fmt, p, t, w, scale, eps, p1, p2, p3, loss, grad, want_grad):
     """One pass: each row is checked and computed together; a bad row's status discards the whole result."""
     n = p.shape[0]
     bad = 0
     for i in prange(n):
         s = _row_status(p, t, i, fmt)
         if s == OK:
-            _box_row(kind, mode, fmt, p, t, w, scale, eps, p1, p2, loss, grad, i, want_grad)
+            _box_row(kind, mode, fmt, p, t, w, scale, eps, p1, p2, p3, loss, grad, i, want_grad)
         else:
             bad += 1
     if bad:
