@@ -317,17 +317,11 @@ def bench_latency(server: Server, quick: bool) -> dict:
     out = {}
     # a keep-alive stdlib client: what an annotation tool's HTTP library does, without httpx's own ~0.2 ms
     conn = http.client.HTTPConnection("127.0.0.1", server.http)
-    lat = []
-    for _ in range(reps + 20):
-        t0 = time.perf_counter()
-        conn.request("POST", "/v1/losses/ciou", body=body, headers={"content-type": "application/json"})
-        resp = conn.getresponse()
-        resp.read()
-        if resp.status != 200:
-            raise RuntimeError(f"REST answered {resp.status}")
-        lat.append(time.perf_counter() - t0)
+    out["rest"] = _rest_latency(conn, "/v1/losses/ciou", body, reps)
+    # the annotation tool's call: a CIoU score for the box being drawn
+    out["rest_metric"] = _rest_latency(conn, "/v1/metrics/ciou", json.dumps(
+        {"boxes1": [[0, 0, 10, 10]], "boxes2": [[1, 1, 11, 11]]}).encode(), reps)
     conn.close()
-    out["rest"] = _pcts(lat[20:])
     ch = grpc.insecure_channel(f"127.0.0.1:{server.grpc}")
     stub = pb_grpc.LossServiceStub(ch)
     req = pb.EvaluateRequest(loss="ciou", pred=to_tensor(np.array([[0, 0, 10, 10]], np.float32)),
@@ -342,6 +336,20 @@ def bench_latency(server: Server, quick: bool) -> dict:
     for k, v in out.items():
         log(f"  single pair {k:>4}: p50 {v['p50_ms']:.3f} ms  p99 {v['p99_ms']:.3f} ms")
     return out
+
+
+def _rest_latency(conn: http.client.HTTPConnection, path: str, body: bytes, reps: int) -> dict:
+    """p50/p99 of `reps` JSON POSTs on one keep-alive connection, after 20 not counted."""
+    lat = []
+    for _ in range(reps + 20):
+        t0 = time.perf_counter()
+        conn.request("POST", path, body=body, headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"{path} answered {resp.status}")
+        lat.append(time.perf_counter() - t0)
+    return _pcts(lat[20:])
 
 
 def _pcts(lat: list[float]) -> dict:
@@ -434,6 +442,8 @@ def summarise(res: dict) -> dict:
     if "latency" in res:
         s["single-pair REST round trip p50 (ms)"] = res["latency"]["rest"]["p50_ms"]
         s["single-pair gRPC round trip p50 (ms)"] = res["latency"]["grpc"]["p50_ms"]
+        if "rest_metric" in res["latency"]:
+            s["single-pair REST CIoU metric (score) round trip p50 (ms)"] = res["latency"]["rest_metric"]["p50_ms"]
     if "concurrency" in res:
         c = res["concurrency"]
         for loss, path in LOAD_LOSSES.items():

@@ -25,12 +25,29 @@ import torch
 
 from .admission import ResourceExhausted, is_out_of_memory
 from .engine import Engine, EngineError, Result, get_loss
-from .engine.fastpath import FUSED_LOSSES
+from .engine.fastpath import FUSED_LOSSES, METRIC_KINDS
 
 
 # A fused CPU kernel on this many rows takes ~20 us: less than handing the call to a worker thread and back, so
 # such calls run on the event loop itself. Everything else (and everything on a GPU) runs in a thread.
 INLINE_MAX_ROWS = 512
+# The same for a fused IoU-family metric: up to this many values (pairwise n x m) it takes ~30 us at most.
+INLINE_MAX_METRIC_VALUES = 1024
+
+
+def metric_runs_inline(engine: Engine, name: str, n: int | None, m: int | None, pairwise: bool) -> bool:
+    """Whether a metric call of n (and m) boxes is small enough to run on the event loop: CPU, the fused route,
+    and at most INLINE_MAX_METRIC_VALUES values. n or m None (not known without decoding): no."""
+    if engine.device.type != "cpu" or engine.fast != "auto" or name not in METRIC_KINDS or n is None or m is None:
+        return False
+    return (n * m if pairwise else max(n, m)) <= INLINE_MAX_METRIC_VALUES
+
+
+def rows_of(x: Any) -> int | None:
+    try:
+        return len(x)
+    except TypeError:
+        return None
 
 
 class DeadlineExpired(Exception):

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from lossd.engine import Engine, EngineError
+from lossd.engine import fastpath
 from lossd.engine.fastpath import FUSED_LOSSES
+from lossd.engine.registry import get_metric
 from lossd.engine.inputs import example_inputs, random_boxes
 
 from .test_properties import DEGENERATE
@@ -126,6 +128,55 @@ def test_zero_eps_divisions_give_the_reference_nans(fast, ref, name):
     assert torch.isnan(want.loss).any()
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-9, atol=1e-12, equal_nan=True)
     torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
+METRICS = ("iou", "giou", "diou", "ciou", "eiou", "siou")
+METRIC_CASES = [(n, {}) for n in METRICS] + [("giou", {"eps": 1e-3}), ("siou", {"theta": 2.5}), ("ciou", {"eps": 0.0})]
+
+
+@pytest.mark.parametrize("name,params", METRIC_CASES, ids=[f"{n}{p or ''}" for n, p in METRIC_CASES])
+def test_fused_metrics_match_reference(fast, ref, name, params, gen):
+    """Elementwise and pairwise, every format, both dtypes, random and degenerate boxes: the reference's values."""
+    pred, target = example_inputs("boxes", 24, gen)
+    dp = torch.tensor([p for p, _ in DEGENERATE.values()], dtype=torch.float64)
+    dt = torch.tensor([t for _, t in DEGENERATE.values()], dtype=torch.float64)
+    a, b = torch.cat((pred, dp, dt)), torch.cat((target, dt, dp))
+    for fmt in ("xyxy", "xywh", "cxcywh"):
+        a_f, b_f = _convert(a, fmt), _convert(b, fmt)
+        for pairwise in (False, True):
+            for dtype in ("float64", "float32"):
+                kw = dict(box_format=fmt, pairwise=pairwise, params=params, dtype=dtype)
+                got, want = fast.metric(name, a_f, b_f, **kw), ref.metric(name, a_f, b_f, **kw)
+                assert got.dtype == want.dtype and got.shape == want.shape
+                direct = fastpath.cpu_metric(name, a_f, b_f, fmt, pairwise, get_metric(name).resolve(params),
+                                             got.dtype, 10**9)  # the fused route took these inputs itself
+                torch.testing.assert_close(direct, got, rtol=0, atol=0, equal_nan=True)
+                tol = dict(rtol=1e-9, atol=1e-12) if dtype == "float64" else dict(rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(got, want, equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("bad,code", [
+    ({"boxes1": [[0, 0, 1, 1], [2, 0, 1, 1]]}, "inverted_box"),
+    ({"boxes2": [[0, 0, 1, 1], [0, 0, float("nan"), 1]]}, "non_finite"),
+    ({"boxes2": [[0, 0, 1, 1]]}, "length_mismatch"),
+    ({"boxes1": [[0, 0, 1]]}, "invalid_shape"),
+])
+def test_fused_metric_errors_are_the_reference_errors(fast, ref, bad, code):
+    args = {"boxes1": [[0, 0, 1, 1], [0, 0, 2, 2]], "boxes2": [[0, 0, 1, 1], [1, 1, 2, 2]]}
+    args.update(bad)
+    errors = []
+    for engine in (fast, ref):
+        with pytest.raises(EngineError) as info:
+            engine.metric("ciou", args["boxes1"], args["boxes2"])
+        errors.append(info.value.to_dict())
+    assert errors[0] == errors[1] and errors[0]["code"] == code
+
+
+def test_fused_metric_respects_the_pairwise_budget():
+    small = Engine(device="cpu", warm=False, max_pairwise=4)
+    with pytest.raises(EngineError) as info:
+        small.metric("iou", [[0, 0, 1, 1]] * 3, [[0, 0, 1, 1]] * 3, pairwise=True)
+    assert info.value.code == "too_large"
 
 
 def test_unfused_parameter_values_take_the_reference(fast, ref, gen):

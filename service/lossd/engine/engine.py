@@ -190,6 +190,11 @@ class Engine:
         self._check_rows(boxes2, "boxes2")
         kwargs = spec.resolve(params)
         cdtype = _resolve_dtype(dtype, boxes1)
+        if self.fast == "auto" and self.device.type == "cpu":
+            fast = fastpath.cpu_metric(spec.name, boxes1, boxes2, box_format, pairwise, kwargs, cdtype,
+                                       self.max_pairwise)
+            if fast is not None:
+                return fast
         a = empty_as_rows(as_float(boxes1, "boxes1", cdtype, self.device), 4)
         b = empty_as_rows(as_float(boxes2, "boxes2", cdtype, self.device), 4)
         check_boxes(a, "boxes1", box_format)

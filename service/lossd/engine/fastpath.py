@@ -126,6 +126,40 @@ def cpu_evaluate(spec: Spec, pred: Any, target: Any, box_format: str, reduction:
     return loss_t, grad_t
 
 
+METRIC_KINDS = {"iou": fused.IOU, "giou": fused.GIOU, "diou": fused.DIOU, "ciou": fused.CIOU, "eiou": fused.EIOU,
+                "siou": fused.SIOU}
+METRIC_MAX_VALUES = 1 << 16  # past this the reference (vectorised over both cores) is as fast as a serial loop
+
+
+def cpu_metric(name: str, boxes1: Any, boxes2: Any, box_format: str, pairwise: bool, kwargs: dict,
+               cdtype: torch.dtype, max_pairwise: int) -> torch.Tensor | None:
+    """An IoU-family metric from the fused kernel, or None: then the reference computes it (or names the
+    error, the pairwise budget's included)."""
+    kind = METRIC_KINDS.get(name)
+    if kind is None:
+        return None
+    dt = NP_DTYPE[cdtype]
+    a = _as_np(boxes1, dt)
+    b = _as_np(boxes2, dt)
+    if a is None or b is None:
+        return None
+    a = a.reshape(0, 4) if a.ndim == 1 and a.shape[0] == 0 else a
+    b = b.reshape(0, 4) if b.ndim == 1 and b.shape[0] == 0 else b
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != 4 or b.shape[1] != 4:
+        return None
+    n, m = a.shape[0], b.shape[0]
+    if not pairwise and n != m:
+        return None
+    if (n * m if pairwise else n) > min(METRIC_MAX_VALUES, max_pairwise if pairwise else METRIC_MAX_VALUES):
+        return None
+    out = np.empty((n, m if pairwise else 1), dtype=dt)
+    status = fused.metric_kernel(kind, fused.FORMATS[box_format], a, b, float(kwargs.get("eps", 0.0)),
+                                 float(kwargs.get("theta", 4.0)), pairwise, out)
+    if status != fused.OK:
+        return None
+    return torch.from_numpy(out if pairwise else out.reshape(n))
+
+
 def warm_cpu_kernels() -> None:
     """Compile (or load from numba's cache) every kernel specialisation the fast path calls."""
     for dt in (np.float32, np.float64):
@@ -138,6 +172,8 @@ def warm_cpu_kernels() -> None:
                     box_k(fused.CIOU, 0, 0, p, p, weights, 1.0, 1e-7, 0.0, 0.0, 0.0, np.empty(rows, dt),
                           np.empty((rows, 4), dt), want)
                     coord_k(fused.L1, p, p, weights, 1.0, 1.0, np.empty(rows, dt), np.empty((rows, 4), dt), want)
+        for pairwise in (False, True):
+            fused.metric_kernel(fused.CIOU, 0, p, p, 1e-7, 4.0, pairwise, np.empty((rows, rows), dt))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -407,3 +407,81 @@ def coord_kernel_parallel(kind, p, t, w, scale, beta, loss, grad, want_grad):
         else:
             bad += 1
     return BAD_PRED if bad else OK
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IoU-family metrics (values only), elementwise and pairwise: the annotation tools' interactive calls
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
+def box_metric(kind, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, theta):
+    """IoU, GIoU, DIoU, CIoU, EIoU or SIoU of two xyxy boxes, computed as the reference metrics compute them."""
+    w1 = x2 - x1
+    h1 = y2 - y1
+    w2 = X2 - X1
+    h2 = Y2 - Y1
+    inter = max(min(x2, X2) - max(x1, X1), 0.0) * max(min(y2, Y2) - max(y1, Y1), 0.0)
+    union = w1 * h1 + w2 * h2 - inter
+    iou = inter / (union + eps)
+    if kind == IOU:
+        return iou
+    cw = max(x2, X2) - min(x1, X1)
+    ch = max(y2, Y2) - min(y1, Y1)
+    if kind == GIOU:
+        C = cw * ch
+        return iou - (C - union) / (C + eps)
+    dx = 0.5 * ((X1 + X2) - (x1 + x2))
+    dy = 0.5 * ((Y1 + Y2) - (y1 + y2))
+    if kind == SIOU:
+        angle = 2.0 * abs(dx) * abs(dy) / (dx * dx + dy * dy + eps)
+        gamma = 2.0 - angle
+        distance = (1.0 - math.exp(-gamma * (dx * dx / (cw * cw + eps)))) + \
+            (1.0 - math.exp(-gamma * (dy * dy / (ch * ch + eps))))
+        qw = 1.0 - math.exp(-abs(w1 - w2) / (max(w1, w2) + eps))
+        qh = 1.0 - math.exp(-abs(h1 - h2) / (max(h1, h2) + eps))
+        return iou - 0.5 * (distance + _pow_and_below(qw, theta)[0] + _pow_and_below(qh, theta)[0])
+    penalty = (dx * dx + dy * dy) / (cw * cw + ch * ch + eps)
+    if kind == DIOU:
+        return iou - penalty
+    if kind == EIOU:
+        return iou - penalty - (w1 - w2) * (w1 - w2) / (cw * cw + eps) - (h1 - h2) * (h1 - h2) / (ch * ch + eps)
+    # CIOU; the same single atan as the loss kernel
+    hh1 = h1 + eps
+    hh2 = h2 + eps
+    da = math.atan((w2 * hh1 - w1 * hh2) / (hh2 * hh1 + w2 * w1))
+    v = K_ASPECT * da * da
+    return iou - penalty - v / (1.0 - iou + v + eps) * v
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
+def _boxes_status(b, fmt, bad_value, inverted):
+    """OK, or the status of b's first bad row (a non-finite value, or an inverted box)."""
+    for i in range(b.shape[0]):
+        if not (b[i, 0] * 0.0 + b[i, 1] * 0.0 + b[i, 2] * 0.0 + b[i, 3] * 0.0) == 0.0:
+            return bad_value
+        if fmt == 0:
+            if b[i, 2] < b[i, 0] or b[i, 3] < b[i, 1]:
+                return inverted
+        elif b[i, 2] < 0 or b[i, 3] < 0:
+            return inverted
+    return OK
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+def metric_kernel(kind, fmt, a, b, eps, theta, pairwise, out):
+    """out[i] = metric(a[i], b[i]), or out[i, j] = metric(a[i], b[j]) when pairwise; a status, as the loss
+    kernels return (nothing is computed on bad input)."""
+    s = _boxes_status(a, fmt, BAD_PRED, INVERTED_PRED)
+    if s == OK:
+        s = _boxes_status(b, fmt, BAD_TARGET, INVERTED_TARGET)
+    if s != OK:
+        return s
+    for i in range(a.shape[0]):
+        x1, y1, x2, y2 = _to_xyxy(a[i, 0], a[i, 1], a[i, 2], a[i, 3], fmt)
+        if pairwise:
+            for j in range(b.shape[0]):
+                X1, Y1, X2, Y2 = _to_xyxy(b[j, 0], b[j, 1], b[j, 2], b[j, 3], fmt)
+                out[i, j] = box_metric(kind, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, theta)
+        else:
+            X1, Y1, X2, Y2 = _to_xyxy(b[i, 0], b[i, 1], b[i, 2], b[i, 3], fmt)
+            out[i, 0] = box_metric(kind, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, theta)
+    return OK

@@ -15,7 +15,7 @@ from lossd_client._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
 
 from ..engine import Engine, EngineError
 from ..admission import Admission, Draining, Overloaded, ResourceExhausted, is_out_of_memory
-from ..batching import Batcher, DeadlineExpired
+from ..batching import Batcher, DeadlineExpired, metric_runs_inline
 from ..oip import SERVER_METADATA, InferCall, ProtocolError, check_version, finish_infer, model_metadata, prepare_infer
 from .errors import abort
 from .tensors import from_numpy, params_to_dict, to_numpy, value_to_param
@@ -60,6 +60,11 @@ def _metric(engine: Engine, decoded: WithTensors) -> pb.MetricResponse:
     return pb.MetricResponse(values=from_numpy(values.numpy(), req.typed_output))
 
 
+def _leading(t: pb.Tensor) -> int | None:
+    """A tensor's declared number of rows (None without a shape): enough to size a call before decoding."""
+    return int(t.shape[0]) if len(t.shape) else None
+
+
 def catalog_entry(entry: dict) -> pb.CatalogEntry:
     params = []
     for name, p in entry["params"].items():
@@ -93,6 +98,10 @@ class LossServicer(pb_grpc.LossServiceServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the work started")
         try:
             with self.admission.admit():
+                msg = request.message
+                if metric_runs_inline(self.engine, msg.metric, _leading(msg.boxes1), _leading(msg.boxes2),
+                                      msg.pairwise):
+                    return _metric(self.engine, request)
                 return await asyncio.to_thread(_metric, self.engine, request)
         except REFUSALS as exc:
             await abort(context, exc)

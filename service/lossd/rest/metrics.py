@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
+import anyio
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import Engine
 from ..admission import ResourceExhausted, is_out_of_memory
+from ..batching import metric_runs_inline, rows_of
 from .deps import admitted, get_engine, get_obs
 from .jsonio import json_response
 from .observability import Observability
@@ -39,13 +42,18 @@ def list_metrics(engine: Engine = Depends(get_engine)) -> dict:
 
 
 @router.post("/{name}", response_model=MetricResponse, dependencies=[Depends(admitted)])
-def metric(name: str, req: MetricRequest, engine: Engine = Depends(get_engine),
-           obs: Observability = Depends(get_obs)) -> Response:
+async def metric(name: str, req: MetricRequest, engine: Engine = Depends(get_engine),
+                 obs: Observability = Depends(get_obs)) -> Response:
     """IoU, GIoU, DIoU, CIoU, EIoU, SIoU or NWD of boxes1 vs boxes2."""
     with obs.track("v1_metric", name) as t:
+        call = functools.partial(engine.metric, name, req.boxes1, req.boxes2, box_format=req.box_format,
+                                 pairwise=req.pairwise, params=req.params, dtype=req.dtype)
         try:
-            values = engine.metric(name, req.boxes1, req.boxes2, box_format=req.box_format, pairwise=req.pairwise,
-                                   params=req.params, dtype=req.dtype)
+            # an annotation tool's few boxes: on the event loop (microseconds); anything larger: in a thread
+            if metric_runs_inline(engine, name, rows_of(req.boxes1), rows_of(req.boxes2), req.pairwise):
+                values = call()
+            else:
+                values = await anyio.to_thread.run_sync(call)
         except RuntimeError as exc:
             if is_out_of_memory(exc):
                 raise ResourceExhausted(f"the {engine.device} device ran out of memory; ask for fewer pairs") \
