@@ -18,6 +18,8 @@ VARIANTS = [(n, {}) for n in FUSED_LOSSES] + [
     ("mpdiou", {"normalizer": "enclosing"}), ("mpdiou", {"image_width": 100.0, "image_height": 37.0}),
     ("wiou", {"version": "v2", "iou_mean": 0.4}), ("wiou", {"version": "v2", "gamma": 0.0}),
     ("wiou", {"version": "v3", "iou_mean": 0.3}), ("wiou", {"version": "v3", "alpha": 2.5, "delta": 1.5}),
+    ("inner_iou", {"ratio": 1.3}), ("inner_iou", {"base": "giou"}), ("inner_iou", {"base": "diou", "ratio": 0.5}),
+    ("inner_iou", {"base": "ciou", "ratio": 1.5}),
 ]
 
 
@@ -47,7 +49,7 @@ def assert_same(a, b, rtol=1e-9, atol=1e-12):
         torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
 
 
-BOXES = ("iou", "giou", "diou", "ciou", "eiou", "siou", "mpdiou", "wiou")
+BOXES = ("iou", "giou", "diou", "ciou", "eiou", "siou", "mpdiou", "wiou", "inner_iou")
 CASES = [(n, p, f) for n, p in VARIANTS for f in (("xyxy", "xywh", "cxcywh") if n in BOXES else ("xyxy",))]
 
 

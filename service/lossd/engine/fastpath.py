@@ -21,7 +21,8 @@ from .registry import Spec
 log = logging.getLogger("lossd.engine")
 
 BOX = {"iou": fused.IOU, "giou": fused.GIOU, "diou": fused.DIOU, "ciou": fused.CIOU, "eiou": fused.EIOU,
-       "siou": fused.SIOU, "mpdiou": fused.MPDIOU, "wiou": fused.WIOU}
+       "siou": fused.SIOU, "mpdiou": fused.MPDIOU, "wiou": fused.WIOU, "inner_iou": fused.INNER}
+INNER_BASES = {"iou": fused.IOU, "giou": fused.GIOU, "diou": fused.DIOU, "ciou": fused.CIOU}
 WIOU_VERSIONS = {"v1": 0, "v2": 1, "v3": 2}
 COORD = {"l1": fused.L1, "l2": fused.L2, "mse": fused.MSE, "smooth_l1": fused.SMOOTH_L1, "huber": fused.HUBER}
 MODES = {"linear": fused.LINEAR, "log": fused.LOG, "square": fused.SQUARE}
@@ -52,6 +53,8 @@ def _box_args(name: str, kwargs: dict) -> tuple | None:
         version = WIOU_VERSIONS[kwargs["version"]]
         p2 = float(kwargs["gamma"] if version == 1 else kwargs["alpha"])
         return version, eps, float(kwargs["iou_mean"]), p2, float(kwargs["delta"])
+    if name == "inner_iou":
+        return INNER_BASES[kwargs["base"]], eps, float(kwargs["ratio"]), 0.0, 0.0
     return 0, eps, 0.0, 0.0, 0.0
 
 

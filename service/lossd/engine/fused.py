@@ -19,7 +19,7 @@ import math
 from numba import njit, prange
 
 # loss kinds and modes (ints: numba specialises on them cheaply)
-IOU, GIOU, DIOU, CIOU, EIOU, SIOU, MPDIOU, WIOU = 0, 1, 2, 3, 4, 5, 6, 7
+IOU, GIOU, DIOU, CIOU, EIOU, SIOU, MPDIOU, WIOU, INNER = 0, 1, 2, 3, 4, 5, 6, 7, 8
 LINEAR, LOG, SQUARE = 0, 1, 2
 FORMATS = {"xyxy": 0, "xywh": 1, "cxcywh": 2}
 OK, BAD_PRED, BAD_TARGET, INVERTED_PRED, INVERTED_TARGET = 0, 1, 2, 3, 4
@@ -293,10 +293,45 @@ def _row_status(p, t, i, fmt):
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
+def _scaled(a, b, ratio):
+    """The side a..b scaled by ratio about its centre, as the reference writes it."""
+    c = 0.5 * (a + b)
+    half = 0.5 * ratio * (b - a)
+    return c - half, c + half
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
+def inner_loss_grad(base, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, ratio):
+    """Inner-IoU: 1 - IoU_inner (base iou), else L_base + IoU - IoU_inner, IoU_inner the IoU of both boxes scaled
+    by ratio about their centres. base: IOU, GIOU, DIOU or CIOU (torchvision's alpha rule)."""
+    sx1, sx2 = _scaled(x1, x2, ratio)
+    sy1, sy2 = _scaled(y1, y2, ratio)
+    SX1, SX2 = _scaled(X1, X2, ratio)
+    SY1, SY2 = _scaled(Y1, Y2, ratio)
+    l_in, h1, h2, h3, h4 = box_loss_grad(IOU, LINEAR, sx1, sy1, sx2, sy2, SX1, SY1, SX2, SY2, eps, 0.0, 0.0, 0.0)
+    # back through the scaling: s1 = x1 (1 + r) / 2 + x2 (1 - r) / 2, s2 = x1 (1 - r) / 2 + x2 (1 + r) / 2
+    a = 0.5 * (1.0 + ratio)
+    b = 0.5 * (1.0 - ratio)
+    g1 = h1 * a + h3 * b
+    g2 = h2 * a + h4 * b
+    g3 = h1 * b + h3 * a
+    g4 = h2 * b + h4 * a
+    if base == IOU:
+        return l_in, g1, g2, g3, g4
+    lb, b1, b2, b3, b4 = box_loss_grad(base, 0, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, 0.0, 0.0, 0.0)
+    li, i1, i2, i3, i4 = box_loss_grad(IOU, LINEAR, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, 0.0, 0.0, 0.0)
+    # L_base + IoU - IoU_inner = L_base - (1 - IoU) + (1 - IoU_inner)
+    return lb - li + l_in, b1 - i1 + g1, b2 - i2 + g2, b3 - i3 + g3, b4 - i4 + g4
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
 def _box_row(kind, mode, fmt, p, t, w, scale, eps, p1, p2, p3, loss, grad, i, want_grad):
     x1, y1, x2, y2 = _to_xyxy(p[i, 0], p[i, 1], p[i, 2], p[i, 3], fmt)
     X1, Y1, X2, Y2 = _to_xyxy(t[i, 0], t[i, 1], t[i, 2], t[i, 3], fmt)
-    v, g0, g1, g2, g3 = box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2, p3)
+    if kind == INNER:
+        v, g0, g1, g2, g3 = inner_loss_grad(mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1)
+    else:
+        v, g0, g1, g2, g3 = box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2, p3)
     wi = w[i] if w.shape[0] > 0 else 1.0
     loss[i] = v * wi
     if want_grad:
