@@ -20,6 +20,9 @@ VARIANTS = [(n, {}) for n in FUSED_LOSSES] + [
     ("wiou", {"version": "v3", "iou_mean": 0.3}), ("wiou", {"version": "v3", "alpha": 2.5, "delta": 1.5}),
     ("inner_iou", {"ratio": 1.3}), ("inner_iou", {"base": "giou"}), ("inner_iou", {"base": "diou", "ratio": 0.5}),
     ("inner_iou", {"base": "ciou", "ratio": 1.5}),
+    ("alpha_iou", {"penalty": "giou"}), ("alpha_iou", {"penalty": "diou", "alpha": 2.0}),
+    ("alpha_iou", {"penalty": "ciou"}), ("alpha_iou", {"alpha": 1.0, "penalty": "ciou"}),
+    ("alpha_iou", {"alpha": 4.0, "penalty": "giou"}),
 ]
 
 
@@ -49,7 +52,7 @@ def assert_same(a, b, rtol=1e-9, atol=1e-12):
         torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
 
 
-BOXES = ("iou", "giou", "diou", "ciou", "eiou", "siou", "mpdiou", "wiou", "inner_iou")
+BOXES = ("iou", "giou", "diou", "ciou", "eiou", "siou", "mpdiou", "wiou", "inner_iou", "alpha_iou")
 CASES = [(n, p, f) for n, p in VARIANTS for f in (("xyxy", "xywh", "cxcywh") if n in BOXES else ("xyxy",))]
 
 

@@ -21,7 +21,9 @@ from .registry import Spec
 log = logging.getLogger("lossd.engine")
 
 BOX = {"iou": fused.IOU, "giou": fused.GIOU, "diou": fused.DIOU, "ciou": fused.CIOU, "eiou": fused.EIOU,
-       "siou": fused.SIOU, "mpdiou": fused.MPDIOU, "wiou": fused.WIOU, "inner_iou": fused.INNER}
+       "siou": fused.SIOU, "mpdiou": fused.MPDIOU, "wiou": fused.WIOU, "inner_iou": fused.INNER,
+       "alpha_iou": fused.ALPHA}
+ALPHA_PENALTIES = {"none": 0, "giou": 1, "diou": 2, "ciou": 3}
 INNER_BASES = {"iou": fused.IOU, "giou": fused.GIOU, "diou": fused.DIOU, "ciou": fused.CIOU}
 WIOU_VERSIONS = {"v1": 0, "v2": 1, "v3": 2}
 COORD = {"l1": fused.L1, "l2": fused.L2, "mse": fused.MSE, "smooth_l1": fused.SMOOTH_L1, "huber": fused.HUBER}
@@ -53,6 +55,8 @@ def _box_args(name: str, kwargs: dict) -> tuple | None:
         version = WIOU_VERSIONS[kwargs["version"]]
         p2 = float(kwargs["gamma"] if version == 1 else kwargs["alpha"])
         return version, eps, float(kwargs["iou_mean"]), p2, float(kwargs["delta"])
+    if name == "alpha_iou":
+        return ALPHA_PENALTIES[kwargs["penalty"]], eps, float(kwargs["alpha"]), 0.0, 0.0
     if name == "inner_iou":
         return INNER_BASES[kwargs["base"]], eps, float(kwargs["ratio"]), 0.0, 0.0
     return 0, eps, 0.0, 0.0, 0.0

@@ -19,7 +19,7 @@ import math
 from numba import njit, prange
 
 # loss kinds and modes (ints: numba specialises on them cheaply)
-IOU, GIOU, DIOU, CIOU, EIOU, SIOU, MPDIOU, WIOU, INNER = 0, 1, 2, 3, 4, 5, 6, 7, 8
+IOU, GIOU, DIOU, CIOU, EIOU, SIOU, MPDIOU, WIOU, INNER, ALPHA = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9
 LINEAR, LOG, SQUARE = 0, 1, 2
 FORMATS = {"xyxy": 0, "xywh": 1, "cxcywh": 2}
 OK, BAD_PRED, BAD_TARGET, INVERTED_PRED, INVERTED_TARGET = 0, 1, 2, 3, 4
@@ -74,9 +74,9 @@ def _pow_and_below(q, theta):
 def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2, p3):
     """(loss, d/dx1, d/dy1, d/dx2, d/dy2) of one pred box against one target box, all xyxy.
     mode: IoU's linear/log/square, CIoU's alpha rule (0 torchvision, 1 mmdet), MPDIoU's normaliser (0 image,
-    1 enclosing box), WIoU's version (0 v1, 1 v2, 2 v3).
-    p1: EIoU's gamma, SIoU's theta, MPDIoU's image w^2 + h^2, WIoU's iou_mean; p2: WIoU's gamma (v2) or alpha (v3);
-    p3: WIoU's delta (v3)."""
+    1 enclosing box), WIoU's version (0 v1, 1 v2, 2 v3), Alpha-IoU's penalty (0 none, 1 giou, 2 diou, 3 ciou).
+    p1: EIoU's gamma, SIoU's theta, MPDIoU's image w^2 + h^2, WIoU's iou_mean, Alpha-IoU's alpha; p2: WIoU's gamma
+    (v2) or alpha (v3); p3: WIoU's delta (v3)."""
     w1 = x2 - x1
     h1 = y2 - y1
     w2 = X2 - X1
@@ -156,6 +156,45 @@ def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2, p3):
         g_R = f * E * l_iou / Ds
         g_dx += g_R * 2.0 * dx
         g_dy += g_R * 2.0 * dy
+    elif kind == ALPHA:
+        a = p1
+        ia, ia1 = _pow_and_below(iou, a)
+        loss = 1.0 - ia
+        g_iou = -a * ia1
+        if mode == 1:  # ((C - union) / (C + eps)).clamp(min=0) ** a; the clamp passes the gradient at 0
+            C = cw * ch
+            G = (C - union) / (C + eps)
+            if G >= 0.0:
+                Ga, Ga1 = _pow_and_below(G, a)
+                loss += Ga
+                g_G = a * Ga1
+                g_C = g_G * (union + eps) / ((C + eps) * (C + eps))
+                g_union -= g_G / (C + eps)
+                g_cw += g_C * ch
+                g_ch += g_C * cw
+        elif mode >= 2:  # (rho^2 / c^2) ** a, and for ciou (beta v) ** a with CIoU's beta detached
+            D = cw * cw + ch * ch + eps
+            R = dx * dx + dy * dy
+            Pa, Pa1 = _pow_and_below(R / D, a)
+            loss += Pa
+            g_P = a * Pa1
+            g_dx += g_P * 2.0 * dx / D
+            g_dy += g_P * 2.0 * dy / D
+            g_D = -g_P * R / (D * D)
+            g_cw += g_D * 2.0 * cw
+            g_ch += g_D * 2.0 * ch
+            if mode == 3:
+                hh1 = h1 + eps
+                hh2 = h2 + eps
+                da = math.atan((w2 * hh1 - w1 * hh2) / (hh2 * hh1 + w2 * w1))
+                v = K_ASPECT * da * da
+                beta = v / (1.0 - iou + v + eps)
+                Ba, Ba1 = _pow_and_below(beta * v, a)
+                loss += Ba
+                g_a1 = a * Ba1 * beta * (-2.0 * K_ASPECT * da)
+                den = hh1 * hh1 + w1 * w1
+                g_w1 += g_a1 * hh1 / den
+                g_h1 -= g_a1 * w1 / den
     elif kind == GIOU:
         C = cw * ch
         loss = 1.0 - iou + (C - union) / (C + eps)
