@@ -335,17 +335,8 @@ def _row_status(p, t, i, fmt):
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
-def _scaled(a, b, ratio):
-    """The side a..b scaled by ratio about its centre, as the reference writes it."""
-    c = 0.5 * (a + b)
-    half = 0.5 * ratio * (b - a)
-    return c - half, c + half
-
-
-@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
 def _iou_loss_grad(x1, y1, x2, y2, X1, Y1, X2, Y2, eps):
-    """(1 - IoU, its gradient) alone: what Inner-IoU adds to its base loss, without box_loss_grad's every branch
-    compiled again (numba compiles each inlined copy whole)."""
+    """(1 - IoU, its gradient) alone: the terms Inner-IoU adds to its base loss."""
     iw_raw = min(x2, X2) - max(x1, X1)
     ih_raw = min(y2, Y2) - max(y1, Y1)
     iw = max(iw_raw, 0.0)
