@@ -309,9 +309,9 @@ def bench_grpc_floor(quick: bool) -> dict:
 def bench_latency(server: Server, quick: bool) -> dict:
     import grpc
 
-    from lossd_client._codec import to_tensor
-    from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
-    from lossd_client._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
+    from lossd_client.wire import to_tensor
+    from lossd_client.wire import pb
+    from lossd_client.wire import pb_grpc
 
     reps = 300 if quick else 1000
     body = json.dumps({"pred": [[0, 0, 10, 10]], "target": [[1, 1, 11, 11]]}).encode()
@@ -361,9 +361,9 @@ def _pcts(lat: list[float]) -> dict:
 async def _load(target: str, concurrency: int, seconds: float, loss: str = "ciou") -> dict:
     import grpc
 
-    from lossd_client._codec import to_tensor
-    from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
-    from lossd_client._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
+    from lossd_client.wire import to_tensor
+    from lossd_client.wire import pb
+    from lossd_client.wire import pb_grpc
 
     channels = [grpc.aio.insecure_channel(target) for _ in range(max(1, concurrency // 16))]
     stubs = [pb_grpc.LossServiceStub(c) for c in channels]

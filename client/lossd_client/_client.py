@@ -23,14 +23,12 @@ import grpc
 import httpx
 import numpy as np
 
-from ._codec import (SMALL_MESSAGE, WithTensors, decode_with_tensors, encode_evaluate_request, from_param, from_tensor,
-                     oip_binary_request, oip_binary_response, passthrough, to_param, to_tensor, wire_array,
-                     wrap_field)
+from .wire import (SMALL_MESSAGE, WithTensors, decode_with_tensors, encode_evaluate_request, from_param, from_tensor,
+                   oip_binary_request, oip_binary_response, passthrough, pb, pb_grpc, to_param, to_tensor, wire_array,
+                   wrap_field)
 from ._bulk import BulkHTTP
 from ._bulk import usable as bulk_usable
 from ._errors import RETRYABLE, LossdError, UnavailableError, from_grpc, from_http
-from ._proto.lossd.v1 import lossd_pb2 as pb
-from ._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
 
 # 8 MiB requests measured fastest for 1M boxes on loopback (both transports); up to 4 are in flight at once,
 # so the server computes one chunk while the next is on the wire

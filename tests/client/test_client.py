@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lossd_client import AsyncLossClient, InvalidInputError, LossClient, NotFoundError, UnavailableError
-from lossd_client._codec import oip_binary_request
+from lossd_client.wire import oip_binary_request
 
 PRED = np.array([[0, 0, 10, 10], [5, 5, 15, 20], [2, 3, 4, 9]], dtype=np.float32)
 TARGET = np.array([[1, 1, 11, 11], [5, 5, 15, 15], [2, 2, 5, 8]], dtype=np.float32)

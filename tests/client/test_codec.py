@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lossd_client._codec import (_varint, encode_evaluate_request, encode_evaluate_response, from_tensor,
+from lossd_client.wire import (_varint, encode_evaluate_request, encode_evaluate_response, from_tensor,
                                  oip_binary_request, oip_binary_response, to_param, to_tensor, wrap_field)
-from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
+from lossd_client.wire import pb
 
 DTYPES = [np.float32, np.float64, np.float16, np.int64, np.int32]
 
@@ -98,8 +98,8 @@ def test_oip_binary_request_round_trip():
 
 @pytest.mark.parametrize("sizes", [[], [0], [16, 64], [3, 0, 5]])
 def test_repeated_bytes_field_parses_as_protobufs_own(sizes):
-    from lossd_client._codec import encode_message
-    from lossd_client._proto.inference import grpc_predict_v2_pb2 as oip_pb
+    from lossd_client.wire import encode_message
+    from lossd_client.wire import oip_pb
 
     blobs = [np.arange(n, dtype=np.uint8).tobytes() for n in sizes]
     head = oip_pb.ModelInferResponse(model_name="ciou", id="7",
@@ -128,7 +128,7 @@ def assert_decodes_like_protobuf(cls, data: bytes) -> None:
     the same other fields."""
     from google.protobuf.message import DecodeError
 
-    from lossd_client._codec import decode_with_tensors
+    from lossd_client.wire import decode_with_tensors
 
     try:
         want = cls.FromString(data)
@@ -199,7 +199,7 @@ def test_decoder_on_damaged_bytes(data, draw):
 
 
 def test_decoder_leaves_raw_data_in_place():
-    from lossd_client._codec import decode_field, decode_with_tensors
+    from lossd_client.wire import decode_field, decode_with_tensors
 
     pred = np.arange(4000, dtype=np.float32).reshape(1000, 4)
     data = encode_evaluate_request("ciou", pred, pred, None, box_format="xyxy", reduction="none", params={},
@@ -229,8 +229,8 @@ def test_decoder_leaves_raw_data_in_place():
 def test_repeated_bytes_left_in_place(blobs, damage, draw):
     from google.protobuf.message import DecodeError
 
-    from lossd_client._codec import decode_with_tensors
-    from lossd_client._proto.inference import grpc_predict_v2_pb2 as oip_pb
+    from lossd_client.wire import decode_with_tensors
+    from lossd_client.wire import oip_pb
 
     inp = oip_pb.ModelInferRequest.InferInputTensor
     req = oip_pb.ModelInferRequest(model_name="ciou", id="7", inputs=[inp(name=f"I{i}", shape=[len(b)])

@@ -8,11 +8,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from lossd_client._codec import from_tensor, to_param, to_tensor
-from lossd_client._proto.inference import grpc_predict_v2_pb2 as oip
-from lossd_client._proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
-from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
-from lossd_client._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
+from lossd_client.wire import from_tensor, to_param, to_tensor
+from lossd_client.wire import oip_pb as oip
+from lossd_client.wire import oip_grpc
+from lossd_client.wire import pb
+from lossd_client.wire import pb_grpc
 
 from ..conftest import start_server
 

@@ -9,8 +9,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
-from lossd_client._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
+from lossd_client.wire import pb
+from lossd_client.wire import pb_grpc
 
 FUZZED = {"cases": 0}
 

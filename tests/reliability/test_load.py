@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 
 from lossd.engine import Engine
-from lossd_client._codec import oip_binary_request, oip_binary_response
+from lossd_client.wire import oip_binary_request, oip_binary_response
 
 from ..conftest import start_server
 

@@ -12,9 +12,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lossd_client._codec import SMALL_MESSAGE, decode_field, decode_with_tensors, passthrough
-from lossd_client._proto.inference import grpc_predict_v2_pb2 as oip_pb
-from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
+from lossd_client.wire import SMALL_MESSAGE, decode_field, decode_with_tensors, passthrough
+from lossd_client.wire import oip_pb
+from lossd_client.wire import pb
 
 from ..admission import Admission
 from ..batching import Batcher
@@ -48,7 +48,7 @@ OIP_DECODERS = {"ModelInfer": partial(decode_with_tensors, oip_pb.ModelInferRequ
 def add_service(server: grpc.aio.Server, servicer, module, service_name: str, encoded: set[str],
                 decoders: dict | None = None) -> None:
     """What the generated add_XServicer_to_server does, except that the methods in ``encoded`` may answer with
-    already-encoded bytes (raw tensors written straight into the wire format by lossd_client._codec) as well as
+    already-encoded bytes (raw tensors written straight into the wire format by lossd_client.wire) as well as
     with messages, and ``decoders`` replace the request parsers of some methods."""
     service = module.DESCRIPTOR.services_by_name[service_name]
     handlers = {}

@@ -7,11 +7,11 @@ import time
 
 import grpc
 
-from lossd_client._codec import WithTensors, encode_evaluate_response, encode_message, wrap_field
-from lossd_client._proto.inference import grpc_predict_v2_pb2 as oip_pb
-from lossd_client._proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc
-from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
-from lossd_client._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc
+from lossd_client.wire import WithTensors, encode_evaluate_response, encode_message, wrap_field
+from lossd_client.wire import oip_pb
+from lossd_client.wire import oip_grpc
+from lossd_client.wire import pb
+from lossd_client.wire import pb_grpc
 
 from ..engine import Engine, EngineError
 from ..admission import Admission, Draining, Overloaded, ResourceExhausted, is_out_of_memory

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lossd_client._codec import WithTensors, from_param, to_param, to_tensor
-from lossd_client._proto.lossd.v1 import lossd_pb2 as pb
+from lossd_client.wire import WithTensors, from_param, to_param, to_tensor
+from lossd_client.wire import pb
 
 from ..engine import EngineError
 

@@ -1,5 +1,10 @@
-"""numpy <-> wire: the lossd.v1 Tensor message and the OIP binary framing. Raw little-endian bytes both ways,
-never a per-element Python loop on the raw path."""
+"""The wire format, shared by the client and the server: numpy <-> the lossd.v1 Tensor message and the OIP binary
+framing (raw little-endian bytes both ways, never a per-element Python loop on the raw path), and the generated
+protobuf/gRPC modules under public names:
+
+    pb        lossd.v1 messages            pb_grpc   lossd.v1 service stubs
+    oip_pb    Open Inference Protocol v2   oip_grpc  its service stubs
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._proto.inference import grpc_predict_v2_pb2 as oip_pb  # noqa: F401 (public name)
+from ._proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc  # noqa: F401
 from ._proto.lossd.v1 import lossd_pb2 as pb
+from ._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc  # noqa: F401
 
 NP_OF = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT64: np.dtype("<f8"), pb.DTYPE_FLOAT16: np.dtype("<f2"),
          pb.DTYPE_INT32: np.dtype("<i4"), pb.DTYPE_INT64: np.dtype("<i8")}
