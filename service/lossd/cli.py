@@ -23,13 +23,33 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tune_malloc(settings.malloc_retain_mb * 2**20)
     app = create_app(settings=settings, start_grpc=True)
+    from .rest.limits import guarded_protocol
+
+    _raise_open_files(settings.max_connections + 1024)
     tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key} if settings.tls_cert else {}
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level=settings.log_level,
                             access_log=False, lifespan="on",
+                            http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_seconds),
+                            limit_concurrency=settings.max_connections,
+                            timeout_keep_alive=settings.keep_alive_seconds,
                             timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None, **tls)
     server = _DrainingServer(config, app, settings.drain_seconds)
     server.run()
     return 0
+
+
+def _raise_open_files(wanted: int) -> None:
+    """Each connection is a file descriptor: lift the soft limit toward LOSSD_MAX_CONNECTIONS (and no further
+    than the hard limit), so the connection cap, not the OS, decides who is refused."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 class _DrainingServer:
