@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine import EngineError
 from ..errors import ServiceError, describe
@@ -51,7 +52,12 @@ async def http_error_handler(request: Request, exc: StarletteHTTPException) -> J
     return resp
 
 
+async def disconnect_handler(request: Request, exc: ClientDisconnect) -> Response:
+    return Response(status_code=400)  # the client went away mid-body: nobody reads this, and nothing to log
+
+
 def install(app) -> None:
+    app.add_exception_handler(ClientDisconnect, disconnect_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(EngineError, handle)
