@@ -170,8 +170,9 @@ def test_retry_after_is_honoured():
                               headers={"Inference-Header-Content-Length": str(len(out_head))})
 
     c = LossClient("http://lossd.test", retries=3, backoff=5.0)
-    c._http = httpx.Client(base_url="http://lossd.test", transport=httpx.MockTransport(handler))
-    c._bulk = None  # binary requests through httpx too, so the mock answers them (the retry loop is shared)
+    ep = c._endpoints[0]
+    ep._http = httpx.Client(base_url="http://lossd.test", transport=httpx.MockTransport(handler))
+    ep._bulk = None  # binary requests through httpx too, so the mock answers them (the retry loop is shared)
     import lossd_client._client as impl
 
     real_sleep = impl.time.sleep
