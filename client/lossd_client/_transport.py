@@ -262,14 +262,18 @@ class _Options(NamedTuple):
     def headers(self) -> dict:
         return {"x-api-key": self.api_key} if self.api_key else {}
 
+    def httpx(self, base_url: str) -> dict:
+        """httpx.Client / AsyncClient arguments: the same trust, key and timeout."""
+        return {"base_url": base_url, "timeout": self.timeout, "headers": self.headers,
+                "verify": _verify(self.ca_cert)}
+
 
 class HTTPTransport:
     wire = HTTPWire
 
     def __init__(self, base_url: str, opts: _Options) -> None:
         self.target = base_url
-        self._http = httpx.Client(base_url=base_url, timeout=opts.timeout, headers=opts.headers,
-                                  verify=_verify(opts.ca_cert))
+        self._http = httpx.Client(**opts.httpx(base_url))
         # binary inference requests, the large ones, go through http.client: a third of httpx's CPU (_bulk.py)
         self._bulk = (BulkHTTP(base_url, timeout=opts.timeout, headers=opts.headers, ca_cert=opts.ca_cert)
                       if bulk_usable(base_url) else None)
@@ -294,8 +298,7 @@ class AsyncHTTPTransport:
 
     def __init__(self, base_url: str, opts: _Options) -> None:
         self.target = base_url
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=opts.timeout, headers=opts.headers,
-                                       verify=_verify(opts.ca_cert))
+        self._http = httpx.AsyncClient(**opts.httpx(base_url))
 
     async def send(self, request: tuple) -> httpx.Response:
         method, path, kw = request
