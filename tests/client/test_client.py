@@ -262,3 +262,13 @@ def test_weighted_mean_comes_from_the_catalog():
     catalog = [{"name": "giou"}, {"name": "cross_entropy"}]
     c._weighted = None
     assert c._weighted_mean() == {"cross_entropy", "nll"}
+
+
+def test_dns_target_balances_with_round_robin(live_server, engine):
+    """dns:/// (a headless Service's name in a cluster) resolves here to the one loopback replica; the channel is
+    built with the round_robin policy and answers as grpc:// does."""
+    port = live_server.grpc_target.rsplit(":", 1)[1]
+    with LossClient(f"dns:///localhost:{port}") as c:
+        assert c.transport == "grpc" and c.endpoints == [f"dns:///localhost:{port}"]
+        loss, _ = c.loss("giou", PRED, TARGET)
+    np.testing.assert_allclose(loss, engine.evaluate("giou", PRED, TARGET).loss.numpy(), rtol=1e-6)
