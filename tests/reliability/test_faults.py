@@ -110,7 +110,7 @@ def test_client_over_https_with_a_key(guarded_server):
     server, ca = guarded_server
     url = server.http_url.replace("http://", "https://").replace("127.0.0.1", "localhost")
     with LossClient(url, api_key="s3cret", ca_cert=ca) as c:
-        assert c._bulk is not None  # binary requests take the http.client path, with the same trust and key
+        assert c._endpoints[0]._bulk is not None  # binary requests take the http.client path, with the same trust and key
         loss, grad = c.loss("giou", BOX, BOX)
         assert loss.tolist() == [pytest.approx(0.0, abs=1e-6)] and grad.shape == (1, 4)
     with LossClient(url, ca_cert=ca, retries=0) as c:
