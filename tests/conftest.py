@@ -70,3 +70,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def self_signed_cert(directory) -> tuple[str, str]:
+    """(key, cert): a throw-away certificate for localhost and 127.0.0.1, for LOSSD_TLS_KEY / LOSSD_TLS_CERT."""
+    key, cert = f"{directory}/key.pem", f"{directory}/cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return key, cert

@@ -2,13 +2,12 @@
 the server takes TLS only, so an answer proves the channel was TLS, and an unknown CA is refused."""
 
 import asyncio
-import subprocess
 
 import numpy as np
 import pytest
 
 from lossd_client import AsyncLossClient, LossClient, UnavailableError
-from tests.conftest import start_server
+from tests.conftest import self_signed_cert, start_server
 
 PRED = np.array([[0, 0, 10, 10], [5, 5, 15, 20], [2, 3, 4, 9]], dtype=np.float32)
 TARGET = np.array([[1, 1, 11, 11], [5, 5, 15, 15], [2, 2, 5, 8]], dtype=np.float32)
@@ -16,11 +15,7 @@ TARGET = np.array([[1, 1, 11, 11], [5, 5, 15, 15], [2, 2, 5, 8]], dtype=np.float
 
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tls")
-    key, cert = d / "key.pem", d / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "2", "-subj", "/CN=localhost", "-addext",
-                    "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    key, cert = self_signed_cert(tmp_path_factory.mktemp("tls"))
     server = start_server({"LOSSD_TLS_CERT": str(cert), "LOSSD_TLS_KEY": str(key)}, https=True, ca=str(cert))
     yield server, str(cert)
     server.proc.terminate()
