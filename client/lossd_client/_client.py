@@ -209,8 +209,8 @@ class LossClient(_Base):
                 time.sleep(tries.after(exc))
 
     def _map(self, build: Callable[[Any], Exchange], items: list) -> list:
-        if len(items) == 1:
-            return [self._run(build(items[0]))]
+        if len(items) <= 1:
+            return [self._run(build(i)) for i in items]
         with ThreadPoolExecutor(max_workers=min(self._in_flight, len(items))) as pool:
             return list(pool.map(lambda item: self._run(build(item)), items))
 

@@ -228,6 +228,7 @@ def test_chunks_fail_over_to_a_live_replica(kind, live_server, engine):
         loss, grad = c.loss("giou", pred, target)
         vals = c.metric("iou", pred, target)
         streamed = c.stream([dict(name="giou", pred=pred[:10], target=target[:10])] * 3)
+        assert c.stream([]) == []
     np.testing.assert_array_equal(loss, ref.loss.numpy())
     np.testing.assert_array_equal(grad, ref.grad.numpy())
     np.testing.assert_allclose(vals, engine.metric("iou", pred, target).numpy(), rtol=1e-6)
