@@ -276,8 +276,8 @@ def _odd_message(method: str, rng: random.Random) -> bytes:
     if method.endswith("ModelInfer"):
         dt = rng.choice(["FP32", "INT8", "UINT64", "BOOL", "FP8", odd_str[:50]])
         params = {rng.choice(["box_format", "reduction", "return_grad", "eps", odd_str[:100]]):
-                  oip_pb.InferParameter(**rng.choice([{"string_value": odd_str}, {"int64_value": -2**63},
-                                                      {"bool_value": True}, {"double_value": odd_num}]))}
+                  oip_pb.InferParameter(**rng.choice([{"string_param": odd_str}, {"int64_param": -2**63},
+                                                      {"bool_param": True}, {"double_param": odd_num}]))}
         t = oip_pb.ModelInferRequest.InferInputTensor(name=rng.choice(["PRED", "TARGET", odd_str[:50]]),
                                                       datatype=dt, shape=rng.choice([[2, 4], [2**63 - 1], [1] * 65]))
         return oip_pb.ModelInferRequest(model_name=rng.choice(["ciou", odd_str]), inputs=[t],
@@ -388,7 +388,7 @@ async def legit_rest(url: str, n: int, result: Legit, pause: float = 0.0) -> Non
         for _ in range(n):
             t0 = time.perf_counter()
             try:
-                resp = await client.post("/v1/metrics/ciou", json={"boxes1": PRED[:1], "boxes2": TARGET[:1]})
+                resp = await client.post("/v1/metrics/iou", json={"boxes1": PRED[:1], "boxes2": TARGET[:1]})
                 good = resp.status_code == 200 and abs(resp.json()["values"][0] - 0.6806723) < 1e-4
                 key = str(resp.status_code)
             except httpx.HTTPError as exc:
@@ -408,7 +408,7 @@ async def legit_grpc(target: str, n: int, result: Legit, pause: float = 0.0) -> 
 
     async with grpc.aio.insecure_channel(target) as ch:
         stub = pb_grpc.LossServiceStub(ch)
-        req = pb.MetricRequest(metric="ciou", boxes1=to_tensor(np.asarray(PRED[:1], "<f4")),
+        req = pb.MetricRequest(metric="iou", boxes1=to_tensor(np.asarray(PRED[:1], "<f4")),
                                boxes2=to_tensor(np.asarray(TARGET[:1], "<f4")))
         for _ in range(n):
             t0 = time.perf_counter()
