@@ -18,7 +18,11 @@ from lossd_client.wire import pb
 from ..auth import key_matches
 from ..service import Service
 from ..settings import Settings
+from ..errors import ServiceError
+from .errors import abort
 from .servicers import BadMessage, InferenceServicer, LossServicer
+
+UNAUTHORIZED = ServiceError("a valid API key is required (metadata x-api-key)", "unauthorized")
 
 log = logging.getLogger("lossd.grpc")
 
@@ -89,7 +93,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         self.keys = keys
 
         async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (metadata x-api-key)")
+            await abort(context, UNAUTHORIZED)
 
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
 
@@ -102,7 +106,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is not None and handler.request_streaming:
             async def deny_stream(request_iterator, context):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (metadata x-api-key)")
+                await abort(context, UNAUTHORIZED)
                 yield  # pragma: no cover
 
             return grpc.stream_stream_rpc_method_handler(deny_stream)

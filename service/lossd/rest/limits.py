@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from http import HTTPStatus
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ..errors import ServiceError
+from ..errors import TABLE, ServiceError
 from .errors import error_response
 
 
@@ -45,8 +46,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._head_timer = self.loop.call_later(self.header_timeout, self._head_expired)
         super().data_received(data)
         if self._in_head and self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
-            self._refuse(431, "Request Header Fields Too Large",
-                         f"the request head exceeds {self.max_header_bytes} bytes (LOSSD_MAX_HEADER_BYTES)")
+            self._refuse("header_too_large", f"the request head exceeds {self.max_header_bytes} bytes "
+                         "(LOSSD_MAX_HEADER_BYTES)")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -71,17 +72,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _head_expired(self) -> None:
         self._head_timer = None
         if self._in_head and self._head_bytes and not self.transport.is_closing():
-            self._refuse(408, "Request Timeout", f"the request head did not arrive within {self.header_timeout:g} "
-                         "s (LOSSD_HEADER_TIMEOUT_SECONDS)")
+            self._refuse("request_timeout", f"the request head did not arrive within {self.header_timeout:g} s "
+                         "(LOSSD_HEADER_TIMEOUT_SECONDS)")
         elif self._in_head and self.cycle is None and not self.transport.is_closing():
             self.transport.close()  # connected and silent since: nothing to answer
 
-    def _refuse(self, status: int, reason: str, message: str) -> None:
+    def _refuse(self, code: str, message: str) -> None:
+        """Answers before the request exists (no path yet): lossd's own error shape, the table's status."""
         self._cancel_head_timer()
-        body = orjson.dumps({"error": {"code": "header_too_large" if status == 431 else "request_timeout",
-                                       "message": message, "details": {}}})
+        status = TABLE[code].v1
+        body = orjson.dumps({"error": {"code": code, "message": message, "details": {}}})
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                             b"connection: close\r\n\r\n" % (status, reason.encode(), len(body)) + body)
+                             b"connection: close\r\n\r\n" % (status, HTTPStatus(status).phrase.encode(), len(body))
+                             + body)
         self.transport.close()
 
 
