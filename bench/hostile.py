@@ -106,7 +106,7 @@ def _summary(r: attacks.Legit) -> dict:
 
 
 def stall_phase(server, mib: int, bodies: int) -> dict:
-    rows = int(mib * 2**20 / 84)  # ~84 bytes of JSON per row of pred + target
+    rows = int(mib * 2**20 / 56)  # ~56 bytes of JSON per row of pred + target
     body = json.dumps({"pred": [[0.0, 0.0, 10.0, 10.0]] * rows, "target": [[1.0, 1.0, 11.0, 11.0]] * rows,
                        "return_grad": False}).encode()
     statuses: list[int] = []

@@ -8,16 +8,15 @@ from its own framing (HTTP binary extension, gRPC raw_input_contents).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 
 from . import __version__
 from .engine import Result, get_loss
+from .bodyparse import BodyError, loads
 from .errors import ServiceError, parsing, quote
 
 DTYPES: dict[str, np.dtype] = {
@@ -120,20 +119,12 @@ def parse_http_body(body: bytes, header_len: str | None) -> tuple[dict, memoryvi
     return req, raw
 
 
-def loads_json(data: bytes, what: str, code: str = "invalid_json") -> Any:
-    """JSON from client bytes. orjson first; the stdlib reads NaN/Infinity too, so the engine can name their rows.
-    Too deep, invalid or non-UTF-8 input: ``code`` naming ``what``."""
+def loads_json(data: bytes | memoryview, what: str, code: str = "invalid_json") -> Any:
+    """JSON from client bytes (lossd.bodyparse.loads), its errors as ``code``."""
     try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError as first:
-        if "recursion" in str(first).lower():
-            raise ServiceError(f"{what} is nested too deeply", code, field="body") from None
-        try:
-            return json.loads(data)
-        except RecursionError:
-            raise ServiceError(f"{what} is nested too deeply", code, field="body") from None
-        except (ValueError, UnicodeError):
-            raise ServiceError(f"{what} is not valid JSON: {quote(str(first), 200)}", code, field="body") from None
+        return loads(data, what)
+    except BodyError as exc:
+        raise ServiceError(str(exc), code, field="body") from None
 
 
 def _tensor(entry: Any, raw: memoryview, offset: int) -> tuple[str, np.ndarray, int]:

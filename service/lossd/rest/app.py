@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 from ..admission import Admission
+from ..bodyparse import BigJsonParser
 from ..engine import Engine
 from ..service import Observability, Service
 from ..settings import Settings
@@ -68,7 +69,10 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(warm)
-            yield
+            try:
+                yield
+            finally:
+                app.state.json_parser.close()
             # shutting down (SIGTERM): readiness goes false first, then in-flight gRPC calls get the grace period
             app.state.draining = True
             app.state.admission.draining = True
@@ -85,6 +89,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
     app.state.ready = threading.Event()
     app.state.draining = False
     app.state.obs = Observability()
+    app.state.json_parser = BigJsonParser()
     app.state.admission = Admission(settings.max_in_flight)
     errors.install(app)
     # open without a key: liveness, readiness, server metadata and /metrics (labels are catalog names only);

@@ -7,8 +7,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from ..bodyparse import BIG_JSON_BYTES
+from ..errors import ServiceError
 from ..oip import HEADER, SERVER_METADATA, parse_http_body
 from ..service import Service
+from .body import read_json
 from .deps import get_deadline, get_service, require_api_key
 from .jsonio import dumps
 from .openapi import OIP_ERRORS
@@ -86,9 +89,15 @@ async def infer(name: str, request: Request, version: str = "1", service: Servic
     """Evaluate a loss: JSON tensors, or the binary tensor data extension (the fast path for large batches)."""
     service.model_ready(name, version)
     header_len = request.headers.get(HEADER)
-    body = await request.body()  # before any admission slot is taken: slow senders hold none
-    resp, blobs = await service.infer(name, lambda: parse_http_body(body, header_len), size=len(body),
-                                      deadline=deadline)
+    if header_len is None and int(request.headers.get("content-length") or 0) > BIG_JSON_BYTES:
+        req = await read_json(request, "oip")  # big JSON tensors: parsed in the worker process
+        if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
+            raise ServiceError("the request must be a JSON object with an 'inputs' list")
+        resp, blobs = await service.infer(name, lambda: (req, memoryview(b"")), size=0, deadline=deadline)
+    else:
+        body = await request.body()  # before any admission slot is taken: slow senders hold none
+        resp, blobs = await service.infer(name, lambda: parse_http_body(body, header_len), size=len(body),
+                                          deadline=deadline)
     head = dumps(resp)
     if not blobs:
         return Response(head, media_type="application/json")
