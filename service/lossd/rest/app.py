@@ -18,7 +18,7 @@ from ..admission import Admission
 from ..batching import Batcher
 from ..engine import Engine
 from ..settings import Settings
-from . import errors, losses, metrics, oip
+from . import docs, errors, losses, metrics, oip
 from .deps import require_api_key
 from .limits import BodyLimitMiddleware
 from .observability import Observability
@@ -77,7 +77,8 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
             tg.cancel_scope.cancel()
             log.info("lossd stopped: in-flight calls drained")
 
-    app = FastAPI(title="lossd", version=__version__, lifespan=lifespan,
+    # docs_url/redoc_url off: docs.install serves both pages with local assets (offline)
+    app = FastAPI(title="lossd", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Loss-evaluation service for object detection: IoU-family scores, losses and "
                               "gradients. /v1 is lossd's own API; /v2 is the Open Inference Protocol.")
     app.state.engine = engine
@@ -87,6 +88,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
     app.state.obs = Observability()
     app.state.admission = Admission(settings.max_in_flight)
     errors.install(app)
+    docs.install(app)
     # health, metadata and /metrics stay open; the work and the catalog need the key when keys are configured
     guarded = [Depends(require_api_key)]
     app.include_router(losses.router, dependencies=guarded)
