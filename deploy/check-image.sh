@@ -54,7 +54,8 @@ fi
 
 step "build lossd:cpu (Dockerfile)"
 t0=$(date +%s)
-"${PODMAN[@]}" build "${LIMITS[@]}" "${MOUNTS[@]}" "${BUILD_ARGS[@]}" -f Dockerfile -t localhost/lossd:cpu .
+# --format docker: the OCI format has no HEALTHCHECK
+"${PODMAN[@]}" build --format docker "${LIMITS[@]}" "${MOUNTS[@]}" "${BUILD_ARGS[@]}" -f Dockerfile -t localhost/lossd:cpu .
 echo "build: $(($(date +%s) - t0)) s"
 "${PODMAN[@]}" image inspect localhost/lossd:cpu --format 'image size: {{.Size}} bytes'
 
@@ -83,13 +84,18 @@ want = 1 - 81 / 119 + 2 / 242
 assert abs(loss - want) < 1e-6, (loss, want)
 print(f"CIoU {loss:.7f} == 1 - 81/119 + 2/242 = {want:.7f}")
 PY
+# the API docs page and its assets come from the container itself
+curl -sf "http://127.0.0.1:$HTTP_PORT/docs" | grep -q "/docs-static/swagger-ui-bundle.js"
+curl -sf -o /dev/null "http://127.0.0.1:$HTTP_PORT/docs-static/swagger-ui-bundle.js"
+echo "/docs and its Swagger UI assets served by the container"
+"${PODMAN[@]}" image inspect --format 'health check: {{json .HealthCheck.Test}}' localhost/lossd:cpu
 "${PODMAN[@]}" logs lossd-check 2>&1 | tail -3
 "${PODMAN[@]}" rm -f lossd-check >/dev/null
 
 [[ ${SKIP_GPU:-} == 1 ]] && exit 0
 step "build Dockerfile.gpu on $BASE_IMAGE with torch's CPU build"
 t0=$(date +%s)
-"${PODMAN[@]}" build "${LIMITS[@]}" "${MOUNTS[@]}" "${BUILD_ARGS[@]}" --build-arg TORCH_VERSION=2.13.0+cpu \
+"${PODMAN[@]}" build --format docker "${LIMITS[@]}" "${MOUNTS[@]}" "${BUILD_ARGS[@]}" --build-arg TORCH_VERSION=2.13.0+cpu \
     -f Dockerfile.gpu -t localhost/lossd:gpu-on-debian .
 echo "build: $(($(date +%s) - t0)) s"
 "${PODMAN[@]}" image inspect localhost/lossd:gpu-on-debian --format 'image size: {{.Size}} bytes'

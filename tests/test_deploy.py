@@ -112,3 +112,15 @@ def test_readme_test_command_is_what_ci_runs():
     assert test_cmd in ci
     assert "apt-get" not in test_cmd and "sudo" not in test_cmd  # the README's command needs no root
     assert any("lossd serve" in c for c in commands)
+
+
+def test_readme_and_docs_links_resolve():
+    pages = [ROOT / "README.md", ROOT / "client" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+://", target) or target.startswith("#"):
+                continue
+            assert (page.parent / target.split("#")[0]).exists(), f"{page.name} links to missing {target}"
+    readme = (ROOT / "README.md").read_text()
+    for doc in ("docs/performance.md", "docs/reliability.md", "docs/deploy.md", "client/README.md", "LICENSE"):
+        assert f"]({doc})" in readme, doc
