@@ -8,6 +8,7 @@ Opt-in (it installs packages: about 3 minutes on 2 cores, most of it pip; .ci/ru
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,10 @@ def test_client_in_a_fresh_environment(name, tmp_path, live_server):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv])  # a real venv: nothing from this interpreter's site-packages
     py = venv / "bin" / "python"
-    _run([py, "-m", "pip", "install", "--quiet", ROOT / "client", *ENVS[name], "pytest", "hypothesis"])
+    # from a copy: pip builds in the source folder, and its build/ and egg-info must not land in the checkout
+    client = shutil.copytree(ROOT / "client", tmp_path / "client",
+                             ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    _run([py, "-m", "pip", "install", "--quiet", client, *ENVS[name], "pytest", "hypothesis"])
     _run([py, "-m", "pip", "check"])
     installed = {d["name"].lower(): d["version"] for d in json.loads(_run([py, "-m", "pip", "list", "--format=json"]))}
     assert "torch" not in installed
