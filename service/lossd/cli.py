@@ -1,15 +1,26 @@
-"""The `lossd` command: serve, list the catalog, or run a small demo of the engine."""
+"""The `lossd` command: serve, list the catalog, run a small demo of the engine, or check a dataset's labels."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
 
+from . import __version__
 from .allocator import tune_malloc
 from .settings import Settings
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help line, except where there is none to show (None, a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -127,8 +138,11 @@ def _quality(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lossd", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="lossd", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lossd {__version__}")
+    # every subcommand's parser gets the same formatter
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter))
     serve = sub.add_parser("serve", help="start the REST (and gRPC) server over a warm engine")
     serve.add_argument("--host", help="bind address (default 127.0.0.1; LOSSD_HOST)")
     serve.add_argument("--http-port", type=int, help="REST port (default 8000; LOSSD_HTTP_PORT)")

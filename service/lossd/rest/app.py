@@ -19,7 +19,7 @@ from ..bodyparse import BigJsonParser
 from ..engine import Engine
 from ..service import Observability, Service
 from ..settings import Settings
-from . import errors, losses, metrics, oip
+from . import docs, errors, losses, metrics, oip
 from .deps import require_api_key
 from .limits import BodyLimitMiddleware
 
@@ -81,7 +81,8 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
             tg.cancel_scope.cancel()
             log.info("lossd stopped: in-flight calls drained")
 
-    app = FastAPI(title="lossd", version=__version__, lifespan=lifespan,
+    # docs_url/redoc_url off: docs.install serves both pages with local assets (offline)
+    app = FastAPI(title="lossd", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Loss-evaluation service for object detection: IoU-family scores, losses and "
                               "gradients. /v1 is lossd's own API; /v2 is the Open Inference Protocol.")
     app.state.engine = engine
@@ -92,6 +93,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
     app.state.json_parser = BigJsonParser()
     app.state.admission = Admission(settings.max_in_flight)
     errors.install(app)
+    docs.install(app)
     # open without a key: liveness, readiness, server metadata and /metrics (labels are catalog names only);
     # everything else needs one when keys are configured, the same set over gRPC (README: authentication)
     guarded = [Depends(require_api_key)]
