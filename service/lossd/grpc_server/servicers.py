@@ -209,6 +209,40 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
         return await _guarded(context, request, work)
 
+    async def ModelConfig(self, request, context):
+        async def work():
+            cfg = self.service.model_config(request.name, request.version or "1")
+            dt = oip_pb.DataType.Value
+
+            def tensor(cls, t: dict):
+                extra = {"optional": True} if t.get("optional") else {}
+                return cls(name=t["name"], data_type=dt(t["data_type"]), dims=t["dims"], **extra)
+
+            return oip_pb.ModelConfigResponse(config=oip_pb.ModelConfig(
+                name=cfg["name"], platform=cfg["platform"], backend=cfg["backend"],
+                max_batch_size=cfg["max_batch_size"], input=[tensor(oip_pb.ModelInput, t) for t in cfg["input"]],
+                output=[tensor(oip_pb.ModelOutput, t) for t in cfg["output"]]))
+
+        return await _guarded(context, request, work)
+
+    async def ModelStatistics(self, request, context):
+        async def work():
+            def duration(d: dict):
+                return oip_pb.StatisticDuration(count=d["count"], ns=d["ns"])
+
+            stats = self.service.model_statistics(request.name, request.version)
+            return oip_pb.ModelStatisticsResponse(model_stats=[oip_pb.ModelStatistics(
+                name=m["name"], version=m["version"], last_inference=m["last_inference"],
+                inference_count=m["inference_count"], execution_count=m["execution_count"],
+                inference_stats=oip_pb.InferStatistics(**{k: duration(v) for k, v in m["inference_stats"].items()}))
+                for m in stats])
+
+        return await _guarded(context, request, work)
+
+    async def RepositoryIndex(self, request, context):
+        index = oip_pb.RepositoryIndexResponse.ModelIndex
+        return oip_pb.RepositoryIndexResponse(models=[index(**m) for m in self.service.repository_index()])
+
     async def ModelInfer(self, decoded, context):
         async def work():
             msg = decoded.message
