@@ -52,6 +52,9 @@ async def fuzz_http(url: str, n: int, seed: int, concurrency: int = 8) -> dict:
                 except httpx.HTTPError as exc:
                     key = type(exc).__name__
                 counts[key] = counts.get(key, 0) + 1
+                done = sum(counts.values())
+                if done % 10000 == 0:
+                    progress(f"  HTTP fuzz {done}/{n}: {counts}")
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return counts
@@ -74,6 +77,9 @@ async def fuzz_grpc(target: str, n: int, seed: int, concurrency: int = 8) -> dic
                 except grpc.aio.AioRpcError as exc:
                     key = exc.code().name
                 counts[key] = counts.get(key, 0) + 1
+                done = sum(counts.values())
+                if done % 10000 == 0:
+                    progress(f"  gRPC fuzz {done}/{n}: {counts}")
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return counts
