@@ -379,6 +379,14 @@ class Legit:
     latencies: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
 
+    def record(self, t0: float, good: bool, key: str) -> None:
+        self.latencies.append(time.perf_counter() - t0)
+        if good:
+            self.ok += 1
+        else:
+            self.failed += 1
+            self.errors[key] = self.errors.get(key, 0) + 1
+
     def p(self, q: float) -> float:
         return float(np.percentile(self.latencies, q)) if self.latencies else math.nan
 
@@ -393,12 +401,7 @@ async def legit_rest(url: str, n: int, result: Legit, pause: float = 0.0) -> Non
                 key = str(resp.status_code)
             except httpx.HTTPError as exc:
                 good, key = False, type(exc).__name__
-            result.latencies.append(time.perf_counter() - t0)
-            if good:
-                result.ok += 1
-            else:
-                result.failed += 1
-                result.errors[key] = result.errors.get(key, 0) + 1
+            result.record(t0, good, key)
             if pause:
                 await asyncio.sleep(pause)
 
@@ -418,12 +421,7 @@ async def legit_grpc(target: str, n: int, result: Legit, pause: float = 0.0) -> 
                 good, key = abs(value - 0.6806723) < 1e-4, "wrong"
             except grpc.aio.AioRpcError as exc:
                 good, key = False, exc.code().name
-            result.latencies.append(time.perf_counter() - t0)
-            if good:
-                result.ok += 1
-            else:
-                result.failed += 1
-                result.errors[key] = result.errors.get(key, 0) + 1
+            result.record(t0, good, key)
             if pause:
                 await asyncio.sleep(pause)
 
