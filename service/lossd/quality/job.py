@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 
 from .. import __version__
 from .readers import BoxSet, InputError, read_any
-from .score import (ISSUES, METRICS, SEVERITY, Calibration, Evaluator, Thresholds, calibrate_all, classify, group,
-                    match, pair_metrics)
+from .score import (ISSUES, METRICS, SEVERITY, Calibration, Evaluator, Thresholds, calibrate_all, classify, gather,
+                    group, match, pair_metrics)
 
 REJECTED_WARN = 0.5  # warn (and exit non-zero from the CLI) when more than this share of a file's rows is unusable
 UNMATCHED_WARN = 0.9  # ... or when more than this share of the labels has no reference on it at all
@@ -114,8 +114,8 @@ def _native(b: BoxSet, rows: np.ndarray, prefix: str = "") -> dict:
     return {}
 
 
-def _ids(values: list, idx: np.ndarray) -> list:
-    return [values[i] if i >= 0 else None for i in idx]
+def _ids(values: list, idx: np.ndarray) -> pa.Array:
+    return pa.array([values[i] if i >= 0 else None for i in idx], pa.string())
 
 
 def score_shard(inp: Inputs, images: np.ndarray, th: Thresholds, cal: Calibration,
@@ -127,13 +127,13 @@ def score_shard(inp: Inputs, images: np.ndarray, th: Thresholds, cal: Calibratio
     lc, rc = cols["labels"], cols["references"]
     rows, pp = pairs.lab_rows, lc["partner_pair"]
     has = pp >= 0
-    partner = np.where(has, pairs.pr[np.maximum(pp, 0)], -1)
+    partner = gather(pairs.pr, pp, -1)
     metrics = {m: np.full(len(rows), np.nan) for m in METRICS + ("loss",)}
     got = pair_metrics(evaluator, lab, ref, rows[has], partner[has], th.loss)
     for m in metrics:
         metrics[m][has] = got[m]
     keys = [im.key for im in lab.images]
-    rbox = np.where(has[:, None], ref.box[np.maximum(partner, 0)], np.nan)
+    rbox = gather(ref.box, partner, np.nan)
     labels_t = pa.table({
         "image_id": _ids(keys, lab.image[rows]), "box_id": _ids(lab.box_id, rows),
         "category": _ids(lab.categories, lab.category[rows]),
@@ -142,22 +142,22 @@ def score_shard(inp: Inputs, images: np.ndarray, th: Thresholds, cal: Calibratio
         "issue": pa.array(list(lc["issue"]), pa.string()), "score": lc["score"],
         "score_badly_located": lc["score_badly_located"], "score_wrong_class": lc["score_wrong_class"],
         "score_spurious": lc["score_spurious"],
-        "reference_id": pa.array(_ids(ref.box_id, partner), pa.string()),
+        "reference_id": _ids(ref.box_id, partner),
         "reference_category": pa.array([lab.categories[ref.category[k]] if k >= 0 else None for k in partner],
                                        pa.string()),
-        "reference_score": np.where(has, ref.score[np.maximum(partner, 0)], np.nan),
+        "reference_score": gather(ref.score, partner, np.nan),
         "reference_x1": rbox[:, 0], "reference_y1": rbox[:, 1], "reference_x2": rbox[:, 2], "reference_y2": rbox[:, 3],
         **metrics,
     })
     rrows, lp = pairs.ref_rows, rc["label_pair"]
-    lbl = np.where(lp >= 0, pairs.pl[np.maximum(lp, 0)], -1)
+    lbl = gather(pairs.pl, lp, -1)
     refs_t = pa.table({
         "image_id": _ids(keys, ref.image[rrows]), "box_id": _ids(ref.box_id, rrows),
         "category": _ids(lab.categories, ref.category[rrows]), "confidence": ref.score[rrows],
         "x1": ref.box[rrows, 0], "y1": ref.box[rrows, 1], "x2": ref.box[rrows, 2], "y2": ref.box[rrows, 3],
         **_native(ref, rrows),
         "issue": pa.array(list(rc["issue"]), pa.string()), "score_missing": rc["score_missing"],
-        "label_id": pa.array(_ids(lab.box_id, lbl), pa.string()), "label_iou": rc["label_iou"],
+        "label_id": _ids(lab.box_id, lbl), "label_iou": rc["label_iou"],
     })
     return labels_t, refs_t
 

@@ -112,7 +112,7 @@ def write_report(path: Path, summary: dict, boxes: pa.Table, refs: pa.Table, ima
     lab_by, ref_by = {}, {}
     for t, by in ((boxes, lab_by), (refs, ref_by)):
         keep = [i for i, k in enumerate(t.column("image_id").to_pylist()) if k in wanted]
-        for r in t.take(keep).to_pylist():
+        for r in t.take(pa.array(keep, pa.int64())).to_pylist():
             by.setdefault(r["image_id"], []).append(r)
     cards = [_card(info[r["image_id"]], r, lab_by.get(r["image_id"], []), ref_by.get(r["image_id"], []), image_dir)
              for r in worst]

@@ -159,6 +159,22 @@ def _max_by(key: np.ndarray, value: np.ndarray, n: int, fill: float = 0.0) -> tu
     return best, arg
 
 
+def gather(values: np.ndarray, idx: np.ndarray, fill) -> np.ndarray:
+    """values[idx] where idx >= 0, else fill (also when values is empty)."""
+    out = np.full((len(idx),) + values.shape[1:], fill, dtype=np.result_type(values.dtype, np.asarray(fill).dtype))
+    ok = idx >= 0
+    out[ok] = values[idx[ok]]
+    return out
+
+
+def _lift(subset: np.ndarray, arg: np.ndarray) -> np.ndarray:
+    """Indices into a subset of the pairs (from ``_max_by`` on that subset) as indices into all pairs; -1 stays."""
+    where = np.flatnonzero(subset)
+    if len(where) == 0:
+        return np.full(len(arg), -1, dtype=np.int64)
+    return np.where(arg >= 0, where[np.maximum(arg, 0)], -1)
+
+
 # ------------------------------------------------------------------------------------------------ calibration
 def _youden(scores: np.ndarray, positive: np.ndarray) -> float | None:
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
@@ -291,21 +307,20 @@ def classify(labels: BoxSet, ref: BoxSet, p: Pairs, th: Thresholds, cal: Calibra
     ref_used[pr[m]] = True
     # matched pair of each label
     m_iou, m_arg = _max_by(pl[m], iou[m], nl, fill=-1.0)
-    m_arg = np.where(m_arg >= 0, np.flatnonzero(m)[np.maximum(m_arg, 0)], -1)
+    m_arg = _lift(m, m_arg)
     is_m = m_arg >= 0
     n_ok = cal.ok_iou[labels.category]
-    m_s = np.where(is_m, ref.score[pr[np.maximum(m_arg, 0)]], 0.0)
-    q = np.where(is_m, iou[np.maximum(m_arg, 0)], 0.0)
+    m_s = gather(s, m_arg, 0.0)
+    q = gather(iou, m_arg, 0.0)
     score_bl = np.where(is_m, n_ok + m_s * (q - n_ok), n_ok)
     # wrong class: trusted other-class references that no label matched
     other = ~same & trusted & ~ref_used[pr]
-    against, a_arg = _max_by(pl[other], (s * iou)[other], nl)
-    a_arg = np.where(a_arg >= 0, np.flatnonzero(other)[np.maximum(a_arg, 0)], -1)
+    against, _ = _max_by(pl[other], (s * iou)[other], nl)
     other_close = other & (iou >= th.wrong_class_iou)
     _, wc_arg = _max_by(pl[other_close], (s * iou)[other_close], nl)
-    wc_arg = np.where(wc_arg >= 0, np.flatnonzero(other_close)[np.maximum(wc_arg, 0)], -1)
+    wc_arg = _lift(other_close, wc_arg)
     sup_same, ss_arg = _max_by(pl[same], (s * iou)[same], nl)
-    ss_arg = np.where(ss_arg >= 0, np.flatnonzero(same)[np.maximum(ss_arg, 0)], -1)
+    ss_arg = _lift(same, ss_arg)
     support = np.where(is_m, m_s * q, sup_same)
     score_wc = np.clip(0.5 * (1.0 + support - against), 0.0, 1.0)
     # spurious: any reference, of any class and confidence, on the box
@@ -332,7 +347,7 @@ def classify(labels: BoxSet, ref: BoxSet, p: Pairs, th: Thresholds, cal: Calibra
     flag = (ref.score >= cal.missing_conf[ref.category]) & (u < th.match_iou) & ~wc_partner
     # each reference's label: the label that matched it, else the label that overlaps it most
     mr_iou, mr_arg = _max_by(pr[m], iou[m], nr, fill=-1.0)
-    mr_arg = np.where(mr_arg >= 0, np.flatnonzero(m)[np.maximum(mr_arg, 0)], -1)
+    mr_arg = _lift(m, mr_arg)
     ref_label_pair = np.where(mr_arg >= 0, mr_arg, np.where(u_arg >= 0, u_arg, -1))
     r_issue = np.where(flag, "missing", np.where(ref_used, "matched", "unmatched")).astype(object)
     rr = p.ref_rows
