@@ -280,6 +280,12 @@ def measure(ds: dict, ours, theirs: dict | None) -> dict:
     img_score[np.array([int(k) for k in images.column("image_id").to_pylist()])] = images.column("score").to_numpy()
     im = {"with_errors": int(has_err.sum()), "lossd_auroc": auroc(1 - img_score, has_err),
           "lossd_precision_at_k": precision_at_k(1 - img_score, has_err)}
+    # how the image ranking depends on how many boxes an image holds (each box can look doubtful by chance)
+    n_boxes = np.bincount(lab["image"], minlength=ds["n_images"]) + np.bincount(p["image"], minlength=ds["n_images"])
+    cuts = np.quantile(n_boxes, [1 / 3, 2 / 3])
+    for name, sel in (("few_boxes", n_boxes <= cuts[0]), ("many_boxes", n_boxes > cuts[1])):
+        im[f"lossd_auroc_{name}"] = auroc(1 - img_score[sel], has_err[sel])
+        im[f"with_errors_share_{name}"] = float(has_err[sel].mean())
     if theirs is not None:
         im["cleanlab_auroc"] = auroc(1 - theirs["image"], has_err)
         im["cleanlab_precision_at_k"] = precision_at_k(1 - theirs["image"], has_err)
@@ -432,7 +438,12 @@ def main() -> int:
     if wall is not None:
         lines.append(f"- `lossd quality` end to end on COCO JSON files (read, calibrate, score, write all outputs and "
                      f"the report): {wall:.1f} s wall")
-    lines += ["", f"Calibrated thresholds (pooled over classes, synthetic): {res['thresholds_pooled']}"]
+    im = res_syn["image"]
+    lines += ["", f"Images by box count (synthetic, labels + references): lossd image AUROC "
+              f"{im['lossd_auroc_few_boxes']:.3f} on the third with fewest boxes "
+              f"({im['with_errors_share_few_boxes']:.0%} hold an error), {im['lossd_auroc_many_boxes']:.3f} on the "
+              f"third with most ({im['with_errors_share_many_boxes']:.0%} hold an error).",
+              "", f"Calibrated thresholds (pooled over classes, synthetic): {res['thresholds_pooled']}"]
     md = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

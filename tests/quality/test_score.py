@@ -54,11 +54,11 @@ def test_each_issue_and_its_scores(evaluator):
     lab, refs, partner, _ = score(labels, ref, evaluator)
     q = 25 / 175
     expect = {  # issue, badly_located, wrong_class, spurious
-        "ok": ("ok", 0.7 + 0.9 * 0.3, 0.5 * (1 + 0.9), 1.0),
-        "loose": ("badly_located", 0.7 + 0.8 * (q - 0.7), 0.5 * (1 + 0.8 * q), q),
+        "ok": ("ok", 1.0, 0.5 * (1 + 0.9), 1.0),
+        "loose": ("badly_located", q, 0.5 * (1 + 0.8 * q), q),
         "flip": ("wrong_class", 0.7, 0.5 * (1 - 0.95 * 100 / 110), 100 / 110),
         "ghost": ("spurious", 0.7, 0.5, 0.0),
-        "weak": ("unconfirmed", 0.7, 0.5 * (1 + 0.3), 0.3 / 0.5),
+        "weak": ("unconfirmed", 0.7 + 0.3 / 0.5 * (1 - 0.7), 0.5 * (1 + 0.3), 0.3 / 0.5),
     }
     for box, (issue, bl, wc, sp) in expect.items():
         got = lab[box]

@@ -15,8 +15,10 @@ images whose matching is ambiguous):
     Scores (all in [0, 1]; lower = more likely that issue) and issues. With s a reference's confidence, q an IoU,
     n = ``ok_iou`` of the label's class and t = ``conf`` of a reference's class:
 
-    - ``score_badly_located`` = n + s (q - n) with the matched reference; n (no evidence) when unmatched.
-      A second annotator (s = 1) gives the IoU itself; a doubtful match pulls the score to the boundary.
+    - ``score_badly_located`` = n + w (q - n), w = min(1, s / t), with the matched reference (unmatched: with
+      the same-class reference of any confidence with the largest s q, if it overlaps at IoU >= ``match_iou``);
+      n (no evidence) without either. A trusted reference or a second annotator gives the IoU itself; a doubtful
+      one pulls the score towards the boundary n.
     - ``score_wrong_class`` = (1 + support - against) / 2, support = s q of the matched reference (else the best
       s q over same-class references of any confidence), against = the best s q over trusted other-class
       references that no label matched. 0.5 means no evidence either way.
@@ -312,7 +314,6 @@ def classify(labels: BoxSet, ref: BoxSet, p: Pairs, th: Thresholds, cal: Calibra
     n_ok = cal.ok_iou[labels.category]
     m_s = gather(s, m_arg, 0.0)
     q = gather(iou, m_arg, 0.0)
-    score_bl = np.where(is_m, n_ok + m_s * (q - n_ok), n_ok)
     # wrong class: trusted other-class references that no label matched
     other = ~same & trusted & ~ref_used[pr]
     against, _ = _max_by(pl[other], (s * iou)[other], nl)
@@ -321,6 +322,12 @@ def classify(labels: BoxSet, ref: BoxSet, p: Pairs, th: Thresholds, cal: Calibra
     wc_arg = _lift(other_close, wc_arg)
     sup_same, ss_arg = _max_by(pl[same], (s * iou)[same], nl)
     ss_arg = _lift(same, ss_arg)
+    # unmatched: the best same-class reference of any confidence still tells, weighted by its confidence
+    near = ~is_m & (gather(iou, ss_arg, 0.0) >= th.match_iou)
+    loc = np.where(is_m, m_arg, np.where(near, ss_arg, -1))
+    trust_w = np.minimum(1.0, s / np.maximum(cal.conf[ref.category[pr]], 1e-9))
+    l_s, l_q = gather(trust_w, loc, 0.0), gather(iou, loc, 0.0)
+    score_bl = np.where(loc >= 0, n_ok + l_s * (l_q - n_ok), n_ok)
     support = np.where(is_m, m_s * q, sup_same)
     score_wc = np.clip(0.5 * (1.0 + support - against), 0.0, 1.0)
     # spurious: any reference, of any class and confidence, on the box
