@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lossd.cli import main
-from lossd.quality import evaluate, read_coco, run, score
+from lossd.quality import evaluate, evaluate_all, read_coco, run
 from lossd.quality.readers import read_coco_reference
 from lossd.quality.score import ISSUES, SEVERITY, Thresholds
 
@@ -55,7 +55,8 @@ def test_outputs(coco, reference_run):
     # a flagged label carries the reference box it was compared with
     j = boxes["issue"].index("wrong_class")
     k = refs["box_id"].index(boxes["reference_id"][j])
-    assert [boxes[f"reference_{c}"][j] for c in ("x1", "y1", "x2", "y2")] == [refs[c][k] for c in ("x1", "y1", "x2", "y2")]
+    xyxy = ("x1", "y1", "x2", "y2")
+    assert [boxes[f"reference_{c}"][j] for c in xyxy] == [refs[c][k] for c in xyxy]
     assert refs["category"][k] != boxes["category"][j] == boxes["category"][j]
     cal = summary["thresholds"]["calibration"]
     assert set(cal["pooled"]) == {"conf", "ok_iou", "missing_conf"} and "Youden" in cal["rule"]
@@ -82,7 +83,7 @@ def test_image_score_counts_every_box(tmp_path):
              {"id": 3, "image_id": 2, "category_id": 1, "bbox": [5, 5, 10, 10]}]
     labels = write_json(tmp_path / "l.json", {"images": [img(1), img(2)] + [img(10 + i) for i in range(40)],
                                                "categories": cats, "annotations": anns})
-    s = score(labels, write_json(tmp_path / "p.json", preds))
+    s = evaluate_all(labels, write_json(tmp_path / "p.json", preds))
     images = s.images.to_pydict()
     assert images["image_id"][:2] == ["2", "1"] and images["n_flagged"][:2] == [2, 1]
     assert images["score"][0] < images["score"][1]
@@ -127,7 +128,7 @@ def test_python_api_equals_the_job_and_reads_cleanlab_inputs(coco, reference_run
             per_class.append(np.c_[ref.box[rr], ref.score[rr]] if len(rr) else np.zeros((0, 5)))
             pnames += [ref.box_id[r] for r in rr]
         predictions.append(per_class)
-    cl = score(labels, predictions, class_names=lab.categories)
+    cl = evaluate_all(labels, predictions, class_names=lab.categories)
     by_name = dict(zip([f"{i}:{k}" for i, d in enumerate(labels) for k in range(len(d["labels"]))], names))
     got = {by_name[b]: s for b, s in zip(cl.boxes.column("box_id").to_pylist(), cl.boxes.column("score").to_pylist())}
     want = dict(zip(job.column("box_id").to_pylist(), job.column("score").to_pylist()))
@@ -261,7 +262,8 @@ def test_report_in_a_headless_browser(voc_dir, tmp_path):
     assert html.count('class="box label ') == 61 and "data:image/png;base64," in html  # boxes on the image
     assert html.count('class="box partner badly_located"') == 1 and 'stroke-dasharray="6 4"' in html
     # the issue filter, in plain JavaScript, run by the browser: from the page's address
-    filtered = _chromium([f"--user-data-dir={profile}", "--dump-dom", (out / "report.html").as_uri() + "#issue=spurious"])
+    page = (out / "report.html").as_uri()
+    filtered = _chromium([f"--user-data-dir={profile}", "--dump-dom", page + "#issue=spurious"])
     assert 'data-filter="spurious"' in filtered.stdout and "0 of the worst images show spurious" in filtered.stdout
     assert 'class="card" data-issues="badly_located" hidden' in filtered.stdout
     shot = tmp_path / "report.png"

@@ -1,4 +1,4 @@
-"""The Python API: ``evaluate`` (one table of label boxes) and ``score`` (every table and the summary), in-process
+"""The Python API: ``evaluate`` (one table of label boxes) and ``evaluate_all`` (every table and the summary), in-process
 or on a server, from files, ``BoxSet``s or cleanlab ObjectLab's inputs."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _inputs(labels: Any, reference: Any, classes=None, sizes=None, class_names=N
                      f"{type(labels).__name__}")
 
 
-def score(labels: Any, reference: Any, *, server: str | None = None, api_key: str | None = None,
+def evaluate_all(labels: Any, reference: Any, *, server: str | None = None, api_key: str | None = None,
           device: str = "auto", classes=None, sizes=None, class_names=None, image_sizes=None,
           **thresholds) -> Scores:
     """Score label boxes against a reference (model predictions or a second annotator).
@@ -66,8 +66,8 @@ def score(labels: Any, reference: Any, *, server: str | None = None, api_key: st
 
 
 def evaluate(labels: Any, reference: Any, **kwargs) -> pa.Table:
-    """One row per label box (see ``score`` for the arguments); ``.to_pandas()`` turns it into a DataFrame."""
-    return score(labels, reference, **kwargs).boxes
+    """One row per label box (see ``evaluate_all`` for the arguments); ``.to_pandas()`` turns it into a DataFrame."""
+    return evaluate_all(labels, reference, **kwargs).boxes
 
 
-__all__ = ["Scores", "evaluate", "score"]
+__all__ = ["Scores", "evaluate", "evaluate_all"]

@@ -109,7 +109,8 @@ def _native(b: BoxSet, rows: np.ndarray, prefix: str = "") -> dict:
         w = np.array([b.images[i].width for i in b.image[rows]], dtype=np.float64)
         h = np.array([b.images[i].height for i in b.image[rows]], dtype=np.float64)
         w, h = np.where(w > 0, w, np.nan), np.where(h > 0, h, np.nan)
-        return {f"{prefix}yolo_cx": (box[:, 0] + box[:, 2]) / 2 / w, f"{prefix}yolo_cy": (box[:, 1] + box[:, 3]) / 2 / h,
+        return {f"{prefix}yolo_cx": (box[:, 0] + box[:, 2]) / 2 / w,
+                f"{prefix}yolo_cy": (box[:, 1] + box[:, 3]) / 2 / h,
                 f"{prefix}yolo_w": (box[:, 2] - box[:, 0]) / w, f"{prefix}yolo_h": (box[:, 3] - box[:, 1]) / h}
     return {}
 
@@ -221,10 +222,10 @@ def run(labels_path: str | Path, reference_path: str | Path, out_dir: str | Path
                                         "thresholds": th.as_dict()}))
         shards = _shards(len(inp.labels.images), shard_size)
         paths = [shard_dir / f"shard-{i:05d}.parquet" for i in range(len(shards))]
-        todo = [i for i, p in enumerate(paths) if p.exists() is False or not _refs_path(p).exists()]
+        todo = [i for i, p in enumerate(paths) if not (p.exists() and _refs_path(p).exists())]
         if stop_after is not None:
             todo = todo[:stop_after]
-        n_done = sum(len(shards[i]) for i in range(len(shards)) if i not in set(todo))
+        n_done = len(inp.labels.images) - sum(len(shards[i]) for i in todo)
         bar = _progress(len(inp.labels.images), n_done, "scoring") if progress else None
         mode = "ray" if use_ray else ("server" if server else "in-process")
         t_score = time.perf_counter()

@@ -16,7 +16,7 @@ images whose matching is ambiguous):
     n = ``ok_iou`` of the label's class and t = ``conf`` of a reference's class:
 
     - ``score_badly_located`` = n + w (q - n), w = min(1, s / t), with the matched reference (unmatched: with
-      the same-class reference of any confidence with the largest s q, if it overlaps at IoU >= ``match_iou``);
+      the same-class reference of any confidence with the largest s q, if it overlaps at IoU >= 0.3);
       n (no evidence) without either. A trusted reference or a second annotator gives the IoU itself; a doubtful
       one pulls the score towards the boundary n.
     - ``score_wrong_class`` = (1 + support - against) / 2, support = s q of the matched reference (else the best
@@ -39,7 +39,7 @@ Thresholds left unset are calibrated per class from the data (``calibrate``), se
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -51,6 +51,7 @@ ISSUES = ("ok", "badly_located", "wrong_class", "spurious", "unconfirmed", "miss
 # severity for ordering: the larger, the more a user wants to see it first
 SEVERITY = {"ok": 0, "unconfirmed": 1, "badly_located": 2, "missing": 3, "spurious": 4, "wrong_class": 5}
 METRICS = ("iou", "giou", "diou", "ciou")
+WEAK_MATCH_IOU = 0.3  # an untrusted same-class reference informs score_badly_located of an unmatched label from here
 MIN_CLASS = 10  # fewer samples than this in a class: its threshold is the pooled one
 
 
@@ -323,7 +324,7 @@ def classify(labels: BoxSet, ref: BoxSet, p: Pairs, th: Thresholds, cal: Calibra
     sup_same, ss_arg = _max_by(pl[same], (s * iou)[same], nl)
     ss_arg = _lift(same, ss_arg)
     # unmatched: the best same-class reference of any confidence still tells, weighted by its confidence
-    near = ~is_m & (gather(iou, ss_arg, 0.0) >= th.match_iou)
+    near = ~is_m & (gather(iou, ss_arg, 0.0) >= max(th.match_iou, WEAK_MATCH_IOU))
     loc = np.where(is_m, m_arg, np.where(near, ss_arg, -1))
     trust_w = np.minimum(1.0, s / np.maximum(cal.conf[ref.category[pr]], 1e-9))
     l_s, l_q = gather(trust_w, loc, 0.0), gather(iou, loc, 0.0)
@@ -373,7 +374,3 @@ def pair_metrics(evaluator: Evaluator, labels: BoxSet, ref: BoxSet, pl: np.ndarr
     out = {m: 1.0 - got[m] for m in METRICS}
     out["loss"] = got[loss]
     return out
-
-
-def with_given(th: Thresholds, **given) -> Thresholds:
-    return replace(th, **{k: v for k, v in given.items() if v is not None})
