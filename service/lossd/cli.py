@@ -100,8 +100,10 @@ class _QualityHelp(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _quality(args: argparse.Namespace) -> int:
-    from lossd_client import LossdError
-
+    try:
+        from lossd_client import LossdError
+    except Exception:  # noqa: BLE001 - only --server needs the client; in-process scoring must not depend on it
+        LossdError = ()  # catches nothing
     from .quality import InputError, Thresholds, run
 
     th = Thresholds(conf=args.conf, ok_iou=args.ok_iou, missing_conf=args.missing_conf, match_iou=args.match_iou,
