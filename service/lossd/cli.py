@@ -123,18 +123,38 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quality(args: argparse.Namespace) -> int:
-    from .quality import Thresholds, run
+class _QualityHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except where an option has none (its help says what happens then)."""
 
-    th = Thresholds(conf=args.conf, match_iou=args.match_iou, ok_iou=args.ok_iou,
-                    wrong_class_iou=args.wrong_class_iou, missing_conf=args.missing_conf, loss=args.loss)
-    summary = run(args.labels, args.reference, args.out, th=th, shard_size=args.shard_size, server=args.server,
-                  use_ray=args.ray is not None, ray_address=args.ray or None, image_dir=args.images,
-                  classes=args.classes, sizes=args.sizes, device=args.device or "auto",
-                  progress=not args.no_progress, api_key=args.api_key or os.environ.get("LOSSD_API_KEY"))
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def _quality(args: argparse.Namespace) -> int:
+    try:
+        from lossd_client import LossdError
+    except Exception:  # noqa: BLE001 - only --server needs the client; in-process scoring must not depend on it
+        LossdError = ()  # catches nothing
+    from .quality import InputError, Thresholds, run
+
+    th = Thresholds(conf=args.conf, ok_iou=args.ok_iou, missing_conf=args.missing_conf, match_iou=args.match_iou,
+                    wrong_class_iou=args.wrong_class_iou, support_iou=args.support_iou, loss=args.loss)
+    try:
+        summary = run(args.labels, args.reference, args.out, th=th, shard_size=args.shard_size, server=args.server,
+                      use_ray=args.ray is not None, ray_address=args.ray or None, image_dir=args.images,
+                      classes=args.classes, sizes=args.sizes, device=args.device or "auto",
+                      progress=not args.no_progress, api_key=args.api_key or os.environ.get("LOSSD_API_KEY"))
+    except InputError as exc:
+        print(f"lossd quality: error: {exc}", file=sys.stderr)
+        return 2
+    except LossdError as exc:
+        print(f"lossd quality: error: server {args.server}: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({k: summary[k] for k in ("images", "labels", "references", "by_issue", "seconds")}, indent=2))
-    print(f"wrote {args.out}/report.html, boxes.parquet, boxes.csv, images.csv, problems.csv, summary.json")
-    return 0
+    print(f"wrote {args.out}/report.html, boxes, references and images (.parquet, .csv), problems.csv, summary.json")
+    for w in summary["warnings"]:
+        print(f"lossd quality: warning: {w}", file=sys.stderr)
+    return 3 if summary["warnings"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,31 +175,41 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="evaluate a few box losses in-process")
     demo.add_argument("--device", choices=["auto", "cpu", "cuda"])
     demo.set_defaults(func=_demo)
-    q = sub.add_parser("quality", help="score a dataset's boxes against a reference and flag likely label errors")
+    q = sub.add_parser("quality", help="score a dataset's boxes against a reference and flag likely label errors",
+                       formatter_class=_QualityHelp,
+                       epilog="Exit codes: 0 done; 2 an input could not be read (the message names the file); "
+                              "3 done, but most rows were rejected or most labels have no reference on them "
+                              "(a warning says which).")
     q.add_argument("labels", help="COCO instances .json, or a folder of VOC .xml or YOLO .txt files")
     q.add_argument("reference", help="model predictions (COCO results .json, YOLO .txt with confidences) or a "
                                      "second annotator's labels, in any of the same formats")
     q.add_argument("--out", required=True, help="output folder")
-    q.add_argument("--images", help="folder of the images, to draw boxes on them in the report")
+    q.add_argument("--images", help="folder of the images, to draw boxes on them in the report (only files inside "
+                                    "it are read)")
     q.add_argument("--classes", help="YOLO: class names, one per line (default <folder>/classes.txt)")
     q.add_argument("--sizes", help="YOLO: image sizes as CSV image,width,height (default <folder>/sizes.csv)")
     q.add_argument("--server", help="score on a running lossd, e.g. grpc://127.0.0.1:50051 (streaming call)")
     q.add_argument("--api-key", help="API key for --server (or LOSSD_API_KEY)")
     q.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="distribute shards over Ray (a local Ray when no address is given)")
-    q.add_argument("--device", choices=["auto", "cpu", "cuda"], help="in-process engine device")
+                   help='distribute shards over Ray (a local Ray when no address is given; pip install "lossd[ray]")')
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="in-process engine device")
     q.add_argument("--shard-size", type=int, default=500, help="images per shard (the unit of resumption)")
     from .quality.score import Thresholds
 
     d = Thresholds()
-    q.add_argument("--conf", type=float, default=d.conf, help="references below this confidence are not trusted")
-    q.add_argument("--match-iou", type=float, default=d.match_iou, help="least IoU for a label/reference match")
-    q.add_argument("--ok-iou", type=float, default=d.ok_iou, help="matched IoU from which a label is ok")
-    q.add_argument("--wrong-class-iou", type=float, default=d.wrong_class_iou,
-                   help="IoU with a confident other-class reference that makes a label wrong_class")
+    cal = "calibrated per class from the data"
+    q.add_argument("--conf", type=float, default=d.conf,
+                   help=f"references from this confidence up are trusted to match and flag (default: {cal})")
+    q.add_argument("--ok-iou", type=float, default=d.ok_iou,
+                   help=f"matched IoU from which a label is ok (default: {cal})")
     q.add_argument("--missing-conf", type=float, default=d.missing_conf,
-                   help="confidence from which an unlabelled reference is a missing box")
-    q.add_argument("--loss", default=d.loss, help="the loss kept for each matched pair")
+                   help=f"confidence from which an unlabelled reference is a missing box (default: {cal})")
+    q.add_argument("--match-iou", type=float, default=d.match_iou, help="least IoU for a label/reference match")
+    q.add_argument("--wrong-class-iou", type=float, default=d.wrong_class_iou,
+                   help="IoU with a trusted other-class reference that makes a label wrong_class")
+    q.add_argument("--support-iou", type=float, default=d.support_iou,
+                   help="IoU from which any reference shows that an object is there (unconfirmed, not spurious)")
+    q.add_argument("--loss", default=d.loss, help="the loss kept for each label/reference pair")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_quality)
     args = parser.parse_args(argv)

@@ -1,9 +1,22 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared beside the checkout
+
+
+def _shared() -> Path:
+    """../shared/data beside the checkout (or beside a folder above it, for a worktree), or $LOSSD_SHARED_DATA."""
+    if os.environ.get("LOSSD_SHARED_DATA"):
+        return Path(os.environ["LOSSD_SHARED_DATA"])
+    for up in Path(__file__).resolve().parents:
+        if (up / "shared" / "data").is_dir():
+            return up / "shared" / "data"
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+SHARED = _shared()
 
 
 @pytest.fixture(scope="session")

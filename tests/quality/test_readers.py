@@ -3,8 +3,9 @@
 import json
 
 import numpy as np
+import pytest
 
-from lossd.quality import read_any, read_coco, read_voc, read_yolo
+from lossd.quality import InputError, from_cleanlab, read_any, read_coco, read_voc, read_yolo
 from lossd.quality.readers import read_coco_reference
 
 from .conftest import write_json
@@ -71,3 +72,39 @@ def test_voc_real_data_and_malformed_file(voc_dir, tmp_path):
     (tmp_path / "broken.xml").write_text("<annotation><object>")
     b2 = read_voc(tmp_path)
     assert len(b2) == 61 and b2.problems[0]["location"] == "broken.xml"
+
+
+def test_cleanlab_inputs_as_they_are():
+    labels = [{"bboxes": np.array([[0, 0, 10, 10], [5, 5, 20, 20]], dtype=np.float32), "labels": np.array([1, 0])},
+              {"bboxes": np.zeros((0, 4), dtype=np.float32), "labels": np.zeros(0, dtype=int)}]
+    predictions = [np.array([np.array([[5, 5, 19, 20, 0.8]]), np.zeros((0, 5)), np.array([[1, 1, 2, 2, 0.1]])],
+                            dtype=object),
+                   [np.zeros((0, 5)), np.array([[3, 3, 9, 9, 0.7]]), np.zeros((0, 5))]]
+    lab, ref = from_cleanlab(labels, predictions, class_names=["cat", "dog", "bird"])
+    assert len(lab.images) == 2 and lab.categories == ["cat", "dog", "bird"]
+    assert [lab.categories[c] for c in lab.category] == ["dog", "cat"] and lab.box_id == ["0:0", "0:1"]
+    np.testing.assert_allclose(lab.box[1], [5, 5, 20, 20])
+    assert ref.box_id == ["0:0:0", "0:2:0", "1:1:0"] and ref.score.tolist() == pytest.approx([0.8, 0.1, 0.7])
+    assert [ref.categories[c] for c in ref.category] == ["cat", "bird", "dog"] and ref.image.tolist() == [0, 0, 1]
+    with pytest.raises(InputError, match="predictions: 1 images, but labels has 2"):
+        from_cleanlab(labels, predictions[:1])
+    with pytest.raises(InputError, match=r"labels\[0\]: expected a dict"):
+        from_cleanlab([[1, 2]], None)
+
+
+def test_unreadable_inputs_name_the_file_and_what_was_expected(coco_dir, tmp_path):
+    results = coco_dir / "fakebbox100_results.json"
+    with pytest.raises(InputError, match="labels: .*missing.json not found"):
+        read_any(tmp_path / "missing.json")
+    with pytest.raises(InputError, match="list of detections .*swapped"):
+        read_any(results)  # predictions given as the labels
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(InputError, match="bad.json is not valid JSON"):
+        read_any(tmp_path / "bad.json")
+    labels = read_coco(coco_dir / "instances_val2014_100.json")
+    (tmp_path / "num.json").write_text("42")
+    with pytest.raises(InputError, match="reference: .*num.json is neither"):
+        read_any(tmp_path / "num.json", like=labels)
+    (tmp_path / "yolo").mkdir()
+    with pytest.raises(InputError, match="classes.txt not found"):
+        read_any(tmp_path / "yolo")

@@ -1,9 +1,10 @@
-"""`lossd quality`: the batch job. Reads labels and a reference, scores them shard by shard, writes the results.
+"""`lossd quality`: the batch job. Reads labels and a reference, calibrates thresholds, scores shard by shard,
+writes the results.
 
 Shards (contiguous runs of images) are written atomically (a temporary file, then a rename) under
 ``<out>/shards/``; a re-run with the same inputs and settings skips the shards already there, so a crashed job
 resumes where it stopped. The shard results do not depend on where they were computed: in-process, on a server
-(``--server grpc://host:port``, over the streaming call), or on Ray workers (``--ray [ADDRESS]``).
+(``--server URL``, over the streaming call), or on Ray workers (``--ray [ADDRESS]``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -24,10 +25,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .. import __version__
-from .readers import BoxSet, read_any
-from .score import ISSUES, METRICS, Thresholds, group, score_images
+from .readers import BoxSet, InputError, read_any
+from .score import (ISSUES, METRICS, SEVERITY, Calibration, Evaluator, Thresholds, calibrate_all, classify, gather,
+                    group, match, pair_metrics)
 
-LOSSES = ("iou", "giou", "diou", "ciou")
+REJECTED_WARN = 0.5  # warn (and exit non-zero from the CLI) when more than this share of a file's rows is unusable
+UNMATCHED_WARN = 0.9  # ... or when more than this share of the labels has no reference on it at all
 
 
 @dataclass
@@ -35,6 +38,11 @@ class Inputs:
     labels: BoxSet
     reference: BoxSet
     fingerprint: str
+    groups: tuple = ()
+
+    def __post_init__(self) -> None:
+        n = len(self.labels.images)
+        self.groups = (group(self.labels.image, n), group(self.reference.image, n))
 
 
 def load(labels_path: str | Path, reference_path: str | Path, *, classes=None, sizes=None, th: Thresholds,
@@ -53,78 +61,121 @@ def load(labels_path: str | Path, reference_path: str | Path, *, classes=None, s
 
 
 # ------------------------------------------------------------------------------------------------ evaluators
-def engine_evaluator(device: str = "auto") -> Callable:
-    """Pair metrics from the in-process engine: each metric as 1 - its loss, float64 (as the server path)."""
-    from ..engine import Engine
+class EngineEvaluator:
+    """Pair losses from the in-process engine, float64 (as the server path)."""
 
-    engine = Engine(device=device, warm=False)
+    def __init__(self, device: str = "auto") -> None:
+        from ..engine import Engine
 
-    def evaluate(pred: np.ndarray, target: np.ndarray, loss: str) -> dict:
-        out = {m: 1.0 - engine.evaluate(m, pred, target, return_grad=False, dtype="float64").loss.numpy()
-               for m in LOSSES}
-        out["loss"] = engine.evaluate(loss, pred, target, return_grad=False, dtype="float64").loss.numpy()
-        return out
+        self.engine = Engine(device=device, warm=False)
 
-    return evaluate
+    def losses(self, pred: np.ndarray, target: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        return {n: self.engine.evaluate(n, pred, target, return_grad=False, dtype="float64").loss.numpy()
+                for n in names}
+
+    def close(self) -> None:
+        pass
 
 
-def server_evaluator(url: str, api_key: str | None = None) -> Callable:
-    """Pair metrics from a running lossd: one EvaluateStream call per shard carries all five losses."""
-    from lossd_client import LossClient
+class ServerEvaluator:
+    """Pair losses from a running lossd: one streaming call per request carries every loss asked for. The URL
+    goes to ``LossClient`` as given."""
 
-    client = LossClient(url, api_key=api_key)
+    CHUNK = 50_000  # pairs per item, well inside the server's message cap
 
-    def evaluate(pred: np.ndarray, target: np.ndarray, loss: str) -> dict:
-        names = list(LOSSES) + [loss]
-        results = client.stream([dict(name=n, pred=pred, target=target, return_grad=False) for n in names])
-        out = {m: 1.0 - np.asarray(r.loss, dtype=np.float64) for m, r in zip(LOSSES, results[:4])}
-        out["loss"] = np.asarray(results[4].loss, dtype=np.float64)
-        return out
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        from lossd_client import LossClient
 
-    evaluate.close = client.close
-    return evaluate
+        self.client = LossClient(url, api_key=api_key)
+
+    def losses(self, pred: np.ndarray, target: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        spans = [(a, min(a + self.CHUNK, len(pred))) for a in range(0, len(pred), self.CHUNK)]
+        calls = [dict(name=n, pred=pred[a:b], target=target[a:b], return_grad=False) for n in names for a, b in spans]
+        results = iter(self.client.stream(calls))
+        return {n: np.concatenate([np.asarray(next(results).loss, dtype=np.float64) for _ in spans]) for n in names}
+
+    def close(self) -> None:
+        self.client.close()
 
 
 # ------------------------------------------------------------------------------------------------ shards
-def shard_table(inp: Inputs, images: np.ndarray, th: Thresholds, evaluate: Callable, groups: tuple) -> pa.Table:
+def _native(b: BoxSet, rows: np.ndarray, prefix: str = "") -> dict:
+    """The boxes in the input's own format, beside x1..y2."""
+    box = b.box[rows]
+    if b.box_format == "coco":
+        return {f"{prefix}coco_x": box[:, 0], f"{prefix}coco_y": box[:, 1], f"{prefix}coco_w": box[:, 2] - box[:, 0],
+                f"{prefix}coco_h": box[:, 3] - box[:, 1]}
+    if b.box_format == "yolo":
+        w = np.array([b.images[i].width for i in b.image[rows]], dtype=np.float64)
+        h = np.array([b.images[i].height for i in b.image[rows]], dtype=np.float64)
+        w, h = np.where(w > 0, w, np.nan), np.where(h > 0, h, np.nan)
+        return {f"{prefix}yolo_cx": (box[:, 0] + box[:, 2]) / 2 / w,
+                f"{prefix}yolo_cy": (box[:, 1] + box[:, 3]) / 2 / h,
+                f"{prefix}yolo_w": (box[:, 2] - box[:, 0]) / w, f"{prefix}yolo_h": (box[:, 3] - box[:, 1]) / h}
+    return {}
+
+
+def _ids(values: list, idx: np.ndarray) -> pa.Array:
+    return pa.array([values[i] if i >= 0 else None for i in idx], pa.string())
+
+
+def score_shard(inp: Inputs, images: np.ndarray, th: Thresholds, cal: Calibration,
+                evaluator: Evaluator) -> tuple[pa.Table, pa.Table]:
+    """(label rows, reference rows) of the given images."""
     lab, ref = inp.labels, inp.reference
-    cols = score_images(lab, ref, images, th, evaluate, *groups)
-    kind, row, partner = cols["kind"], cols["row"], cols["partner"]
-    is_label = kind == 0
-
-    def pick(of_label: np.ndarray, of_ref: np.ndarray, fill=0) -> np.ndarray:
-        out = np.full((len(row),) + of_label.shape[1:], fill, dtype=of_label.dtype)
-        out[is_label] = of_label[row[is_label]]
-        out[~is_label] = of_ref[row[~is_label]]
-        return out
-
-    src_image = pick(lab.image, ref.image)
-    src_cat = pick(lab.category, ref.category)
-    box = pick(lab.box, ref.box)
-    ref_score = pick(np.zeros(len(lab)), ref.score)
-    ref_score[is_label] = cols["partner_score"][is_label]
-    box_ids = [lab.box_id[r] if k == 0 else ref.box_id[r] for k, r in zip(kind, row)]
-    partner_ids = [ref.box_id[p] if p >= 0 else None for p in partner]
-    table = {
-        "image_id": [lab.images[i].key for i in src_image],
-        "kind": ["label" if k == 0 else "reference" for k in kind],
-        "box_id": box_ids,
-        "category": [lab.categories[c] for c in src_cat],
-        "x1": box[:, 0], "y1": box[:, 1], "x2": box[:, 2], "y2": box[:, 3],
-        "reference_id": partner_ids,
-        "reference_score": ref_score,
-        **{m: cols[m] for m in METRICS},
-        "loss": cols["loss"],
-        "score": cols["score"],
-        "issue": list(cols["issue"]),
-    }
-    return pa.table(table)
+    pairs = match(lab, ref, images, th, cal, evaluator, *inp.groups)
+    cols = classify(lab, ref, pairs, th, cal)
+    lc, rc = cols["labels"], cols["references"]
+    rows, pp = pairs.lab_rows, lc["partner_pair"]
+    has = pp >= 0
+    partner = gather(pairs.pr, pp, -1)
+    metrics = {m: np.full(len(rows), np.nan) for m in METRICS + ("loss",)}
+    got = pair_metrics(evaluator, lab, ref, rows[has], partner[has], th.loss)
+    for m in metrics:
+        metrics[m][has] = got[m]
+    keys = [im.key for im in lab.images]
+    rbox = gather(ref.box, partner, np.nan)
+    labels_t = pa.table({
+        "image_id": _ids(keys, lab.image[rows]), "box_id": _ids(lab.box_id, rows),
+        "category": _ids(lab.categories, lab.category[rows]),
+        "x1": lab.box[rows, 0], "y1": lab.box[rows, 1], "x2": lab.box[rows, 2], "y2": lab.box[rows, 3],
+        **_native(lab, rows),
+        "issue": pa.array(list(lc["issue"]), pa.string()), "score": lc["score"],
+        "score_badly_located": lc["score_badly_located"], "score_wrong_class": lc["score_wrong_class"],
+        "score_spurious": lc["score_spurious"],
+        "reference_id": _ids(ref.box_id, partner),
+        "reference_category": pa.array([lab.categories[ref.category[k]] if k >= 0 else None for k in partner],
+                                       pa.string()),
+        "reference_score": gather(ref.score, partner, np.nan),
+        "reference_x1": rbox[:, 0], "reference_y1": rbox[:, 1], "reference_x2": rbox[:, 2], "reference_y2": rbox[:, 3],
+        **metrics,
+    })
+    rrows, lp = pairs.ref_rows, rc["label_pair"]
+    lbl = gather(pairs.pl, lp, -1)
+    refs_t = pa.table({
+        "image_id": _ids(keys, ref.image[rrows]), "box_id": _ids(ref.box_id, rrows),
+        "category": _ids(lab.categories, ref.category[rrows]), "confidence": ref.score[rrows],
+        "x1": ref.box[rrows, 0], "y1": ref.box[rrows, 1], "x2": ref.box[rrows, 2], "y2": ref.box[rrows, 3],
+        **_native(ref, rrows),
+        "issue": pa.array(list(rc["issue"]), pa.string()), "score_missing": rc["score_missing"],
+        "label_id": _ids(lab.box_id, lbl), "label_iou": rc["label_iou"],
+    })
+    return labels_t, refs_t
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
+
+
+def _write_shard(tables: tuple[pa.Table, pa.Table], path: Path) -> None:
+    _write_atomic(tables[1], _refs_path(path))
+    _write_atomic(tables[0], path)  # the labels file last: its presence marks the shard done
+
+
+def _refs_path(path: Path) -> Path:
+    return path.with_name(path.stem + "-references.parquet")
 
 
 def _shards(n_images: int, shard_size: int) -> list[np.ndarray]:
@@ -135,9 +186,13 @@ def _progress(total: int, done: int, desc: str):
     try:
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=done, desc=desc, unit="shard", file=sys.stderr, dynamic_ncols=True)
+        return tqdm(total=total, initial=done, desc=desc, unit="image", file=sys.stderr, dynamic_ncols=True)
     except ImportError:  # pragma: no cover
         return None
+
+
+def make_evaluator(server: str | None = None, api_key: str | None = None, device: str = "auto") -> Evaluator:
+    return ServerEvaluator(server, api_key) if server else EngineEvaluator(device)
 
 
 def run(labels_path: str | Path, reference_path: str | Path, out_dir: str | Path, *, th: Thresholds = Thresholds(),
@@ -145,58 +200,65 @@ def run(labels_path: str | Path, reference_path: str | Path, out_dir: str | Path
         image_dir: str | Path | None = None, classes=None, sizes=None, device: str = "auto", progress: bool = True,
         stop_after: int | None = None, api_key: str | None = None) -> dict:
     """Score a dataset; returns the summary. ``stop_after`` shards (tests) simulates a crash part-way."""
+    if use_ray:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise InputError('--ray needs Ray, which is not installed: pip install "lossd[ray]"') from None
     t0 = time.perf_counter()
     out = Path(out_dir)
     shard_dir = out / "shards"
     inp = load(labels_path, reference_path, classes=classes, sizes=sizes, th=th, shard_size=shard_size)
-    manifest = shard_dir / "manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") != inp.fingerprint:
-        shutil.rmtree(shard_dir)  # inputs or settings changed: earlier shards do not belong to this run
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({"fingerprint": inp.fingerprint, "shard_size": shard_size,
-                                    "thresholds": th.as_dict()}))
-    shards = _shards(len(inp.labels.images), shard_size)
-    paths = [shard_dir / f"shard-{i:05d}.parquet" for i in range(len(shards))]
-    todo = [i for i, p in enumerate(paths) if not p.exists()]
-    if stop_after is not None:
-        todo = todo[:stop_after]
-    bar = _progress(len(shards), len(shards) - len(todo), "scoring") if progress else None
-    mode = "ray" if use_ray else ("server" if server else "in-process")
-    t_score = time.perf_counter()
-    if use_ray:
-        _run_ray(inp, shards, paths, todo, th, ray_address, device, bar)
-    else:
-        evaluate = server_evaluator(server, api_key) if server else engine_evaluator(device)
-        groups = (group(inp.labels.image, len(inp.labels.images)), group(inp.reference.image,
-                                                                        len(inp.labels.images)))
-        try:
+    evaluator = make_evaluator(server, api_key, device) if not use_ray else EngineEvaluator(device)
+    try:
+        t_cal = time.perf_counter()
+        cal = calibrate_all(inp.labels, inp.reference, th, evaluator, inp.groups)
+        cal_s = time.perf_counter() - t_cal
+        manifest = shard_dir / "manifest.json"
+        if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") != inp.fingerprint:
+            shutil.rmtree(shard_dir)  # inputs or settings changed: earlier shards do not belong to this run
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps({"fingerprint": inp.fingerprint, "shard_size": shard_size,
+                                        "thresholds": th.as_dict()}))
+        shards = _shards(len(inp.labels.images), shard_size)
+        paths = [shard_dir / f"shard-{i:05d}.parquet" for i in range(len(shards))]
+        todo = [i for i, p in enumerate(paths) if not (p.exists() and _refs_path(p).exists())]
+        if stop_after is not None:
+            todo = todo[:stop_after]
+        n_done = len(inp.labels.images) - sum(len(shards[i]) for i in todo)
+        bar = _progress(len(inp.labels.images), n_done, "scoring") if progress else None
+        mode = "ray" if use_ray else ("server" if server else "in-process")
+        t_score = time.perf_counter()
+        if use_ray:
+            _run_ray(inp, shards, paths, todo, th, cal, ray_address, device, bar)
+        else:
             for i in todo:
-                _write_atomic(shard_table(inp, shards[i], th, evaluate, groups), paths[i])
+                _write_shard(score_shard(inp, shards[i], th, cal, evaluator), paths[i])
                 if bar is not None:
-                    bar.update(1)
-        finally:
-            getattr(evaluate, "close", lambda: None)()
-    if bar is not None:
-        bar.close()
-    scored_s = time.perf_counter() - t_score
+                    bar.update(len(shards[i]))
+        if bar is not None:
+            bar.close()
+        scored_s = time.perf_counter() - t_score
+    finally:
+        evaluator.close()
     if stop_after is not None and any(not p.exists() for p in paths):
         return {"complete": False, "shards_done": sum(p.exists() for p in paths), "shards": len(paths)}
-    return finish(inp, paths, out, th, mode=mode, image_dir=image_dir, seconds=time.perf_counter() - t0,
-                  scoring_seconds=scored_s)
+    return finish(inp, paths, out, th, cal, mode=mode, image_dir=image_dir, seconds=time.perf_counter() - t0,
+                  scoring_seconds=scored_s + cal_s)
 
 
 # ------------------------------------------------------------------------------------------------ ray
-def _ray_shard(inp_ref, images: np.ndarray, th: Thresholds, device: str) -> bytes:
-    inp = inp_ref
-    evaluate = engine_evaluator(device)
-    groups = (group(inp.labels.image, len(inp.labels.images)), group(inp.reference.image, len(inp.labels.images)))
-    table = shard_table(inp, images, th, evaluate, groups)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
+def _ray_shard(inp: Inputs, images: np.ndarray, th: Thresholds, cal: Calibration, device: str) -> tuple[bytes, bytes]:
+    evaluator = EngineEvaluator(device)
+    out = []
+    for table in score_shard(inp, images, th, cal, evaluator):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        out.append(sink.getvalue().to_pybytes())
+    return out[0], out[1]
 
 
-def _run_ray(inp: Inputs, shards, paths, todo, th, address, device, bar) -> None:
+def _run_ray(inp: Inputs, shards, paths, todo, th, cal, address, device, bar) -> None:
     import ray
 
     started = not ray.is_initialized()
@@ -206,72 +268,153 @@ def _run_ray(inp: Inputs, shards, paths, todo, th, address, device, bar) -> None
     try:
         remote = ray.remote(_ray_shard)
         inp_ref = ray.put(inp)
-        pending = {remote.remote(inp_ref, shards[i], th, device): i for i in todo}
+        pending = {remote.remote(inp_ref, shards[i], th, cal, device): i for i in todo}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 i = pending.pop(ref)
-                tmp = paths[i].with_suffix(".tmp")
-                tmp.write_bytes(ray.get(ref))
-                os.replace(tmp, paths[i])
+                lab_bytes, ref_bytes = ray.get(ref)
+                for data, path in ((ref_bytes, _refs_path(paths[i])), (lab_bytes, paths[i])):
+                    tmp = path.with_suffix(".tmp")
+                    tmp.write_bytes(data)
+                    os.replace(tmp, path)
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(len(shards[i]))
     finally:
         if started:
             ray.shutdown()
 
 
+# ------------------------------------------------------------------------------------------------ images
+IMAGE_POWER = 10  # p = (1 - rank) ** IMAGE_POWER: only the lowest-ranked boxes of a type weigh on their image
+PER_TYPE = (("boxes", "score_badly_located"), ("boxes", "score_wrong_class"), ("boxes", "score_spurious"),
+            ("references", "score_missing"))
+
+
+def image_table(image_ids: list[str], files: list[str], boxes: pa.Table, refs: pa.Table) -> pa.Table:
+    """One row per image, worst first.
+
+    Every box's per-type score (score_badly_located, score_wrong_class, score_spurious of a label; score_missing of
+    a reference) is turned into its rank r among all boxes' scores of that type (the fraction scoring lower, ties
+    averaged), and p = (1 - r) ** 10 is read as the chance that this box has that issue. The image score is the
+    chance that none of its boxes has any issue, prod(1 - p): every doubtful box lowers it, not only the worst,
+    and scores of different types are put on one scale by their ranks. Ties are broken by the number of flagged
+    boxes, then the worst issue's severity, then the image id."""
+    from scipy.stats import rankdata
+
+    index = {k: i for i, k in enumerate(image_ids)}
+    n = len(image_ids)
+    log_clean = np.zeros(n)
+    counts = {i: np.zeros(n, dtype=np.int64) for i in ISSUES}
+    worst = np.zeros(n, dtype=np.int64)
+    tables = {"boxes": boxes, "references": refs}
+    img_of = {name: np.fromiter((index[k] for k in t.column("image_id").to_pylist()), dtype=np.int64,
+                                count=t.num_rows) for name, t in tables.items()}
+    for name, col in PER_TYPE:
+        t = tables[name]
+        if t.num_rows == 0:
+            continue
+        v = t.column(col).to_numpy(zero_copy_only=False)
+        r = (rankdata(v, method="average") - 0.5) / len(v)
+        p = np.clip((1.0 - r) ** IMAGE_POWER, 0.0, 1.0 - 1e-12)
+        np.add.at(log_clean, img_of[name], np.log1p(-p))
+    for name, t in tables.items():
+        if t.num_rows == 0:
+            continue
+        issue = np.asarray(t.column("issue").to_pylist(), dtype=object)
+        for i in ISSUES:
+            hit = issue == i
+            counts[i] += np.bincount(img_of[name][hit], minlength=n)
+            np.maximum.at(worst, img_of[name][hit], SEVERITY[i])
+    score = np.exp(log_clean)
+    flagged = sum(counts[i] for i in ISSUES if i not in ("ok", "unconfirmed"))
+    order = sorted(range(n), key=lambda i: (float(score[i]), -int(flagged[i]), -int(worst[i]), image_ids[i]))
+    sev_name = {v: k for k, v in SEVERITY.items()}
+    return pa.table({
+        "rank": np.arange(1, n + 1), "image_id": [image_ids[i] for i in order], "file": [files[i] for i in order],
+        "score": score[order], "n_flagged": flagged[order], "worst_issue": [sev_name[int(worst[i])] for i in order],
+        **{f"n_{i}": counts[i][order] for i in ISSUES},
+    })
+
+
 # ------------------------------------------------------------------------------------------------ outputs
-def finish(inp: Inputs, paths: Iterable[Path], out: Path, th: Thresholds, *, mode: str, image_dir=None,
-           seconds: float, scoring_seconds: float) -> dict:
-    tables = [pq.read_table(p) for p in paths]
-    boxes = pa.concat_tables(tables) if tables else shard_table(inp, np.arange(0), th, lambda *a: {}, (
-        group(inp.labels.image, 0), group(inp.reference.image, 0)))
-    pq.write_table(boxes, out / "boxes.parquet")
-    pacsv.write_csv(boxes, out / "boxes.csv")
-    cols = boxes.to_pydict()
-    images = _image_rows(inp, cols)
-    with open(out / "images.csv", "w") as f:
-        f.write("image_id,file,score," + ",".join(f"n_{i}" for i in ISSUES) + "\n")
-        for r in images:
-            f.write(f"{_csv(r['image_id'])},{_csv(r['file'])},{r['score']:.6g},"
-                    + ",".join(str(r["counts"][i]) for i in ISSUES) + "\n")
-    problems = inp.labels.problems + inp.reference.problems
-    with open(out / "problems.csv", "w") as f:
-        f.write("source,location,problem\n")
-        for p in problems:
-            f.write(f"{_csv(p['source'])},{_csv(p['location'])},{_csv(p['problem'])}\n")
+def _check_inputs(inp: Inputs, boxes: pa.Table) -> list[str]:
+    """Warnings for inputs that do not fit each other (most rows rejected, or no reference near most labels)."""
+    warnings = []
+    for name, b in (("labels", inp.labels), ("reference", inp.reference)):
+        bad = sum(1 for p in b.problems if p.get("source") != "images")
+        total = bad + len(b)
+        if total and bad / total > REJECTED_WARN:
+            reasons = {}
+            for p in b.problems:
+                key = p["problem"].split(" '")[0].split(" (")[0][:60]
+                reasons[key] = reasons.get(key, 0) + 1
+            top = max(reasons, key=reasons.get) if reasons else ""
+            warnings.append(f"{name}: {bad} of {total} rows rejected (most: {top!r}); do the labels and the "
+                            "reference describe the same images, with the same image ids and class names?")
+    if len(inp.labels) and len(inp.reference) and boxes.num_rows:
+        nothing = sum(1 for r in boxes.column("reference_id").to_pylist() if r is None)
+        if nothing / boxes.num_rows > UNMATCHED_WARN:
+            warnings.append(f"{nothing} of {boxes.num_rows} labels have no reference box on them; do the labels and "
+                            "the reference describe the same images (ids, sizes, box format)?")
+    return warnings
+
+
+def finish(inp: Inputs, paths: Iterable[Path], out: Path, th: Thresholds, cal: Calibration, *, mode: str,
+           image_dir=None, seconds: float, scoring_seconds: float) -> dict:
+    from .report import confine_images, write_report
+
+    paths = list(paths)
+    if paths:
+        boxes = pa.concat_tables([pq.read_table(p) for p in paths])
+        refs = pa.concat_tables([pq.read_table(_refs_path(p)) for p in paths])
+    else:
+        boxes, refs = score_shard(inp, np.arange(0), th, cal, _NoPairs())
+    image_ids = [im.key for im in inp.labels.images]
+    images = image_table(image_ids, [im.file for im in inp.labels.images], boxes, refs)
+    image_problems = confine_images(inp.labels.images, image_dir)
+    problems = inp.labels.problems + inp.reference.problems + image_problems
+    for name, t in (("boxes", boxes), ("references", refs), ("images", images)):
+        pq.write_table(t, out / f"{name}.parquet")
+        pacsv.write_csv(t, out / f"{name}.csv")
+    pacsv.write_csv(pa.table({k: [str(p[k]) for p in problems] for k in ("source", "location", "problem")}),
+                    out / "problems.csv")
     by_issue = {i: 0 for i in ISSUES}
-    by_class: dict[str, dict[str, int]] = {}
-    for cat, issue in zip(cols["category"], cols["issue"]):
+    by_class: dict[str, dict] = {c: {"labels": 0, "references": 0, **{i: 0 for i in ISSUES}}
+                                 for c in inp.labels.categories}
+    for cat, issue in zip(boxes.column("category").to_pylist(), boxes.column("issue").to_pylist()):
         by_issue[issue] += 1
-        by_class.setdefault(cat, {i: 0 for i in ISSUES})[issue] += 1
+        by_class[cat][issue] += 1
+        by_class[cat]["labels"] += 1
+    for cat, issue in zip(refs.column("category").to_pylist(), refs.column("issue").to_pylist()):
+        by_class[cat]["references"] += 1
+        if issue == "missing":
+            by_issue["missing"] += 1
+            by_class[cat]["missing"] += 1
+    calibration = cal.as_dict(inp.labels.categories)
+    for c, row in by_class.items():
+        row["thresholds"] = calibration["per_class"][c]
+    by_class = {c: r for c, r in by_class.items() if r["labels"] or r["references"]}
+    warnings = _check_inputs(inp, boxes)
     summary = {
         "lossd_version": __version__, "mode": mode, "complete": True,
         "images": len(inp.labels.images), "labels": len(inp.labels), "references": len(inp.reference),
-        "rows": len(cols["issue"]), "by_issue": by_issue, "by_class": by_class,
+        "by_issue": by_issue, "by_class": by_class, "warnings": warnings,
         "problems": {"count": len(problems), "rows": problems[:1000]},
         "ignored": {"labels": inp.labels.ignored, "references": inp.reference.ignored},
-        "thresholds": th.as_dict(), "seconds": round(seconds, 3), "scoring_seconds": round(scoring_seconds, 3),
-        "outputs": ["boxes.parquet", "boxes.csv", "images.csv", "problems.csv", "summary.json", "report.html"],
+        "thresholds": {**th.as_dict(), "calibration": {k: v for k, v in calibration.items() if k != "per_class"}},
+        "seconds": round(seconds, 3), "scoring_seconds": round(scoring_seconds, 3),
+        "outputs": ["boxes.parquet", "boxes.csv", "references.parquet", "references.csv", "images.parquet",
+                    "images.csv", "problems.csv", "summary.json", "report.html"],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    from .report import write_report
-
-    write_report(out / "report.html", summary, cols, images, inp.labels.images, image_dir)
+    write_report(out / "report.html", summary, boxes, refs, images, inp.labels.images, image_dir)
     return summary
 
 
-def _image_rows(inp: Inputs, cols: dict) -> list[dict]:
-    rows = {im.key: {"image_id": im.key, "file": im.file, "score": 1.0, "counts": {i: 0 for i in ISSUES}}
-            for im in inp.labels.images}
-    for img, score, issue in zip(cols["image_id"], cols["score"], cols["issue"]):
-        r = rows[img]
-        r["score"] = min(r["score"], score)
-        r["counts"][issue] += 1
-    return sorted(rows.values(), key=lambda r: (r["score"], r["image_id"]))
+class _NoPairs:
+    def losses(self, pred, target, names):
+        return {n: np.zeros(0) for n in names}
 
-
-def _csv(v) -> str:
-    s = "" if v is None else str(v)
-    return '"' + s.replace('"', '""') + '"' if any(c in s for c in ',"\n') else s
+    def close(self) -> None:
+        pass

@@ -16,6 +16,10 @@ from pathlib import Path
 import numpy as np
 
 
+class InputError(Exception):
+    """An input file that cannot be read as what it should be; the message names the file and what was expected."""
+
+
 @dataclass
 class Image:
     key: str  # the image's id as the dataset names it (COCO id, file stem)
@@ -36,6 +40,7 @@ class BoxSet:
     problems: list[dict] = field(default_factory=list)
     ignored: dict = field(default_factory=dict)  # counts of rows deliberately left out (e.g. COCO crowd boxes)
     coco_categories: dict = field(default_factory=dict)  # COCO category id -> name, when read from COCO
+    box_format: str = "xyxy"  # the input's own box format: coco (xywh pixels), yolo (cxcywh normalised), xyxy
 
     def __len__(self) -> int:
         return len(self.box_id)
@@ -83,7 +88,12 @@ class _Builder:
 def read_coco(path: str | Path) -> BoxSet:
     """COCO instances JSON: images, categories, annotations (bbox = left, top, width, height)."""
     path = Path(path)
-    data = json.loads(path.read_text())
+    data = _json(path, "labels")
+    if isinstance(data, list):
+        raise InputError(f"labels: {path} is a list of detections (COCO results); expected a COCO instances file "
+                         "(an object with images, annotations, categories). Are labels and reference swapped?")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise InputError(f"labels: {path} has no 'images' list; expected a COCO instances file")
     images = [Image(str(im["id"]), float(im.get("width", 0)), float(im.get("height", 0)), im.get("file_name", ""))
               for im in data.get("images", [])]
     cats = {c["id"]: c["name"] for c in data.get("categories", [])}
@@ -99,6 +109,7 @@ def read_coco(path: str | Path) -> BoxSet:
         _coco_row(b, loc, str(ann.get("id", i)), ann, cats)
     out = b.build()
     out.coco_categories = cats
+    out.box_format = "coco"
     return out
 
 
@@ -121,10 +132,13 @@ def read_coco_reference(path: str | Path, labels: BoxSet, categories_from: str |
     """A reference against the labels' images: COCO results JSON (a list with scores) or another instances JSON
     (a second annotator: score 1). Category ids are the labels' COCO ids (read from ``categories_from``)."""
     path = Path(path)
-    data = json.loads(path.read_text())
+    data = _json(path, "reference")
     if isinstance(data, dict):  # a second annotator's instances file
-        ref = read_coco(path)
-        return _align(ref, labels)
+        ref = _align(read_coco(path), labels)
+        ref.box_format = "coco"
+        return ref
+    if not isinstance(data, list):
+        raise InputError(f"reference: {path} is neither a COCO results list nor a COCO instances file")
     if categories_from:
         cats = _coco_categories(categories_from)
     elif labels.coco_categories:
@@ -139,11 +153,24 @@ def read_coco_reference(path: str | Path, labels: BoxSet, categories_from: str |
             continue
         score = row.get("score", 1.0)
         _coco_row(b, loc, f"r{i}", row, cats, score if isinstance(score, (int, float)) else float("nan"))
-    return b.build()
+    out = b.build()
+    out.box_format = "coco"
+    return out
+
+
+def _json(path: Path, role: str):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{role}: {path} not found") from None
+    except (OSError, UnicodeError) as exc:
+        raise InputError(f"{role}: cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{role}: {path} is not valid JSON ({exc}); expected COCO JSON") from None
 
 
 def _coco_categories(path: str | Path) -> dict:
-    data = json.loads(Path(path).read_text())
+    data = _json(Path(path), "categories")
     return {c["id"]: c["name"] for c in data.get("categories", [])}
 
 
@@ -200,11 +227,20 @@ def read_yolo(folder: str | Path, classes: list[str] | str | Path, sizes: dict[s
                 continue
             box = ((cx - w / 2) * w_img, (cy - h / 2) * h_img, (cx + w / 2) * w_img, (cy + h / 2) * h_img)
             b.add(loc, loc, key, names[cls], box, conf)
-    return b.build()
+    out = b.build()
+    out.box_format = "yolo"
+    return out
 
 
 def _lines(path: str | Path) -> list[str]:
-    return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise InputError(f"{path} not found (YOLO needs the class names, one per line: --classes; and the image "
+                         "sizes as CSV image,width,height: --sizes)") from None
+    except (OSError, UnicodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
 def _sizes(path: str | Path) -> dict[str, tuple[float, float]]:
@@ -255,6 +291,9 @@ def read_any(path: str | Path, *, classes=None, sizes=None, like: BoxSet | None 
              categories_from: str | Path | None = None) -> BoxSet:
     """Pick the reader by what ``path`` is: a .json file (COCO), or a folder of .xml (VOC) or .txt (YOLO)."""
     path = Path(path)
+    role = "reference" if like is not None else "labels"
+    if not path.exists():
+        raise InputError(f"{role}: {path} not found")
     if path.is_file() and path.suffix == ".json":
         if like is None:
             return read_coco(path)
@@ -268,4 +307,64 @@ def read_any(path: str | Path, *, classes=None, sizes=None, like: BoxSet | None 
         if sizes is None:
             sizes = path / "sizes.csv"
         return read_yolo(path, classes, sizes, like.images if like else None, like.categories if like else None)
-    raise FileNotFoundError(f"{path}: not a COCO .json file or a folder of VOC .xml / YOLO .txt files")
+    raise InputError(f"{role}: {path} is not a COCO .json file or a folder of VOC .xml / YOLO .txt files")
+
+
+# ---------------------------------------------------------------------------------------------------------- cleanlab
+def from_cleanlab(labels: list, predictions: list | None = None, class_names: list[str] | dict | None = None,
+                  image_sizes: list | None = None) -> tuple[BoxSet, BoxSet | None]:
+    """cleanlab ObjectLab's inputs as they are: ``labels`` a list with one dict per image (``bboxes`` [L, 4] xyxy,
+    ``labels`` [L] class ids, optionally ``image_name``), ``predictions`` a list with one entry per image holding
+    one [M_k, 5] array (x1, y1, x2, y2, probability) per class. Returns (labels, reference)."""
+    if not isinstance(labels, (list, tuple)):
+        raise InputError(f"labels: expected cleanlab's list of per-image dicts, got {type(labels).__name__}")
+    if predictions is not None and len(predictions) != len(labels):
+        raise InputError(f"predictions: {len(predictions)} images, but labels has {len(labels)}; cleanlab's "
+                         "inputs pair image i of labels with image i of predictions")
+    n_cls = 0
+    for i, d in enumerate(labels):
+        if not isinstance(d, dict) or "bboxes" not in d or "labels" not in d:
+            raise InputError(f"labels[{i}]: expected a dict with 'bboxes' and 'labels'")
+        ids = np.asarray(d["labels"]).reshape(-1)
+        if len(ids):
+            n_cls = max(n_cls, int(ids.max()) + 1)
+    if predictions is not None:
+        for p in predictions:
+            n_cls = max(n_cls, len(p))
+    if isinstance(class_names, dict):
+        names = [str(class_names.get(c, c)) for c in range(n_cls)]
+    elif class_names is not None:
+        names = [str(c) for c in class_names] + [str(c) for c in range(len(class_names), n_cls)]
+    else:
+        names = [str(c) for c in range(n_cls)]
+    images = []
+    for i, d in enumerate(labels):
+        w, h = image_sizes[i] if image_sizes is not None else (0.0, 0.0)
+        name = str(d.get("image_name", i))
+        images.append(Image(str(i), float(w), float(h), name if "image_name" in d else ""))
+    lb = _Builder(images, names, "labels")
+    for i, d in enumerate(labels):
+        boxes = np.asarray(d["bboxes"], dtype=np.float64).reshape(-1, 4) if len(d["bboxes"]) else np.zeros((0, 4))
+        ids = np.asarray(d["labels"]).reshape(-1)
+        if len(ids) != len(boxes):
+            lb.problem(f"labels[{i}]", f"{len(boxes)} bboxes but {len(ids)} labels")
+            continue
+        for k, (box, c) in enumerate(zip(boxes, ids)):
+            lb.add(f"labels[{i}].bboxes[{k}]", f"{i}:{k}", str(i), names[int(c)] if 0 <= int(c) < n_cls else str(c),
+                   box)
+    lab = lb.build()
+    if predictions is None:
+        return lab, None
+    rb = _Builder(images, names, "predictions")
+    for i, per_class in enumerate(predictions):
+        for c, arr in enumerate(per_class):
+            arr = np.asarray(arr, dtype=np.float64)
+            if arr.size == 0:
+                continue
+            if arr.ndim != 2 or arr.shape[1] != 5:
+                rb.problem(f"predictions[{i}][{c}]", f"shape {list(arr.shape)}, expected [M, 5] (x1, y1, x2, y2, "
+                           "probability)")
+                continue
+            for k, row in enumerate(arr):
+                rb.add(f"predictions[{i}][{c}][{k}]", f"{i}:{c}:{k}", str(i), names[c], row[:4], row[4])
+    return lab, rb.build()

@@ -1,138 +1,135 @@
-"""report.html: one self-contained page (inline SVG, no scripts, no network) a person reads."""
+"""report.html: one self-contained page a person reads (inline SVG, a few lines of plain JavaScript for the issue
+filter, no network). The page is a Jinja2 template (templates/report.html.j2); this module prepares its data."""
 
 from __future__ import annotations
 
 import base64
-import html
 from pathlib import Path
 
+import jinja2
 import numpy as np
+import pyarrow as pa
 
 from .score import ISSUES
 
-COLOURS = {"ok": "#2e7d32", "badly_located": "#ef6c00", "spurious": "#c62828", "wrong_class": "#6a1b9a",
-           "missing": "#1565c0"}
+COLOURS = {"ok": "#2e7d32", "badly_located": "#ef6c00", "wrong_class": "#6a1b9a", "spurious": "#c62828",
+           "unconfirmed": "#757575", "missing": "#1565c0"}
 WORST = 24
+FLAGGED_ROWS = 300
 MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
         ".webp": "image/webp"}
 
+_env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
+                          autoescape=True, trim_blocks=True, lstrip_blocks=True)
 
-def _e(v) -> str:
-    return html.escape(str(v))
+
+# ------------------------------------------------------------------------------------------------ images folder
+def _inside(image_dir: Path, name: str) -> Path | None:
+    """``name`` inside ``image_dir`` (resolved, links followed), or None when it is absolute, climbs out with
+    ``..`` or resolves outside the folder."""
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return None
+    root = image_dir.resolve()
+    cand = (root / name).resolve()
+    return cand if cand.is_relative_to(root) else None
 
 
-def _histogram(values: np.ndarray, title: str, lo: float = 0.0, hi: float = 1.0, bins: int = 20) -> str:
-    values = values[np.isfinite(values)]
-    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    w, h, pad = 420, 180, 30
-    top = max(int(counts.max()) if len(counts) else 0, 1)
-    bw = (w - 2 * pad) / bins
-    bars = "".join(
-        f'<rect x="{pad + i * bw:.1f}" y="{h - pad - c / top * (h - 2 * pad):.1f}" width="{bw - 1:.1f}" '
-        f'height="{c / top * (h - 2 * pad):.1f}" fill="#5c6bc0"><title>{edges[i]:.2f}-{edges[i + 1]:.2f}: {c}'
-        f'</title></rect>' for i, c in enumerate(counts))
-    axis = (f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>'
-            f'<text x="{pad}" y="{h - 10}" font-size="11">{lo:g}</text>'
-            f'<text x="{w - pad - 10}" y="{h - 10}" font-size="11">{hi:g}</text>'
-            f'<text x="{pad}" y="16" font-size="12">max bin {top}, n = {len(values)}</text>')
-    return (f'<figure class="hist"><svg width="{w}" height="{h}" role="img" aria-label="{_e(title)}">{bars}{axis}'
-            f'</svg><figcaption>{_e(title)}</figcaption></figure>')
+def confine_images(images: list, image_dir: str | Path | None) -> list[dict]:
+    """A problem row for each image whose file name points outside ``--images``; such files are never read."""
+    if image_dir is None:
+        return []
+    root = Path(image_dir)
+    return [{"source": "images", "location": f"image {im.key}",
+             "problem": f"file name {im.file[:100]!r} points outside the --images folder; not read"}
+            for im in images if im.file and _inside(root, im.file) is None]
 
 
 def _image_href(image_dir: Path | None, file: str, key: str) -> str | None:
-    """The image as a data: URL: its file name, or any browser-readable file named after the image (VOC files
-    often name a .tif where a .png/.jpg copy sits)."""
+    """The image as a data: URL: its file name, or a browser-readable file named after the image (VOC files
+    often name a .tif where a .png/.jpg copy sits). Only files inside ``image_dir`` are read."""
     if image_dir is None:
         return None
-    cands = [image_dir / file, image_dir / Path(file).name] if file else []
-    cands += [image_dir / f"{stem}{ext}" for stem in (Path(file).stem, key) if stem for ext in MIME]
-    for cand in cands:
-        if cand.is_file() and cand.suffix.lower() in MIME:
-            data = base64.b64encode(cand.read_bytes()).decode()
-            return f"data:{MIME[cand.suffix.lower()]};base64,{data}"
+    if file and _inside(image_dir, file) is None:
+        return None
+    names = [file, Path(file).name] if file else []
+    names += [f"{stem}{ext}" for stem in (Path(file).stem, key) if stem for ext in MIME]
+    for name in names:
+        cand = _inside(image_dir, name)
+        if cand is not None and cand.is_file() and cand.suffix.lower() in MIME:
+            return f"data:{MIME[cand.suffix.lower()]};base64,{base64.b64encode(cand.read_bytes()).decode()}"
     return None
 
 
-def _drawing(img, rows: list[dict], image_dir: Path | None) -> str:
-    w = img.width or max([r["x2"] for r in rows] + [1])
-    h = img.height or max([r["y2"] for r in rows] + [1])
+# ------------------------------------------------------------------------------------------------ page data
+def _histogram(values: np.ndarray, title: str, bins: int = 20) -> dict:
+    values = values[np.isfinite(values)]
+    counts, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    w, h, pad = 420, 180, 30
+    top = max(int(counts.max()) if len(counts) else 0, 1)
+    bw = (w - 2 * pad) / bins
+    bars = [{"x": pad + i * bw, "y": h - pad - c / top * (h - 2 * pad), "w": bw - 1, "h": c / top * (h - 2 * pad),
+             "title": f"{edges[i]:.2f}-{edges[i + 1]:.2f}: {c}"} for i, c in enumerate(counts)]
+    return {"title": title, "w": w, "h": h, "pad": pad, "bars": bars, "top": top, "n": int(len(values))}
+
+
+def _card(img, image_row: dict, lab_rows: list[dict], ref_rows: list[dict], image_dir: Path | None) -> dict:
+    xs = [r["x2"] for r in lab_rows + ref_rows] + [1]
+    ys = [r["y2"] for r in lab_rows + ref_rows] + [1]
+    w = img.width or max(xs)
+    h = img.height or max(ys)
     scale = 360 / max(w, h, 1)
-    href = _image_href(image_dir, img.file, img.key)
-    bg = (f'<image href="{href}" x="0" y="0" width="{w}" height="{h}" preserveAspectRatio="none"/>' if href
-          else f'<rect x="0" y="0" width="{w}" height="{h}" fill="#f4f4f4" stroke="#bbb"/>')
     shapes = []
-    for r in rows:
-        colour = COLOURS[r["issue"]]
-        dash = ' stroke-dasharray="6 4"' if r["kind"] == "reference" else ""
-        sw = max(1.5 / scale, 0.5)
-        label = f'{r["category"]}: {r["issue"]} (score {r["score"]:.2f})'
-        shapes.append(f'<rect class="box {r["issue"]}" x="{r["x1"]:.1f}" y="{r["y1"]:.1f}" '
-                      f'width="{r["x2"] - r["x1"]:.1f}" height="{r["y2"] - r["y1"]:.1f}" fill="none" '
-                      f'stroke="{colour}" stroke-width="{sw:.2f}"{dash}><title>{_e(label)}</title></rect>')
-    return (f'<svg class="drawing" width="{w * scale:.0f}" height="{h * scale:.0f}" viewBox="0 0 {w} {h}">'
-            f'{bg}{"".join(shapes)}</svg>')
+    sw = max(1.5 / scale, 0.5)
+    for r in lab_rows:
+        shapes.append({"cls": f"box label {r['issue']}", "x": r["x1"], "y": r["y1"], "w": r["x2"] - r["x1"],
+                       "h": r["y2"] - r["y1"], "colour": COLOURS[r["issue"]], "dash": False, "sw": sw,
+                       "title": f"label {r['box_id']} {r['category']}: {r['issue']} (score {r['score']:.2f})"})
+        if r["issue"] != "ok" and r["reference_id"] is not None:
+            shapes.append({"cls": f"box partner {r['issue']}", "x": r["reference_x1"], "y": r["reference_y1"],
+                           "w": r["reference_x2"] - r["reference_x1"], "h": r["reference_y2"] - r["reference_y1"],
+                           "colour": COLOURS[r["issue"]], "dash": True, "sw": sw,
+                           "title": f"reference {r['reference_id']} {r['reference_category']} (confidence "
+                                    f"{r['reference_score']:.2f}, IoU {r['iou']:.2f}) compared with label "
+                                    f"{r['box_id']}"})
+    for r in ref_rows:
+        if r["issue"] == "missing":
+            shapes.append({"cls": "box missing", "x": r["x1"], "y": r["y1"], "w": r["x2"] - r["x1"],
+                           "h": r["y2"] - r["y1"], "colour": COLOURS["missing"], "dash": True, "sw": sw,
+                           "title": f"reference {r['box_id']} {r['category']}: missing (confidence "
+                                    f"{r['confidence']:.2f}, score {r['score_missing']:.2f})"})
+    issues = sorted({s["cls"].split()[-1] for s in shapes if s["cls"].split()[-1] != "ok"})
+    return {"key": img.key, "file": img.file, "rank": image_row["rank"], "score": image_row["score"],
+            "n_flagged": image_row["n_flagged"], "issues": issues, "width": w * scale, "height": h * scale,
+            "vw": w, "vh": h, "href": _image_href(image_dir, img.file, img.key), "shapes": shapes}
 
 
-def write_report(path: Path, summary: dict, cols: dict, images: list[dict], image_info: list,
+def write_report(path: Path, summary: dict, boxes: pa.Table, refs: pa.Table, images: pa.Table, image_info: list,
                  image_dir: str | Path | None) -> None:
     image_dir = Path(image_dir) if image_dir else None
     info = {im.key: im for im in image_info}
-    n = len(cols["issue"])
-    rows_by_image: dict[str, list[dict]] = {}
-    worst = {r["image_id"] for r in images[:WORST]}
-    for i in range(n):
-        img = cols["image_id"][i]
-        if img in worst:
-            rows_by_image.setdefault(img, []).append({k: cols[k][i] for k in ("kind", "category", "x1", "y1", "x2",
-                                                                                "y2", "issue", "score")})
-    issue_rows = "".join(f'<tr><td><span class="sw" style="background:{COLOURS[i]}"></span>{i}</td>'
-                         f'<td class="num">{summary["by_issue"][i]}</td></tr>' for i in ISSUES)
-    classes = sorted(summary["by_class"].items(), key=lambda kv: -sum(v for k, v in kv[1].items() if k != "ok"))
-    class_rows = "".join("<tr><td>" + _e(c) + "</td>" + "".join(f'<td class="num">{v[i]}</td>' for i in ISSUES)
-                         + "</tr>" for c, v in classes[:20])
-    cards = []
-    for r in images[:WORST]:
-        im = info[r["image_id"]]
-        counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items() if v)
-        cards.append(f'<div class="card"><h3>image {_e(r["image_id"])} <small>score {r["score"]:.2f}</small></h3>'
-                     f'{_drawing(im, rows_by_image.get(r["image_id"], []), image_dir)}'
-                     f'<p>{_e(counts) or "no boxes"}</p></div>')
-    problems = summary["problems"]
-    prob_rows = "".join(f"<tr><td>{_e(p['source'])}</td><td>{_e(p['location'])}</td><td>{_e(p['problem'])}</td>"
-                        f"</tr>" for p in problems["rows"][:200])
-    ious = np.asarray([v for v, k in zip(cols["iou"], cols["kind"]) if k == "label"], dtype=float)
-    scores = np.asarray(cols["score"], dtype=float)
-    legend = "".join(f'<span class="sw" style="background:{c}"></span>{i} ' for i, c in COLOURS.items())
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>lossd label-quality report</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}
-h1 {{ margin-bottom: 4px; }} .sub {{ color: #666; margin-top: 0; }}
-table {{ border-collapse: collapse; margin: 8px 0 20px; }} td, th {{ border: 1px solid #ddd; padding: 3px 8px; }}
-th {{ background: #f0f0f0; }} td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
-.sw {{ display: inline-block; width: 10px; height: 10px; margin-right: 6px; border-radius: 2px; }}
-.row {{ display: flex; flex-wrap: wrap; gap: 16px; }} figure {{ margin: 0; }}
-.cards {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(380px, 1fr)); gap: 16px; }}
-.card {{ border: 1px solid #ddd; border-radius: 6px; padding: 8px; }} .card h3 {{ margin: 0 0 6px; font-size: 15px; }}
-</style></head><body>
-<h1>Label-quality report</h1>
-<p class="sub">{summary['images']} images, {summary['labels']} label boxes, {summary['references']} reference boxes;
-{problems['count']} bad input rows; computed {_e(summary['mode'])} in {summary['seconds']:.1f} s
-(lossd {_e(summary['lossd_version'])}).</p>
-<h2>Boxes by issue</h2><table id="by-issue"><tr><th>issue</th><th>boxes</th></tr>{issue_rows}</table>
-<h2>Distributions</h2><div class="row">{_histogram(ious, "IoU of each label box with its reference")}
-{_histogram(scores, "quality score of every row (lower = more likely wrong)")}</div>
-<h2>Worst images</h2><p>{legend} — solid: label boxes; dashed: reference boxes with no label (missing).</p>
-<div class="cards" id="worst">{''.join(cards)}</div>
-<h2>By class (the 20 with most issues)</h2><table id="by-class"><tr><th>class</th>{''.join(f'<th>{i}</th>' for i in ISSUES)}</tr>
-{class_rows}</table>
-<h2>Bad input rows</h2><table id="problems"><tr><th>source</th><th>location</th><th>problem</th></tr>{prob_rows}
-</table>
-<h2>Settings</h2><pre>{_e(summary['thresholds'])}</pre>
-</body></html>
-"""
+    worst = images.slice(0, WORST).to_pylist()
+    wanted = {r["image_id"] for r in worst}
+    lab_by, ref_by = {}, {}
+    for t, by in ((boxes, lab_by), (refs, ref_by)):
+        keep = [i for i, k in enumerate(t.column("image_id").to_pylist()) if k in wanted]
+        for r in t.take(pa.array(keep, pa.int64())).to_pylist():
+            by.setdefault(r["image_id"], []).append(r)
+    cards = [_card(info[r["image_id"]], r, lab_by.get(r["image_id"], []), ref_by.get(r["image_id"], []), image_dir)
+             for r in worst]
+    flagged = [r for r in boxes.to_pylist() if r["issue"] not in ("ok",)]
+    flagged += [r | {"score": r["score_missing"], "reference_id": None} for r in refs.to_pylist()
+                if r["issue"] == "missing"]
+    flagged.sort(key=lambda r: (r["score"], r["image_id"], r["box_id"]))
+    classes = sorted(summary["by_class"].items(),
+                     key=lambda kv: (-sum(kv[1][i] for i in ISSUES if i != "ok"), kv[0]))
+    score = boxes.column("score").to_numpy(zero_copy_only=False) if boxes.num_rows else np.zeros(0)
+    iou = boxes.column("iou").to_numpy(zero_copy_only=False) if boxes.num_rows else np.zeros(0)
+    page = _env.get_template("report.html.j2").render(
+        summary=summary, issues=ISSUES, colours=COLOURS, cards=cards, flagged=flagged[:FLAGGED_ROWS],
+        n_flagged=len(flagged), classes=classes,
+        histograms=[_histogram(iou, "IoU of each label box with the reference box it was compared with"),
+                    _histogram(score, "score of every label box (lower = more likely wrong)")],
+        problems=summary["problems"])
     tmp = path.with_suffix(".tmp")
     tmp.write_text(page)
     tmp.replace(path)
-
-
