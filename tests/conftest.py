@@ -31,7 +31,7 @@ class LiveServer(NamedTuple):
 
 
 def start_server(extra_env: dict | None = None, https: bool = False, ca: str | None = None,
-                 timeout: float = 60) -> LiveServer:
+                 timeout: float = 240) -> LiveServer:
     """Start `lossd serve` as a user does, on free loopback ports, and wait for /v2/health/ready."""
     port, grpc_port = free_port(), free_port()
     env = dict(os.environ, LOSSD_DEVICE="cpu", PYTHONUNBUFFERED="1", **(extra_env or {}))
