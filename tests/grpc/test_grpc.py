@@ -253,7 +253,7 @@ def test_sigterm_drains_in_flight_stream():
         assert list(answers) == []
         # uvicorn re-raises the SIGTERM it handled once the shutdown has run, so the exit status is -15
         assert server.proc.wait(timeout=30) in (0, -signal.SIGTERM)
-        assert "lossd stopped: in-flight calls drained" in server.proc.stdout.read()
+        assert "lossd stopped: in-flight calls drained" in server.log()
         ch.close()
     finally:
         if server.proc.poll() is None:
