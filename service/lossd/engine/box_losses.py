@@ -22,6 +22,10 @@ EPS = M.EPS
 def iou_loss(pred: Tensor, target: Tensor, mode: str = "linear", eps: float = DEFAULT_EPS) -> Tensor:
     """IoU loss: linear 1 - IoU | log -ln(max(IoU, eps)) | square 1 - IoU^2.
 
+    Boxes that only touch (an overlap of exactly 0 along one axis) get no gradient through the intersection,
+    as with torchvision's strict mask; a clamp(min=0), as in ultralytics and mmdetection, would pass a
+    one-sided gradient there. Every IoU-family loss shares this intersection.
+
     The log form clamps IoU at eps (as mmdetection does) so disjoint boxes give -ln(eps) (16.1 for 1e-7) and a
     zero gradient rather than inf: UnitBox's loss is not differentiable at IoU = 0."""
     i = M.iou(pred, target, eps=eps)
@@ -55,7 +59,8 @@ ALPHA_RULE = Param("alpha_rule", "torchvision", "CIoU's alpha: torchvision (deta
                "torchvision.ops.complete_box_iou_loss", params=(EPS, ALPHA_RULE))
 def ciou_loss(pred: Tensor, target: Tensor, eps: float = DEFAULT_EPS, alpha_rule: str = "torchvision") -> Tensor:
     """CIoU loss = 1 - IoU + rho^2 / c^2 + alpha v, v = 4/pi^2 (atan(w_gt/h_gt) - atan(w/h))^2,
-    alpha = v / (1 - IoU + v + eps).
+    alpha = v / (1 - IoU + v + eps). eps is added to h in v's ratios (torchvision has none there, so h = 0 gives
+    w/0); for ordinary boxes this changes v by less than 1e-7 relative.
 
     Default alpha is detached, as in torchvision, detectron2 and ultralytics: the gradient is that of the loss
     with alpha held constant. The DIoU paper's hand-written gradient (dropping 1/(w^2+h^2)) is not used; plain
@@ -108,7 +113,8 @@ def cdiou_loss(pred: Tensor, target: Tensor, eps: float = DEFAULT_EPS, lam: floa
                          type="choice", choices=("paper", "mmdet"))))
 def siou_loss(pred: Tensor, target: Tensor, eps: float = DEFAULT_EPS, theta: float = 4.0,
               distance_sign: str = "paper") -> Tensor:
-    """SIoU loss = 1 - IoU + (Delta + Omega) / 2 (see the siou metric for Delta and Omega).
+    """SIoU loss = 1 - IoU + (Delta + Omega) / 2 (see the siou metric for Delta and Omega; its angle cost is
+    the paper's sin(2 alpha), computed without eps, and 0 for coincident centres).
 
     No clamp to [-1, 1] (mmdetection clamps; that zeroes the gradient of far-apart boxes)."""
     p = pair(pred, target, eps)

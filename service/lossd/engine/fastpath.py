@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import fused
+from ._utils import overflow_bound
 from .registry import Spec
 
 log = logging.getLogger("lossd.engine")
@@ -60,6 +61,20 @@ def _box_args(name: str, kwargs: dict) -> tuple | None:
     if name == "inner_iou":
         return INNER_BASES[kwargs["base"]], eps, float(kwargs["ratio"]), 0.0, 0.0
     return 0, eps, 0.0, 0.0, 0.0
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """One reduction instead of an elementwise test: a NaN or inf anywhere makes the sum non-finite (so can an
+    overflowing sum of finite values; then the reference re-checks row by row)."""
+    return bool(np.isfinite(a.sum()))
+
+
+def _zero_eps_nan(kwargs: dict, *arrays: np.ndarray) -> bool:
+    """Non-finite results that are the documented eps = 0 division by zero (kept as NaN), not an overflow."""
+    if kwargs.get("eps", None) != 0:
+        return False
+    top = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
+    return top <= overflow_bound(float(np.finfo(arrays[0].dtype).max))
 
 
 def _as_np(x: Any, dtype: np.dtype) -> np.ndarray | None:
@@ -123,7 +138,9 @@ def cpu_evaluate(spec: Spec, pred: Any, target: Any, box_format: str, reduction:
         beta = float(kwargs.get("beta", kwargs.get("delta", 0.0)))
         status = kernel(COORD[name], view, t, w, scale, beta, loss, grad, return_grad)
     if status != fused.OK:
-        return None
+        return None  # the reference names the bad rows
+    if not (_all_finite(loss) and (not return_grad or _all_finite(grad))) and not _zero_eps_nan(kwargs, p, t):
+        return None  # an overflow: the reference refuses it, naming the rows (Engine.evaluate)
     loss_t = torch.from_numpy(loss)
     if reduction == "sum":
         loss_t = loss_t.sum()
@@ -162,7 +179,7 @@ def cpu_metric(name: str, boxes1: Any, boxes2: Any, box_format: str, pairwise: b
     out = np.empty((n, m if pairwise else 1), dtype=dt)
     status = fused.metric_kernel(kind, fused.FORMATS[box_format], a, b, float(kwargs.get("eps", 0.0)),
                                  float(kwargs.get("theta", 4.0)), pairwise, out)
-    if status != fused.OK:
+    if status != fused.OK or not (_all_finite(out) or _zero_eps_nan(kwargs, a, b)):
         return None
     return torch.from_numpy(out if pairwise else out.reshape(n))
 

@@ -2,8 +2,9 @@
 
 The reference (the autograd functions in box_losses.py / regression.py) defines every value; these kernels
 are a faster route to the same numbers and are tested against it to 1e-9 in float64. The gradients follow
-torch's conventions at the non-smooth points too: min/max split a tie 0.5/0.5, clamp(min=0) passes the
-gradient at exactly 0, |x| has gradient 0 at 0.
+torch's conventions at the non-smooth points too: min/max split a tie 0.5/0.5, |x| has gradient 0 at 0, and the
+intersection follows torchvision's strict mask (zero gradient unless both overlaps are > 0, so boxes that touch
+along an edge or at a corner get none through it).
 
 Divisions follow numpy's error model: a zero denominator (possible only with eps = 0) gives the reference's
 inf or NaN for that row rather than an exception.
@@ -254,7 +255,11 @@ def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2, p3):
             theta = p1
             ax = abs(dx)
             ay = abs(dy)
-            S = dx * dx + dy * dy + eps
+            # Lambda = sin(2 alpha) = 2 |dx| |dy| / sigma^2 exactly, eps-free; 0 for coincident centres, where it
+            # multiplies rho = 0 (S = 1 there only keeps the division finite)
+            S = dx * dx + dy * dy
+            if not S > 0.0:
+                S = 1.0
             angle = 2.0 * ax * ay / S
             gamma = 2.0 - angle
             Ex = cw * cw + eps
@@ -297,8 +302,9 @@ def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2, p3):
     g_inter -= g_union
     g_w1 += g_union * h1
     g_h1 += g_union * w1
-    g_iw = g_inter * ih * (iw_raw >= 0)
-    g_ih = g_inter * iw * (ih_raw >= 0)
+    overlap = (iw_raw > 0) * (ih_raw > 0)  # torchvision's strict mask: no gradient through a touching edge
+    g_iw = g_inter * ih * overlap
+    g_ih = g_inter * iw * overlap
     gx1 = -g_iw * _lo(X1, x1)  # iw = min(x2, X2) - max(x1, X1)
     gx2 = g_iw * _lo(x2, X2)
     gy1 = -g_ih * _lo(Y1, y1)
@@ -348,8 +354,9 @@ def _iou_loss_grad(x1, y1, x2, y2, X1, Y1, X2, Y2, eps):
     g_inter = -1.0 / U
     g_union = inter / (U * U)
     g_inter -= g_union
-    g_iw = g_inter * ih * (iw_raw >= 0)
-    g_ih = g_inter * iw * (ih_raw >= 0)
+    overlap = (iw_raw > 0) * (ih_raw > 0)
+    g_iw = g_inter * ih * overlap
+    g_ih = g_inter * iw * overlap
     gx1 = -g_iw * _lo(X1, x1) - g_union * h1
     gx2 = g_iw * _lo(x2, X2) + g_union * h1
     gy1 = -g_ih * _lo(Y1, y1) - g_union * w1
@@ -532,7 +539,8 @@ def box_metric(kind, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, theta):
     dx = 0.5 * ((X1 + X2) - (x1 + x2))
     dy = 0.5 * ((Y1 + Y2) - (y1 + y2))
     if kind == SIOU:
-        angle = 2.0 * abs(dx) * abs(dy) / (dx * dx + dy * dy + eps)
+        S = dx * dx + dy * dy
+        angle = 2.0 * abs(dx) * abs(dy) / S if S > 0.0 else 0.0
         gamma = 2.0 - angle
         distance = (1.0 - math.exp(-gamma * (dx * dx / (cw * cw + eps)))) + \
             (1.0 - math.exp(-gamma * (dy * dy / (ch * ch + eps))))

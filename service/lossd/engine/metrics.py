@@ -18,7 +18,9 @@ EPS = Param("eps", DEFAULT_EPS, "added to denominators (union, enclosing diagona
 
 @register_metric("iou", reference="Jaccard index; torchvision.ops.box_iou", params=(EPS,))
 def iou(boxes1: Tensor, boxes2: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
-    """Intersection over union: |A ∩ B| / (|A ∪ B| + eps). Disjoint or zero-area pairs give 0."""
+    """Intersection over union: |A ∩ B| / (|A ∪ B| + eps). Disjoint or zero-area pairs give 0.
+
+    The intersection is torchvision's strict mask: zero unless both overlaps are > 0 (touching boxes give 0)."""
     return pair(boxes1, boxes2, eps).iou()
 
 
@@ -67,11 +69,15 @@ def siou_costs(p, theta: float, distance_sign: str = "paper") -> tuple[Tensor, T
     """SIoU's distance cost Delta (with its angle cost folded in) and shape cost Omega.
 
     Angle: Lambda = cos(2 asin(sin a) - pi/2) with sin a the smaller of |dx|/sigma, |dy|/sigma; this equals
-    sin(2a) = 2 |dx| |dy| / sigma^2 in closed form, which is finite (0) for coincident centres where the
-    asin form divides 0 by 0 (YOLOv6 PR #582)."""
+    sin(2a) = 2 |dx| |dy| / sigma^2 exactly, computed without eps (so eps never shifts it). For coincident
+    centres (sigma = 0), where the asin form divides 0 by 0 (YOLOv6 PR #582), Lambda is taken as 0: it multiplies
+    rho = 0 there, so the value and gradient do not depend on it."""
     dx, dy = p.centre_delta()
     cw, ch = p.enclosing_wh()
-    angle = 2 * dx.abs() * dy.abs() / (dx * dx + dy * dy + p.eps)
+    s2 = dx * dx + dy * dy
+    apart = s2 > 0
+    angle = torch.where(apart, 2 * dx.abs() * dy.abs() / torch.where(apart, s2, torch.ones_like(s2)),
+                        torch.zeros_like(s2))
     gamma = 2 - angle
     rho_x = dx * dx / (cw * cw + p.eps)
     rho_y = dy * dy / (ch * ch + p.eps)
@@ -92,7 +98,11 @@ THETA = Param("theta", 4.0, "SIoU shape-cost exponent (the paper uses 4, range 2
 @register_metric("siou", reference="Gevorgyan, SIoU Loss, arXiv 2205.12740", params=(EPS, THETA))
 def siou(boxes1: Tensor, boxes2: Tensor, eps: float = DEFAULT_EPS, theta: float = 4.0) -> Tensor:
     """SIoU = IoU - (Delta + Omega) / 2 with Delta = sum_t (1 - exp(-gamma rho_t)), gamma = 2 - Lambda,
-    Omega = sum_t (1 - exp(-omega_t))^theta (the paper's form: the distance cost rises as boxes separate)."""
+    Omega = sum_t (1 - exp(-omega_t))^theta (the paper's form: the distance cost rises as boxes separate).
+
+    The angle cost Lambda = sin(2 alpha) = 2 |dx| |dy| / sigma^2 is the paper's cos(2 arcsin(x) - pi/2) in closed
+    form, computed without eps (mmdetection and YOLOv6 add eps inside it, which shifts it for small centre
+    offsets); for coincident centres it is 0, where it multiplies a zero distance, so eps = 0 stays finite."""
     p = pair(boxes1, boxes2, eps)
     distance, shape = siou_costs(p, theta)
     return p.iou() - 0.5 * (distance + shape)

@@ -40,6 +40,10 @@ class LossResponse(BaseModel):
 
 
 class ParamInfo(BaseModel):
+    # extra keys the catalog adds only where they apply pass through, e.g. exclusive {"min": bool, "max": bool}
+    # when a bound is itself refused (as /v1/metrics shows it)
+    model_config = ConfigDict(extra="allow")
+
     default: Any
     min: float | None
     max: float | None
