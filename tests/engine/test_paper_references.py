@@ -86,7 +86,8 @@ class Geo:
     def aspect_v(self) -> torch.Tensor:
         # Zheng et al.: v = 4/pi^2 (atan(w_gt/h_gt) - atan(w/h))^2; lossd adds eps to h (torchvision has none and
         # gives w/0 for a zero-height box)
-        return 4 / math.pi**2 * (torch.atan(self.gw / (self.gh + self.eps)) - torch.atan(self.w / (self.h + self.eps))) ** 2
+        gt_angle = torch.atan(self.gw / (self.gh + self.eps))
+        return 4 / math.pi**2 * (gt_angle - torch.atan(self.w / (self.h + self.eps))) ** 2
 
     def ciou_alpha(self, v: torch.Tensor, rule: str = "torchvision") -> torch.Tensor:
         a = v / (1 - self.iou + v + self.eps)
@@ -367,7 +368,8 @@ def r_focal(x, t, alpha=0.25, gamma=2.0):
 def r_varifocal(x, q, alpha=0.75, gamma=2.0, iou_weighted=True):
     """Zhang et al. (VarifocalNet): BCE(x, q) weighted by q (q > 0) or alpha p^gamma (q = 0; |p - q| as mmdet)."""
     pos = (q > 0).to(x.dtype)
-    w = (q if iou_weighted else torch.ones_like(q)) * pos + alpha * pow0((torch.sigmoid(x) - q).abs(), gamma) * (1 - pos)
+    w_pos = (q if iou_weighted else torch.ones_like(q)) * pos
+    w = w_pos + alpha * pow0((torch.sigmoid(x) - q).abs(), gamma) * (1 - pos)
     return rowsum(bce_logits(x, q) * w)
 
 
@@ -497,6 +499,7 @@ def box_pairs(seed: int = 19, n_random: int = 48) -> tuple[torch.Tensor, torch.T
 
 
 PRED, TARGET = box_pairs()
+CASE_NAMES = list(EDGE_CASES) + [f"random pair {k}" for k in range(PRED.shape[0] - len(EDGE_CASES))]
 
 
 def other_inputs(inputs: str, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -534,7 +537,8 @@ def other_inputs(inputs: str, gen: torch.Generator) -> list[tuple[torch.Tensor, 
         return [(rn(7, 8) * 2, torch.tensor([0.0, 7.0, 3.5, 6.999, 1.25, 2.0, 0.001], dtype=F64))]
     if inputs == "signed":
         f = torch.cat((torch.tensor([[1.0, -1.0, 0.0]], dtype=F64), rn(7, 3) * 2))
-        return [(f, torch.where(r(8, 3) < 0.5, -1.0, 1.0).to(F64)), (rn(5), torch.tensor([1.0, 0, -1, 1, 0], dtype=F64))]
+        return [(f, torch.where(r(8, 3) < 0.5, -1.0, 1.0).to(F64)),
+                (rn(5), torch.tensor([1.0, 0, -1, 1, 0], dtype=F64))]
     if inputs == "ranking":
         x = torch.cat((torch.tensor([[1.0, 1.0], [2.0, 1.0]], dtype=F64), rn(6, 2)))
         return [(x, torch.tensor([1.0, -1, 1, -1, 1, 1, -1, -1], dtype=F64))]
@@ -591,10 +595,6 @@ def engines():
                                                                                          warm=False)}
 
 
-def kwargs_of(params: dict) -> dict:
-    return dict(params)
-
-
 def check(got, want, tol, what):
     torch.testing.assert_close(got, want.to(got.dtype), rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
 
@@ -639,7 +639,7 @@ def test_box_losses_match_the_paper_references(engines, name, params, fmt, dtype
     for route, engine in engines.items():
         out = engine.evaluate(name, pred.to(getattr(torch, dtype)), target.to(getattr(torch, dtype)),
                               box_format=fmt, params=params, dtype=dtype)
-        for i, case in enumerate(list(EDGE_CASES) + [f"random pair {k}" for k in range(PRED.shape[0] - len(EDGE_CASES))]):
+        for i, case in enumerate(CASE_NAMES):
             what = f"{route} {name}{params} {fmt} {dtype} [{case}]"
             check(out.loss[i], want_loss[i], TOL[dtype]["values"], what + " value")
             check(out.grad[i], want_grad[i], TOL[dtype]["grads"], what + " gradient")
@@ -699,7 +699,8 @@ def test_every_catalog_entry_has_a_paper_reference():
     assert set(VARIANTS) == set(LOSSES) and set(METRIC_VARIANTS) == set(METRICS)
 
 
-@pytest.mark.parametrize("catalog,variants", [(LOSSES, VARIANTS), (METRICS, METRIC_VARIANTS)], ids=["losses", "metrics"])
+@pytest.mark.parametrize("catalog,variants", [(LOSSES, VARIANTS), (METRICS, METRIC_VARIANTS)],
+                         ids=["losses", "metrics"])
 def test_every_parameter_is_checked_away_from_its_default(catalog, variants):
     for name, spec in catalog.items():
         assert {} in variants[name], f"{name}: defaults not checked"
