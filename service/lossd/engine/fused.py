@@ -417,8 +417,8 @@ def _inner_terms(x1, y1, x2, y2, X1, Y1, X2, Y2, eps, ratio):
 def _box_row(kind, mode, fmt, p, t, w, scale, eps, p1, p2, p3, loss, grad, i, want_grad):
     x1, y1, x2, y2 = _to_xyxy(p[i, 0], p[i, 1], p[i, 2], p[i, 3], fmt)
     X1, Y1, X2, Y2 = _to_xyxy(t[i, 0], t[i, 1], t[i, 2], t[i, 3], fmt)
-    # one inlined box_loss_grad per kernel (numba compiles each copy whole, every branch): Inner-IoU's base loss
-    # comes from the same call; mode is its base (iou, giou, diou, ciou with torchvision's alpha rule), p1 its ratio
+    # Inner-IoU's base loss comes from the same box_loss_grad call as every other loss: mode is its base (iou, giou,
+    # diou, ciou with torchvision's alpha rule), p1 its ratio
     inner = kind == INNER
     v, g0, g1, g2, g3 = box_loss_grad(mode if inner else kind, 0 if inner else mode, x1, y1, x2, y2, X1, Y1, X2,
                                       Y2, eps, 0.0 if inner else p1, p2, p3)
