@@ -30,7 +30,8 @@ class LiveServer(NamedTuple):
     proc: subprocess.Popen
 
 
-def start_server(extra_env: dict | None = None, https: bool = False, ca: str | None = None) -> LiveServer:
+def start_server(extra_env: dict | None = None, https: bool = False, ca: str | None = None,
+                 timeout: float = 60) -> LiveServer:
     """Start `lossd serve` as a user does, on free loopback ports, and wait for /v2/health/ready."""
     port, grpc_port = free_port(), free_port()
     env = dict(os.environ, LOSSD_DEVICE="cpu", PYTHONUNBUFFERED="1", **(extra_env or {}))
@@ -38,7 +39,7 @@ def start_server(extra_env: dict | None = None, https: bool = False, ca: str | N
                              "--grpc-port", str(grpc_port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"lossd serve exited: {proc.stdout.read()}")
@@ -51,7 +52,7 @@ def start_server(extra_env: dict | None = None, https: bool = False, ca: str | N
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError("lossd serve did not become ready in 60 s")
+            raise RuntimeError(f"lossd serve did not become ready in {timeout:.0f} s")
         time.sleep(0.05)
     return LiveServer(url, f"grpc://127.0.0.1:{grpc_port}", f"127.0.0.1:{grpc_port}", proc)
 
@@ -69,3 +70,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def self_signed_cert(directory) -> tuple[str, str]:
+    """(key, cert): a throw-away certificate for localhost and 127.0.0.1, for LOSSD_TLS_KEY / LOSSD_TLS_CERT."""
+    key, cert = f"{directory}/key.pem", f"{directory}/cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return key, cert

@@ -4,6 +4,11 @@ protobuf/gRPC modules under public names:
 
     pb        lossd.v1 messages            pb_grpc   lossd.v1 service stubs
     oip_pb    Open Inference Protocol v2   oip_grpc  its service stubs
+
+oip_pb and oip_grpc are loaded on first use: their messages (package `inference`) are the same symbols that
+tritonclient's grpc_service_pb2 registers in protobuf's default pool, and a pool refuses a symbol twice, so
+loading them with the client would break `import tritonclient.grpc` in the same process. LossClient never needs
+them; the server (and code that uses them beside tritonclient.grpc, which then fails) does.
 """
 
 from __future__ import annotations
@@ -14,10 +19,21 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._proto.inference import grpc_predict_v2_pb2 as oip_pb  # noqa: F401 (public name)
-from ._proto.inference import grpc_predict_v2_pb2_grpc as oip_grpc  # noqa: F401
 from ._proto.lossd.v1 import lossd_pb2 as pb
 from ._proto.lossd.v1 import lossd_pb2_grpc as pb_grpc  # noqa: F401
+
+_LAZY = {"oip_pb": "grpc_predict_v2_pb2", "oip_grpc": "grpc_predict_v2_pb2_grpc"}
+
+
+def __getattr__(name: str) -> Any:
+    """oip_pb and oip_grpc, imported when first asked for (see the module's docstring)."""
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f"{__package__}._proto.inference.{_LAZY[name]}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 NP_OF = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT64: np.dtype("<f8"), pb.DTYPE_FLOAT16: np.dtype("<f2"),
          pb.DTYPE_INT32: np.dtype("<i4"), pb.DTYPE_INT64: np.dtype("<i8")}

@@ -11,19 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-
-class Overloaded(Exception):
-    code = "overloaded"
-
-
-class Draining(Exception):
-    code = "draining"
-
-
-class ResourceExhausted(Exception):
-    """The device ran out of memory for this request (after splitting it); others carry on."""
-
-    code = "resource_exhausted"
+from .errors import Draining, Overloaded, ResourceExhausted  # noqa: F401  (raised here; re-exported)
 
 
 class Admission:
@@ -36,15 +24,17 @@ class Admission:
         self.shed = 0
 
     @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
+    def admit(self, in_flight_stream: bool = False) -> Iterator[None]:
         """Hold a slot for the body of the with-block; raise Overloaded/Draining when there is none. Runs on the
-        event loop only, so the counter needs no lock."""
-        if self.draining:
+        event loop only, so the counter needs no lock. ``in_flight_stream``: an item of a stream that began before
+        the drain, which may still finish."""
+        if self.draining and not in_flight_stream:
             raise Draining("the server is shutting down; retry on another instance")
         if self.in_flight >= self.max_in_flight:
             self.shed += 1
             raise Overloaded(f"{self.in_flight} requests in flight, the limit is {self.max_in_flight} "
-                             f"(LOSSD_MAX_IN_FLIGHT); retry after {self.retry_after:g} s")
+                             f"(LOSSD_MAX_IN_FLIGHT); retry after {self.retry_after:g} s",
+                             retry_after=self.retry_after)
         self.in_flight += 1
         self.admitted += 1
         try:

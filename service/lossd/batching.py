@@ -9,7 +9,9 @@ no delay (max_delay defaults to 0). A request whose deadline has passed is dropp
 call fails validation, each request is evaluated alone so that each gets its own answer or error.
 
 Losses whose 'mean' is weighted by the server (cross_entropy, nll) and requests larger than max_rows go
-straight to the engine.
+straight to the engine. Keys are built from canonical, validated values (the service layer resolves box_format,
+reduction and params against the catalog first), and a key's queue and worker are dropped as soon as its queue
+is empty, so the number of keys is bounded by the requests in flight.
 """
 
 from __future__ import annotations
@@ -23,37 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .admission import ResourceExhausted, is_out_of_memory
+from .admission import is_out_of_memory
 from .engine import Engine, EngineError, Result, get_loss
-from .engine.fastpath import FUSED_LOSSES, METRIC_KINDS
+from .errors import DeadlineExpired, ResourceExhausted
 
 
 # A fused CPU kernel on this many rows takes ~20 us: less than handing the call to a worker thread and back, so
 # such calls run on the event loop itself. Everything else (and everything on a GPU) runs in a thread.
 INLINE_MAX_ROWS = 512
-# The same for a fused IoU-family metric: up to this many values (pairwise n x m) it takes ~30 us at most.
-INLINE_MAX_METRIC_VALUES = 1024
-
-
-def metric_runs_inline(engine: Engine, name: str, n: int | None, m: int | None, pairwise: bool) -> bool:
-    """Whether a metric call of n (and m) boxes is small enough to run on the event loop: CPU, the fused route,
-    and at most INLINE_MAX_METRIC_VALUES values. n or m None (not known without decoding): no."""
-    if engine.device.type != "cpu" or engine.fast != "auto" or name not in METRIC_KINDS or n is None or m is None:
-        return False
-    return (n * m if pairwise else max(n, m)) <= INLINE_MAX_METRIC_VALUES
-
-
-def rows_of(x: Any) -> int | None:
-    try:
-        return len(x)
-    except TypeError:
-        return None
-
-
-class DeadlineExpired(Exception):
-    """The request's deadline passed before its work started; it was not computed."""
-
-    code = "deadline_exceeded"
 
 
 @dataclass
@@ -126,7 +105,7 @@ class Batcher:
             raise
 
     def _inline(self, loss_name: str, pred: Any) -> bool:
-        if not self.allow_inline or self.engine.device.type != "cpu" or self.engine.fast != "auto" or loss_name not in FUSED_LOSSES:
+        if not self.allow_inline or not self.engine.runs_fused_on_cpu(loss_name):
             return False
         try:
             return len(pred) <= INLINE_MAX_ROWS
@@ -179,6 +158,11 @@ class Batcher:
                     live.append(item)
             if live:
                 await self._run(loss_name, live)
+        # the queue is empty and nothing awaits between this check and here: drop the key (bounded state)
+        if self._queues.get(key) is queue:
+            del self._queues[key]
+        if self._workers.get(key) is asyncio.current_task():
+            del self._workers[key]
 
     async def _run(self, loss_name: str, items: list[_Item]) -> None:
         kwargs = items[0].kwargs

@@ -1,15 +1,26 @@
-"""The `lossd` command: serve, list the catalog, or run a small demo of the engine."""
+"""The `lossd` command: serve, list the catalog, run a small demo of the engine, or check a dataset's labels."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
 
+from . import __version__
 from .allocator import tune_malloc
 from .settings import Settings
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help line, except where there is none to show (None, a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -23,13 +34,33 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tune_malloc(settings.malloc_retain_mb * 2**20)
     app = create_app(settings=settings, start_grpc=True)
+    from .rest.limits import guarded_protocol
+
+    _raise_open_files(settings.max_connections + 1024)
     tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key} if settings.tls_cert else {}
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level=settings.log_level,
                             access_log=False, lifespan="on",
+                            http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_seconds),
+                            limit_concurrency=settings.max_connections,
+                            timeout_keep_alive=settings.keep_alive_seconds,
                             timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None, **tls)
     server = _DrainingServer(config, app, settings.drain_seconds)
     server.run()
     return 0
+
+
+def _raise_open_files(wanted: int) -> None:
+    """Each connection is a file descriptor: lift the soft limit toward LOSSD_MAX_CONNECTIONS (and no further
+    than the hard limit), so the connection cap, not the OS, decides who is refused."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 class _DrainingServer:
@@ -107,8 +138,11 @@ def _quality(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lossd", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="lossd", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lossd {__version__}")
+    # every subcommand's parser gets the same formatter
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter))
     serve = sub.add_parser("serve", help="start the REST (and gRPC) server over a warm engine")
     serve.add_argument("--host", help="bind address (default 127.0.0.1; LOSSD_HOST)")
     serve.add_argument("--http-port", type=int, help="REST port (default 8000; LOSSD_HTTP_PORT)")

@@ -8,16 +8,16 @@ from its own framing (HTTP binary extension, gRPC raw_input_contents).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 
 from . import __version__
 from .engine import Result, get_loss
+from .bodyparse import BodyError, loads
+from .errors import ServiceError, parsing, quote
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
@@ -28,16 +28,18 @@ INPUTS = ("PRED", "TARGET", "WEIGHTS")
 OUTPUTS = ("LOSS", "GRAD")
 RESERVED = {"box_format", "reduction", "return_grad", "binary_data_output", "dtype"}
 HEADER = "inference-header-content-length"
-SERVER_METADATA = {"name": "lossd", "version": __version__, "extensions": ["binary_tensor_data"]}
+SERVER_METADATA = {"name": "lossd", "version": __version__,
+                   "extensions": ["binary_tensor_data", "model_configuration", "statistics", "model_repository"]}
 
 
-class ProtocolError(Exception):
-    """A request that breaks the protocol (framing, names, shapes); code is invalid_request or unknown_version."""
+MAX_DIMS = 8            # the models take [N], [N,K]; deeper shapes are refused before any allocation
+MAX_DIM = 2**40         # a single dimension; the element count is bounded by the body (or message) size anyway
 
-    def __init__(self, message: str, code: str = "invalid_request") -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+
+class ProtocolError(ServiceError):
+    """A request that breaks the protocol (framing, names, shapes, types)."""
+
+    code = "invalid_request"
 
 
 def bad(message: str) -> ProtocolError:
@@ -65,10 +67,37 @@ def model_metadata(name: str) -> dict:
 
 
 
+def model_config(name: str) -> dict:
+    """Triton's model configuration extension, in its JSON form (what tritonclient's get_model_config reads)."""
+    meta = model_metadata(name)
+
+    def tensor(t: dict) -> dict:
+        return {"name": t["name"], "data_type": "TYPE_" + t["datatype"], "dims": t["shape"],
+                **({"optional": True} if t.get("optional") else {})}
+
+    return {"name": name, "platform": "lossd", "backend": "lossd", "max_batch_size": 0,
+            "input": [tensor(t) for t in meta["inputs"]], "output": [tensor(t) for t in meta["outputs"]],
+            "version_policy": {"latest": {"num_versions": 1}},
+            "parameters": {"kind": {"string_value": meta["parameters"]["kind"]}}}
+
+
+def model_statistics(name: str, stats) -> dict:
+    """Triton's statistics extension for one model (``stats``: a lossd.service.ModelStats)."""
+    zero = {"count": 0, "ns": 0}
+    return {"name": name, "version": "1", "last_inference": stats.last_inference_ms,
+            "inference_count": stats.inference_count, "execution_count": stats.execution_count,
+            "inference_stats": {"success": {"count": stats.success_count, "ns": stats.success_ns},
+                                "fail": {"count": stats.fail_count, "ns": stats.fail_ns},
+                                "queue": dict(zero), "compute_input": dict(zero),
+                                "compute_infer": {"count": stats.success_count, "ns": stats.success_ns},
+                                "compute_output": dict(zero), "cache_hit": dict(zero), "cache_miss": dict(zero)},
+            "batch_stats": []}
+
+
 def check_version(name: str, version: str) -> None:
     get_loss(name)
-    if version != "1":
-        raise ProtocolError(f"model {name!r} has only version 1, not {version!r}", "unknown_version")
+    if not isinstance(version, str) or version not in ("", "1"):
+        raise ProtocolError(f"model {name} has only version 1, not {quote(version)}", "unknown_version")
 
 
 
@@ -76,36 +105,43 @@ def check_version(name: str, version: str) -> None:
 def parse_http_body(body: bytes, header_len: str | None) -> tuple[dict, memoryview]:
     raw = memoryview(body)
     if header_len is not None:
-        if not header_len.strip().isdigit() or int(header_len) > len(body):
-            raise bad(f"Inference-Header-Content-Length {header_len!r} must be a whole number no larger than the "
-                      f"body ({len(body)} bytes)")
+        text = header_len.strip()
+        if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > len(body):
+            raise bad(f"Inference-Header-Content-Length {quote(header_len)} must be a whole number no larger than "
+                      f"the body ({len(body)} bytes)")
         n = int(header_len)
         head, raw = bytes(raw[:n]), raw[n:]
     else:
         head, raw = body, raw[len(body):]
-    try:
-        req = orjson.loads(head)
-    except orjson.JSONDecodeError:
-        try:  # the stdlib also reads NaN/Infinity, so the engine can name their rows
-            req = json.loads(head)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise bad(f"the request header is not valid JSON: {exc}") from None
+    req = loads_json(head, "the request header", code="invalid_request")
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise bad("the request must be a JSON object with an 'inputs' list")
     return req, raw
 
 
+def loads_json(data: bytes | memoryview, what: str, code: str = "invalid_json") -> Any:
+    """JSON from client bytes (lossd.bodyparse.loads), its errors as ``code``."""
+    try:
+        return loads(data, what)
+    except BodyError as exc:
+        raise ServiceError(str(exc), code, field="body") from None
+
+
 def _tensor(entry: Any, raw: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-        raise bad("each input needs a 'name'")
+        raise bad("each input needs a 'name' (a string)")
     name = entry["name"]
-    dt = DTYPES.get(entry.get("datatype"))
+    if name not in INPUTS:
+        raise bad(f"unknown input {quote(name)}; the models take {list(INPUTS)}")
+    datatype = entry.get("datatype")
+    dt = DTYPES.get(datatype) if isinstance(datatype, str) else None
     if dt is None:
-        raise bad(f"input {name}: datatype {entry.get('datatype')!r} is not one of {sorted(DTYPES)}")
+        raise bad(f"input {name}: datatype {quote(datatype)} is not one of {sorted(DTYPES)}")
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                              for s in shape):
-        raise bad(f"input {name}: shape must be a list of non-negative whole numbers, got {shape!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape):
+        raise bad(f"input {name}: shape must be a list of at most {MAX_DIMS} non-negative whole numbers (each at most {MAX_DIM}), "
+                  f"got {quote(shape)}")
     count = math.prod(shape)
     params = entry.get("parameters") or {}
     if not isinstance(params, dict):
@@ -124,13 +160,30 @@ def _tensor(entry: Any, raw: memoryview, offset: int) -> tuple[str, np.ndarray, 
         return name, arr, offset + size
     if "data" not in entry:
         raise bad(f"input {name}: has neither 'data' nor parameters.binary_data_size")
-    try:
-        arr = np.asarray(entry["data"], dtype=dt if dt.kind != "f" else np.float64)
-    except (ValueError, TypeError) as exc:
-        raise bad(f"input {name}: data is not an array of {entry['datatype']} numbers ({exc})") from None
+    with parsing(f"inputs.{name}.data"):
+        arr = _numbers(np.asarray(entry["data"]), dt, name)
     if arr.size != count:
         raise bad(f"input {name}: data has {arr.size} elements but shape {shape} needs {count}")
-    return name, arr.reshape(shape).astype(dt, copy=False) if dt.kind != "f" else arr.reshape(shape), offset
+    return name, arr.reshape(shape), offset
+
+
+def _numbers(arr: np.ndarray, dt: np.dtype, name: str) -> np.ndarray:
+    """JSON data as the declared datatype: floats as float64 (the engine casts), integers checked against the
+    declared type's range (never wrapped), booleans as booleans."""
+    kind = arr.dtype.kind
+    if dt.kind == "f":
+        if kind not in "iuf":
+            raise ProtocolError(f"input {name}: data must hold numbers ({dt.name})", field=f"inputs.{name}.data")
+        return arr.astype(np.float64)
+    if dt.kind == "b":
+        if kind != "b":
+            raise ProtocolError(f"input {name}: BOOL data must hold true/false", field=f"inputs.{name}.data")
+        return arr
+    info = np.iinfo(dt)
+    if kind not in "iu" or (arr.size and (int(arr.min()) < info.min or int(arr.max()) > info.max)):
+        raise ProtocolError(f"input {name}: data must hold whole numbers in [{info.min}, {info.max}] "
+                            f"({dt.name})", field=f"inputs.{name}.data")
+    return arr.astype(dt)
 
 
 @dataclass
@@ -152,8 +205,6 @@ def prepare_infer(model: str, req: dict, raw: memoryview) -> InferCall:
     offset = 0
     for entry in req["inputs"]:
         name, arr, offset = _tensor(entry, raw, offset)
-        if name not in INPUTS:
-            raise bad(f"unknown input {name!r}; model {model} takes {list(INPUTS)}")
         if name in tensors:
             raise bad(f"input {name} given twice")
         tensors[name], datatypes[name] = arr, entry["datatype"]
@@ -168,6 +219,10 @@ def prepare_infer(model: str, req: dict, raw: memoryview) -> InferCall:
     return_grad = params.get("return_grad", True)
     if not isinstance(return_grad, bool):
         raise bad("parameters.return_grad must be true or false")
+    for key in ("box_format", "reduction"):
+        if key in params and not isinstance(params[key], str):
+            raise ProtocolError(f"parameters.{key} must be a string, got {quote(params[key])}",
+                                field=f"parameters.{key}")
     requested = req.get("outputs")
     binary_all = bool(params.get("binary_data_output", False))
     wanted: dict[str, bool] = {}
@@ -178,9 +233,12 @@ def prepare_infer(model: str, req: dict, raw: memoryview) -> InferCall:
             raise bad("outputs must be a list")
         for o in requested:
             oname = o.get("name") if isinstance(o, dict) else None
-            if oname not in OUTPUTS:
-                raise bad(f"unknown output {oname!r}; model {model} gives {list(OUTPUTS)}")
-            wanted[oname] = bool((o.get("parameters") or {}).get("binary_data", binary_all))
+            if not isinstance(oname, str) or oname not in OUTPUTS:
+                raise bad(f"unknown output {quote(oname)}; model {model} gives {list(OUTPUTS)}")
+            oparams = o.get("parameters") or {}
+            if not isinstance(oparams, dict):
+                raise bad(f"output {oname}: parameters must be an object")
+            wanted[oname] = bool(oparams.get("binary_data", binary_all))
     kwargs = dict(pred=tensors["PRED"], target=tensors["TARGET"], box_format=params.get("box_format", "xyxy"),
                   reduction=params.get("reduction", "none"), weights=tensors.get("WEIGHTS"),
                   params={k: v for k, v in params.items() if k not in RESERVED},

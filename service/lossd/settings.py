@@ -29,7 +29,23 @@ class Settings(BaseSettings):
                                 "carry one (REST header x-api-key, gRPC metadata x-api-key)")
     tls_cert: str | None = Field(None, description="PEM certificate: serve HTTPS and gRPC over TLS")
     tls_key: str | None = Field(None, description="PEM private key for tls_cert")
-    max_pairwise: int = Field(1_000_000_000, gt=0, description="largest N x M a pairwise metric may return")
+    max_pairwise_bytes: int = Field(64 * 2**20, gt=0, description="largest pairwise answer in bytes (N x M x 4 "
+                                    "for float32, x 8 for float64), refused before anything is allocated; over "
+                                    "gRPC also capped by the message size")
+    body_timeout_seconds: float = Field(30.0, gt=0, description="a request body must arrive whole within this "
+                                        "time of its headers (slow senders get 408 and are dropped)")
+    header_timeout_seconds: float = Field(10.0, gt=0, description="a request's headers must arrive whole within "
+                                          "this time")
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="largest request head (request line and "
+                                  "headers); larger ones get 431 and the connection is closed")
+    max_connections: int = Field(4096, gt=0, description="open HTTP connections at once; more get 503 (each "
+                                 "idle connection costs ~10 KiB)")
+    keep_alive_seconds: float = Field(5.0, gt=0, description="idle HTTP keep-alive connections close after this")
+    grpc_max_connection_idle_seconds: float = Field(300.0, gt=0, description="idle gRPC connections close "
+                                                    "after this")
+    grpc_max_connection_age_seconds: float = Field(1800.0, gt=0, description="gRPC connections are asked to "
+                                                   "reconnect after this (spreads clients over replicas)")
+    grpc_max_concurrent_streams: int = Field(256, gt=0, description="concurrent calls on one gRPC connection")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; ['*'] for any")
     log_level: str = Field("info", description="logging level")
     gc_freeze: bool = Field(True, description="once warm, move the objects loaded at start-up out of Python's "

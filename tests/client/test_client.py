@@ -3,6 +3,7 @@
 import asyncio
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 
@@ -170,8 +171,9 @@ def test_retry_after_is_honoured():
                               headers={"Inference-Header-Content-Length": str(len(out_head))})
 
     c = LossClient("http://lossd.test", retries=3, backoff=5.0)
-    c._http = httpx.Client(base_url="http://lossd.test", transport=httpx.MockTransport(handler))
-    c._bulk = None  # binary requests through httpx too, so the mock answers them (the retry loop is shared)
+    ep = c._endpoints[0]
+    ep._http = httpx.Client(base_url="http://lossd.test", transport=httpx.MockTransport(handler))
+    ep._bulk = None  # binary requests through httpx too, so the mock answers them (the retry loop is shared)
     import lossd_client._client as impl
 
     real_sleep = impl.time.sleep
@@ -190,5 +192,85 @@ def test_installed_client_needs_no_torch(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     requires = importlib.metadata.requires("lossd-client")
-    names = sorted(r.split(">")[0].split("=")[0].split(";")[0].strip() for r in requires)
+    names = sorted(re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in requires)
     assert names == ["certifi", "grpcio", "httpx", "numpy", "protobuf"]
+
+
+def dead_url(kind: str) -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    return f"{kind}://127.0.0.1:{port}"
+
+
+def test_endpoints_are_parsed():
+    from lossd_client._transport import parse_endpoints
+
+    assert parse_endpoints("http://a:1, http://b:2/") == ("http", ["http://a:1", "http://b:2"], False)
+    assert parse_endpoints(["grpcs://a:1", "grpcs://b:2,grpcs://c:3"]) == ("grpc", ["a:1", "b:2", "c:3"], True)
+    assert parse_endpoints("dns:///lossd-headless:50051") == ("grpc", ["dns:///lossd-headless:50051"], False)
+    assert parse_endpoints("dns:///lossd-headless:50051", tls=True).tls
+    for bad in ("http://a:1,grpc://b:2", "grpc://a:1,grpcs://b:2", "ftp://a", " , "):
+        with pytest.raises(ValueError, match="url"):
+            parse_endpoints(bad)
+
+
+@pytest.mark.parametrize("kind", ["http", "grpc"])
+def test_chunks_fail_over_to_a_live_replica(kind, live_server, engine):
+    """Two of three endpoints refuse connections: every chunk still arrives once, in order, with no retry round
+    (retries=0), so the failover is to the next replica, not a retry of the same one."""
+    live = live_server.http_url if kind == "http" else live_server.grpc_url
+    urls = [dead_url(kind), live, dead_url(kind)]
+    pred, target = random_boxes(3000, 5), random_boxes(3000, 6)
+    ref = engine.evaluate("giou", pred, target)
+    with LossClient(urls, retries=0, max_request_bytes=8_000) as c:  # 12 chunks
+        loss, grad = c.loss("giou", pred, target)
+        vals = c.metric("iou", pred, target)
+        streamed = c.stream([dict(name="giou", pred=pred[:10], target=target[:10])] * 3)
+        assert c.stream([]) == []
+    np.testing.assert_array_equal(loss, ref.loss.numpy())
+    np.testing.assert_array_equal(grad, ref.grad.numpy())
+    np.testing.assert_allclose(vals, engine.metric("iou", pred, target).numpy(), rtol=1e-6)
+    assert len(streamed) == 3 and all(np.array_equal(s.loss, loss[:10]) for s in streamed)
+
+    async def run():
+        async with AsyncLossClient(",".join(urls), retries=0, max_request_bytes=8_000) as ac:
+            return await ac.loss("giou", pred, target), await ac.stream([dict(name="giou", pred=pred, target=target)])
+
+    (aloss, agrad), astreamed = asyncio.run(run())
+    np.testing.assert_array_equal(aloss, loss)
+    np.testing.assert_array_equal(astreamed[0].loss, loss)
+    with LossClient([dead_url(kind), dead_url(kind)], retries=1, backoff=0.01, timeout=2) as c:
+        with pytest.raises(UnavailableError):
+            c.loss("giou", pred[:5], target[:5])
+
+
+def test_weighted_mean_comes_from_the_catalog():
+    """A catalog that marks losses with weighted_mean decides which means cannot be split; one that does not
+    say leaves the built-in list."""
+    catalog = [{"name": "giou", "weighted_mean": True}, {"name": "cross_entropy", "weighted_mean": False}]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/losses"
+        return httpx.Response(200, json={"losses": catalog})
+
+    c = LossClient("http://lossd.test", max_request_bytes=1_000)
+    c._endpoints[0]._http = httpx.Client(base_url="http://lossd.test", transport=httpx.MockTransport(handler))
+    with pytest.raises(ValueError, match="giou with reduction='mean'"):
+        c.loss("giou", random_boxes(200), random_boxes(200), reduction="mean")
+    assert c._weighted_mean() == {"giou"}
+    catalog = [{"name": "giou"}, {"name": "cross_entropy"}]
+    c._weighted = None
+    assert c._weighted_mean() == {"cross_entropy", "nll"}
+
+
+def test_dns_target_balances_with_round_robin(live_server, engine):
+    """dns:/// (a headless Service's name in a cluster) resolves here to the one loopback replica; the channel is
+    built with the round_robin policy and answers as grpc:// does."""
+    port = live_server.grpc_target.rsplit(":", 1)[1]
+    with LossClient(f"dns:///localhost:{port}") as c:
+        assert c.transport == "grpc" and c.endpoints == [f"dns:///localhost:{port}"]
+        loss, _ = c.loss("giou", PRED, TARGET)
+    np.testing.assert_allclose(loss, engine.evaluate("giou", PRED, TARGET).loss.numpy(), rtol=1e-6)

@@ -20,11 +20,13 @@ def node_modules():
         pytest.fail("node and npm are needed for the Node example (they are on this machine kind)")
     if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").exists() or \
             not (NODE_DIR / "node_modules" / ".bin" / "buf").exists():
-        # npm install, not npm ci: npm 11 writes no entries for other platforms' optional buf binaries, and
-        # npm ci then calls the lock out of sync
-        res = subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True, text=True,
+        # npm ci installs exactly the committed lockfile (it lists buf's binaries for every platform) and
+        # never rewrites it
+        lock = (NODE_DIR / "package-lock.json").read_bytes()
+        res = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True, text=True,
                              timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
+        assert (NODE_DIR / "package-lock.json").read_bytes() == lock, "npm ci changed package-lock.json"
     return NODE_DIR / "node_modules"
 
 

@@ -2,6 +2,7 @@
 real headless browser."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -90,8 +91,12 @@ def test_cli_with_bad_rows_and_progress(coco_dir, tmp_path):
 
 
 def _chromium(args: list[str]) -> subprocess.CompletedProcess:
-    exe = shutil.which("chromium")
-    assert exe, "Debian's chromium is needed for the report test (the README's test command installs it)"
+    exe = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if not exe:
+        # .ci/run installs Debian's chromium and sets LOSSD_REQUIRE_CHROMIUM=1, so CI never skips this
+        if os.environ.get("LOSSD_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("no chromium on PATH, and LOSSD_REQUIRE_CHROMIUM=1")
+        pytest.skip("no chromium on PATH: the report is not opened in a browser (apt-get install chromium)")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     return subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=120)

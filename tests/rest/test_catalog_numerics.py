@@ -1,12 +1,13 @@
-"""GET /v1/losses shows exclusive bounds as /v1/metrics does; [N] dice and overflowing boxes answer 200 / 422."""
+"""GET /v1/losses shows exclusive bounds and weighted_mean; [N] dice and overflowing boxes answer 200 / 422."""
 
 
 def test_exclusive_bounds_are_listed(client):
     cat = {e["name"]: e for e in client.get("/v1/losses").json()["losses"]}
     assert cat["dice"]["params"]["smooth"]["exclusive"] == {"min": True, "max": False}
     assert cat["quantile"]["params"]["q"]["exclusive"] == {"min": True, "max": True}
-    assert "exclusive" not in cat["ciou"]["params"]["eps"]  # 0 is allowed there
+    assert cat["ciou"]["params"]["eps"].get("exclusive") is None  # 0 is allowed there
     assert client.get("/v1/losses/dice").json()["params"]["smooth"]["exclusive"] == {"min": True, "max": False}
+    assert {n for n, e in cat.items() if e["weighted_mean"]} == {"cross_entropy", "nll"}
     refused = client.post("/v1/losses/dice", json={"pred": [0.2], "target": [0], "params": {"smooth": 0}})
     assert refused.status_code == 422 and "> 0.0" in refused.json()["error"]["message"]
 

@@ -23,7 +23,7 @@ def test_catalog(client):
     ciou = client.get("/v1/losses/ciou").json()
     assert ciou["kind"] == "box" and "Zheng" in ciou["reference"]
     assert ciou["params"]["eps"] == {"default": 1e-7, "min": 0.0, "max": 0.01, "doc": ciou["params"]["eps"]["doc"],
-                                     "type": "float", "choices": None}
+                                     "type": "float", "choices": None, "exclusive": None}
     assert ciou["params"]["alpha_rule"]["choices"] == ["torchvision", "mmdet", "attached"]
     error_of(client.get("/v1/losses/nope"), 404, "unknown_loss")
 
@@ -155,10 +155,14 @@ def test_metrics_endpoint(client, engine):
 
 
 def test_pairwise_budget_is_413(make_client):
-    small = make_client(max_pairwise=4)
-    small.app.state.engine = type(small.app.state.engine)(device="cpu", warm=False, max_pairwise=4)
-    error_of(small.post("/v1/metrics/iou", json={"boxes1": PRED, "boxes2": TARGET, "pairwise": True}), 413,
-             "too_large")
+    small = make_client(max_pairwise_bytes=16)  # 4 float32 values: 3 x 3 is over, 2 x 2 fits
+    err = error_of(small.post("/v1/metrics/iou", json={"boxes1": PRED, "boxes2": TARGET, "pairwise": True}), 413,
+                   "too_large")
+    assert "36 bytes" in err["message"] and "LOSSD_MAX_PAIRWISE_BYTES" in err["message"]
+    ok = small.post("/v1/metrics/iou", json={"boxes1": PRED[:2], "boxes2": TARGET[:2], "pairwise": True})
+    assert ok.status_code == 200 and np.asarray(ok.json()["values"]).shape == (2, 2)
+    err = error_of(small.post("/v1/metrics/iou", json={"boxes1": PRED[:2], "boxes2": TARGET[:2], "pairwise": True,
+                                                       "dtype": "float64"}), 413, "too_large")
 
 
 def test_prometheus_and_docs(client):

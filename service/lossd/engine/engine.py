@@ -123,6 +123,11 @@ class Engine:
     def metrics() -> list[dict]:
         return [METRICS[name].describe() for name in sorted(METRICS)]
 
+    def runs_fused_on_cpu(self, name: str) -> bool:
+        """Whether a loss (or metric) takes the fused CPU kernels on this engine: microseconds for a few rows."""
+        return (self.device.type == "cpu" and self.fast == "auto"
+                and (name in fastpath.FUSED_LOSSES or name in fastpath.METRIC_KINDS))
+
     # ----------------------------------------------------------------------------------------------- evaluate
     def evaluate(self, loss_name: str, pred: Any, target: Any, *, box_format: str = "xyxy", reduction: str = "none",
                  weights: Any = None, params: Mapping[str, Any] | None = None, return_grad: bool = True,

@@ -77,7 +77,7 @@ class Param:
         if not _is_number(value):
             raise EngineError("invalid_param", f"{fld} must be a number, got {value!r}", field=fld)
         if self.type == "int":
-            if float(value) != int(value):
+            if not math.isfinite(value) or float(value) != int(value):
                 raise EngineError("invalid_param", f"{fld} must be a whole number, got {value!r}", field=fld)
             value = int(value)
         else:

@@ -1,49 +1,23 @@
-"""Engine and protocol errors -> gRPC status codes, in this one place."""
+"""Exceptions -> gRPC status and trailing metadata, through lossd.errors (the one table)."""
 
 from __future__ import annotations
 
 import grpc
 
-from ..admission import Draining, Overloaded, ResourceExhausted
-from ..batching import DeadlineExpired
-from ..engine import EngineError
-from ..oip import ProtocolError
+from lossd_client.wire import pb
 
-STATUS = {
-    "unknown_loss": grpc.StatusCode.NOT_FOUND,
-    "unknown_metric": grpc.StatusCode.NOT_FOUND,
-    "unknown_version": grpc.StatusCode.NOT_FOUND,
-    "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
+from ..errors import describe
 
 
-def status_for(code: str) -> grpc.StatusCode:
-    return STATUS.get(code, grpc.StatusCode.INVALID_ARGUMENT)
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """Ends the call with the status the table gives ``exc`` (internal faults: INTERNAL, logged)."""
+    info = describe(exc)
+    context.set_trailing_metadata(tuple(info.headers()))
+    await context.abort(getattr(grpc.StatusCode, info.row.grpc), info.message)
 
 
-def trailers(exc: EngineError) -> tuple:
-    md = [("lossd-error-code", exc.code)]
-    if exc.field:
-        md.append(("lossd-error-field", exc.field))
-    if exc.rows:
-        md.append(("lossd-error-rows", ",".join(map(str, exc.rows))))
-    return tuple(md)
-
-
-async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    """Ends the call with the status for an EngineError or ProtocolError (re-raises anything else)."""
-    if isinstance(exc, EngineError):
-        context.set_trailing_metadata(trailers(exc))
-        await context.abort(status_for(exc.code), exc.message)
-    if isinstance(exc, (Overloaded, Draining, ResourceExhausted)):
-        status = {Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED, Draining: grpc.StatusCode.UNAVAILABLE,
-                  ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED}[type(exc)]
-        context.set_trailing_metadata((("lossd-error-code", exc.code), ("retry-after", "1")))
-        await context.abort(status, str(exc))
-    if isinstance(exc, DeadlineExpired):
-        context.set_trailing_metadata((("lossd-error-code", exc.code),))
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
-    if isinstance(exc, ProtocolError):
-        context.set_trailing_metadata((("lossd-error-code", exc.code),))
-        await context.abort(status_for(exc.code), exc.message)
-    raise exc
+def stream_error(exc: BaseException) -> pb.Error:
+    """An error in place, for one item of a stream (the stream goes on)."""
+    info = describe(exc)
+    return pb.Error(code=info.code, message=info.message, field=info.field or "", rows=info.rows or [],
+                    n_rows=info.n_rows or 0)

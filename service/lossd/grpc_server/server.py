@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from functools import partial
 from pathlib import Path
@@ -16,11 +15,14 @@ from lossd_client.wire import SMALL_MESSAGE, decode_field, decode_with_tensors, 
 from lossd_client.wire import oip_pb
 from lossd_client.wire import pb
 
-from ..admission import Admission
-from ..batching import Batcher
+from ..auth import key_matches
+from ..service import Service
 from ..settings import Settings
-from ..engine import Engine
-from .servicers import InferenceServicer, LossServicer
+from ..errors import ServiceError
+from .errors import abort
+from .servicers import BadMessage, InferenceServicer, LossServicer
+
+UNAUTHORIZED = ServiceError("a valid API key is required (metadata x-api-key)", "unauthorized")
 
 log = logging.getLogger("lossd.grpc")
 
@@ -45,6 +47,19 @@ OIP_DECODERS = {"ModelInfer": partial(decode_with_tensors, oip_pb.ModelInferRequ
                                       blobs_field=7)}
 
 
+def _tolerant(parse, method: str):
+    """A request parser that never raises: bytes that are not the message become a BadMessage, answered with
+    INVALID_ARGUMENT by the servicer."""
+
+    def parse_or_flag(data: bytes):
+        try:
+            return parse(data)
+        except Exception as exc:  # noqa: BLE001 (DecodeError, ValueError, RecursionError, ...)
+            return BadMessage(method, exc)
+
+    return parse_or_flag
+
+
 def add_service(server: grpc.aio.Server, servicer, module, service_name: str, encoded: set[str],
                 decoders: dict | None = None) -> None:
     """What the generated add_XServicer_to_server does, except that the methods in ``encoded`` may answer with
@@ -56,36 +71,42 @@ def add_service(server: grpc.aio.Server, servicer, module, service_name: str, en
         make = HANDLER[(method.client_streaming, method.server_streaming)]
         response = getattr(module, method.output_type.name)
         parse = (decoders or {}).get(method.name, getattr(module, method.input_type.name).FromString)
-        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=parse,
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=_tolerant(parse, method.name),
                                      response_serializer=passthrough if method.name in encoded
                                      else response.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Every call but health and reflection must carry metadata x-api-key with a configured key."""
+OIP_SERVICE = "/" + oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name + "/"
 
-    OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Every call but health, liveness/readiness, server metadata and reflection must carry metadata x-api-key
+    with a configured key: the same open set as REST (rest/oip.py's open router)."""
+
+    OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.") + tuple(
+        OIP_SERVICE + m for m in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata"))
 
     def __init__(self, keys: list[str]) -> None:
         self.keys = keys
 
         async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (metadata x-api-key)")
+            await abort(context, UNAUTHORIZED)
 
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
 
     async def intercept_service(self, continuation, details):
         if details.method.startswith(self.OPEN):
             return await continuation(details)
-        given = dict(details.invocation_metadata or ()).get("x-api-key", "")
-        if any(hmac.compare_digest(given, k) for k in self.keys):
+        given = dict(details.invocation_metadata or ()).get("x-api-key")
+        if key_matches(given, self.keys):
             return await continuation(details)
         handler = await continuation(details)
         if handler is not None and handler.request_streaming:
             async def deny_stream(request_iterator, context):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (metadata x-api-key)")
+                await abort(context, UNAUTHORIZED)
                 yield  # pragma: no cover
 
             return grpc.stream_stream_rpc_method_handler(deny_stream)
@@ -95,16 +116,25 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 class GrpcServer:
     """Start with ``await start()``; ``set_serving()`` once the engine is warm; ``await stop(grace)`` drains."""
 
-    def __init__(self, engine: Engine, batcher: Batcher, admission: Admission, settings: Settings,
-                 is_ready: Callable[[], bool]) -> None:
+    def __init__(self, service: Service, settings: Settings, is_ready: Callable[[], bool]) -> None:
         host, port = settings.host, settings.grpc_port
         opts = [("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
-                ("grpc.max_send_message_length", settings.grpc_max_message_bytes)]
+                ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+                # idle and old connections go away (clients reconnect, spread over replicas); clients may ping
+                # to keep a connection, but not more often than every 10 s, and not without calls in flight
+                ("grpc.max_connection_idle_ms", int(settings.grpc_max_connection_idle_seconds * 1000)),
+                ("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_seconds * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(max(settings.shutdown_grace_seconds, 1) * 1000)),
+                ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 0),
+                ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+                ("grpc.max_metadata_size", 16 * 1024)]
         interceptors = [ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []
         self.server = grpc.aio.server(options=opts, interceptors=interceptors)
-        add_service(self.server, LossServicer(engine, batcher, admission), pb, "LossService",
+        add_service(self.server, LossServicer(service, settings.grpc_max_message_bytes), pb, "LossService",
                     encoded={"Evaluate", "EvaluateStream"}, decoders=LOSS_DECODERS)
-        add_service(self.server, InferenceServicer(engine, batcher, admission, is_ready), oip_pb,
+        add_service(self.server, InferenceServicer(service, is_ready), oip_pb,
                     "GRPCInferenceService", encoded={"ModelInfer"}, decoders=OIP_DECODERS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -15,13 +15,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 from ..admission import Admission
-from ..batching import Batcher
+from ..bodyparse import BigJsonParser
 from ..engine import Engine
+from ..service import Observability, Service
 from ..settings import Settings
-from . import errors, losses, metrics, oip
+from . import docs, errors, losses, metrics, oip
 from .deps import require_api_key
 from .limits import BodyLimitMiddleware
-from .observability import Observability
 
 log = logging.getLogger("lossd.rest")
 
@@ -35,16 +35,17 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
         if app.state.engine is None:
             # construction is cheap; warming (CUDA init, first kernels) runs off the event loop while
             # /v2/health/live already answers and /v2/health/ready says 503
-            app.state.engine = Engine(device=settings.device, warm=False, max_pairwise=settings.max_pairwise,
+            app.state.engine = Engine(device=settings.device, warm=False, max_pairwise=settings.max_pairwise_bytes // 4,
                                       max_rows=settings.max_rows)
         eng = app.state.engine
-        app.state.batcher = Batcher(eng, enabled=settings.batching, max_rows=settings.batch_max_rows,
-                                    max_delay=settings.batch_max_delay_ms / 1000, inline=settings.batch_inline)
+        service = Service(eng, settings, admission=app.state.admission, obs=app.state.obs)
+        app.state.service = service
+        app.state.batcher = service.batcher
         grpc_server = None
         if start_grpc:
             from ..grpc_server import GrpcServer
 
-            grpc_server = GrpcServer(eng, app.state.batcher, app.state.admission, settings,
+            grpc_server = GrpcServer(service, settings,
                                      is_ready=lambda: app.state.ready.is_set() and not app.state.draining)
             await grpc_server.start()
             app.state.grpc_port = grpc_server.port
@@ -68,7 +69,10 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(warm)
-            yield
+            try:
+                yield
+            finally:
+                app.state.json_parser.close()
             # shutting down (SIGTERM): readiness goes false first, then in-flight gRPC calls get the grace period
             app.state.draining = True
             app.state.admission.draining = True
@@ -77,7 +81,8 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
             tg.cancel_scope.cancel()
             log.info("lossd stopped: in-flight calls drained")
 
-    app = FastAPI(title="lossd", version=__version__, lifespan=lifespan,
+    # docs_url/redoc_url off: docs.install serves both pages with local assets (offline)
+    app = FastAPI(title="lossd", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Loss-evaluation service for object detection: IoU-family scores, losses and "
                               "gradients. /v1 is lossd's own API; /v2 is the Open Inference Protocol.")
     app.state.engine = engine
@@ -85,13 +90,17 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
     app.state.ready = threading.Event()
     app.state.draining = False
     app.state.obs = Observability()
+    app.state.json_parser = BigJsonParser()
     app.state.admission = Admission(settings.max_in_flight)
     errors.install(app)
-    # health, metadata and /metrics stay open; the work and the catalog need the key when keys are configured
+    docs.install(app)
+    # open without a key: liveness, readiness, server metadata and /metrics (labels are catalog names only);
+    # everything else needs one when keys are configured, the same set over gRPC (README: authentication)
     guarded = [Depends(require_api_key)]
     app.include_router(losses.router, dependencies=guarded)
     app.include_router(metrics.router, dependencies=guarded)
     app.include_router(oip.router)
+    app.include_router(oip.keyed)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
@@ -100,5 +109,5 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["Inference-Header-Content-Length"])
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout_seconds)
     return app

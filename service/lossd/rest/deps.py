@@ -3,28 +3,18 @@ FastAPI runs a plain `def` dependency in its thread pool, a thread hop per reque
 
 from __future__ import annotations
 
-import hmac
 import math
 import time
 
 from fastapi import Request
 
-from ..batching import Batcher
-from ..engine import Engine
-from .errors import ApiError
-from .observability import Observability
+from ..auth import key_matches
+from ..errors import ServiceError, quote
+from ..service import Service
 
 
-async def get_engine(request: Request) -> Engine:
-    return request.app.state.engine
-
-
-async def get_obs(request: Request) -> Observability:
-    return request.app.state.obs
-
-
-async def get_batcher(request: Request) -> Batcher:
-    return request.app.state.batcher
+async def get_service(request: Request) -> Service:
+    return request.app.state.service
 
 
 TIMEOUT_HEADER = "lossd-timeout"
@@ -36,29 +26,24 @@ async def get_deadline(request: Request) -> float | None:
     if raw is None:
         return None
     try:
-        seconds = float(raw)
+        seconds = float(raw) if len(raw) <= 32 else math.nan
     except ValueError:
-        seconds = float("nan")
+        seconds = math.nan
     if not math.isfinite(seconds) or seconds <= 0:
-        raise ApiError(400, "invalid_request", f"header {TIMEOUT_HEADER} must be a positive number of seconds, "
-                       f"got {raw!r}")
+        raise ServiceError(f"header {TIMEOUT_HEADER} must be a positive number of seconds, got {quote(raw)}",
+                           "invalid_header", field=TIMEOUT_HEADER)
     return time.monotonic() + seconds
-
-
-async def admitted(request: Request):
-    """Holds one of the server's in-flight slots for the request (429 / 503 when there is none)."""
-    with request.app.state.admission.admit():
-        yield
 
 
 async def require_api_key(request: Request) -> None:
     keys = request.app.state.settings.api_keys
     if not keys:
         return
-    given = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
-    if given is None and auth.lower().startswith("bearer "):
+    headers = dict(request.scope.get("headers") or ())
+    given = headers.get(b"x-api-key")
+    auth = headers.get(b"authorization", b"")
+    if given is None and auth[:7].lower() == b"bearer ":
         given = auth[7:].strip()
-    if given is None or not any(hmac.compare_digest(given, k) for k in keys):
-        raise ApiError(401, "unauthorized", "a valid API key is required (header x-api-key or Authorization: "
-                       "Bearer <key>)")
+    if not key_matches(given, keys):
+        raise ServiceError("a valid API key is required (header x-api-key or Authorization: Bearer <key>)",
+                           "unauthorized")

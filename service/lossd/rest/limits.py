@@ -1,53 +1,157 @@
-"""Request-body cap: 413 before an oversized body is read whole."""
+"""HTTP limits that hold against slow, careless or hostile clients, before any route runs:
+
+- the request head (request line + headers) must arrive within LOSSD_HEADER_TIMEOUT_SECONDS and stay under
+  LOSSD_MAX_HEADER_BYTES (else 431 and the connection is closed): ``GuardedHttpToolsProtocol``;
+- the body must arrive whole within LOSSD_BODY_TIMEOUT_SECONDS of the head (else 408, connection closed) and stay
+  under LOSSD_MAX_BODY_BYTES (else 413, refused unread when Content-Length says so): ``BodyLimitMiddleware``.
+
+A request takes an admission slot only once its body is here (lossd.service), so slow senders hold a connection
+and a coroutine each, never a slot that legitimate calls need.
+"""
 
 from __future__ import annotations
 
-import json
+import asyncio
+import time
+from http import HTTPStatus
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from ..errors import TABLE, ServiceError
+from .errors import error_response
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline and a size cap on each request head. (httptools itself has
+    neither: an endless header line keeps a core busy and grows memory.)"""
+
+    max_header_bytes = 64 * 1024
+    header_timeout = 10.0
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_bytes = 0
+        self._in_head = True
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_expired)
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(self.header_timeout, self._head_expired)
+        super().data_received(data)
+        if self._in_head and self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
+            self._refuse("header_too_large", f"the request head exceeds {self.max_header_bytes} bytes "
+                         "(LOSSD_MAX_HEADER_BYTES)")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._in_head = True  # the next request's head is timed from its first byte
+
+    def _cancel_head_timer(self) -> None:
+        timer = getattr(self, "_head_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._in_head and self._head_bytes and not self.transport.is_closing():
+            self._refuse("request_timeout", f"the request head did not arrive within {self.header_timeout:g} s "
+                         "(LOSSD_HEADER_TIMEOUT_SECONDS)")
+        elif self._in_head and self.cycle is None and not self.transport.is_closing():
+            self.transport.close()  # connected and silent since: nothing to answer
+
+    def _refuse(self, code: str, message: str) -> None:
+        """Answers before the request exists (no path yet): lossd's own error shape, the table's status."""
+        self._cancel_head_timer()
+        status = TABLE[code].v1
+        body = orjson.dumps({"error": {"code": code, "message": message, "details": {}}})
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n" % (status, HTTPStatus(status).phrase.encode(), len(body))
+                             + body)
+        self.transport.close()
+
+
+def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[GuardedHttpToolsProtocol]:
+    return type("GuardedHttpTools", (GuardedHttpToolsProtocol,),
+                {"max_header_bytes": max_header_bytes, "header_timeout": header_timeout})
 
 
 class BodyLimitMiddleware:
     """Pure ASGI. A declared Content-Length over the cap is refused at once, unread; a body without one
-    (chunked) is read only up to the cap, then refused, or else replayed to the app."""
+    (chunked) is read only up to the cap, then refused. Every receive of the body shares one deadline."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, timeout: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None:
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                return await self._reject(scope, send, f"{int(declared)} bytes")
-            return await self.app(scope, receive, send)  # the server enforces Content-Length framing
-        chunks, seen, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            body = message.get("body", b"")
-            seen += len(body)
-            if seen > self.max_bytes:
-                return await self._reject(scope, send, f"more than {self.max_bytes} bytes")
-            chunks.append(body)
-            more = message.get("more_body", False)
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        path = scope.get("path", "")
+        declared = None
+        for name, value in scope.get("headers") or ():
+            if name == b"content-length":
+                declared = value
+        if declared is not None and not (declared.isdigit() and len(declared) <= 19):
+            return await self._send(send, path, ServiceError("Content-Length must be a whole number",
+                                                             "invalid_header", field="content-length"))
+        if declared is not None and int(declared) > self.max_bytes:
+            return await self._send(send, path, self._too_large(f"{int(declared)} bytes"))
+        deadline = time.monotonic() + self.timeout
+        seen = 0
+        started = False
+        timed_out = False
 
-        async def replay_receive():
-            return replay.pop() if replay else await receive()
+        async def limited_receive():
+            nonlocal seen, timed_out
+            remaining = deadline - time.monotonic()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(remaining, 0.001))
+            except asyncio.TimeoutError:
+                timed_out = True
+                raise ServiceError(f"the request body did not arrive within {self.timeout:g} s "
+                                   "(LOSSD_BODY_TIMEOUT_SECONDS)", "request_timeout") from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._too_large(f"more than {self.max_bytes} bytes")
+            return message
 
-        await self.app(scope, replay_receive, send)
+        async def tracked_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if timed_out:
+                    message = dict(message, headers=list(message.get("headers", [])) + [(b"connection", b"close")])
+            await send(message)
 
-    async def _reject(self, scope, send, size: str) -> None:
-        message = f"request body of {size} exceeds the limit of {self.max_bytes} bytes (LOSSD_MAX_BODY_BYTES)"
-        if scope.get("path", "").startswith("/v2"):
-            body = {"error": message}
-        else:
-            body = {"error": {"code": "too_large", "message": message, "details": {"limit": self.max_bytes}}}
-        data = json.dumps(body).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": data})
+        await self.app(scope, limited_receive, tracked_send)
+
+    def _too_large(self, size: str) -> ServiceError:
+        return ServiceError(f"request body of {size} exceeds the limit of {self.max_bytes} bytes "
+                            "(LOSSD_MAX_BODY_BYTES)", "too_large")
+
+    @staticmethod
+    async def _send(send, path: str, exc: ServiceError) -> None:
+        resp = error_response(path, exc)
+        await send({"type": "http.response.start", "status": resp.status_code,
+                    "headers": resp.raw_headers + [(b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": resp.body})

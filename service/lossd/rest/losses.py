@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import numpy as np
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine import Engine, get_loss
-from ..batching import Batcher
-from .deps import admitted, get_batcher, get_deadline, get_engine, get_obs
+from ..service import Service
+from .body import body_schema, read_model
+from .deps import get_deadline, get_service
 from .jsonio import json_response
-from .observability import Observability
+from .openapi import V1_ERRORS
 
 router = APIRouter(prefix="/v1/losses", tags=["losses"])
 
@@ -40,16 +39,13 @@ class LossResponse(BaseModel):
 
 
 class ParamInfo(BaseModel):
-    # extra keys the catalog adds only where they apply pass through, e.g. exclusive {"min": bool, "max": bool}
-    # when a bound is itself refused (as /v1/metrics shows it)
-    model_config = ConfigDict(extra="allow")
-
     default: Any
     min: float | None
     max: float | None
     doc: str
     type: str
     choices: list[str] | None = None
+    exclusive: dict[str, bool] | None = Field(None, description="whether min / max themselves are excluded")
 
 
 class LossInfo(BaseModel):
@@ -70,28 +66,24 @@ class Catalog(BaseModel):
 
 
 @router.get("", response_model=Catalog)
-def list_losses(engine: Engine = Depends(get_engine)) -> dict:
-    return {"losses": engine.losses()}
+def list_losses(service: Service = Depends(get_service)) -> dict:
+    return {"losses": service.catalog()["losses"]}
 
 
-@router.get("/{name}", response_model=LossInfo)
-def describe_loss(name: str) -> dict:
-    return get_loss(name).describe()
+@router.get("/{name}", response_model=LossInfo, responses=V1_ERRORS)
+def describe_loss(name: str, service: Service = Depends(get_service)) -> dict:
+    return service.describe_loss(name)
 
 
-@router.post("/{name}", response_model=LossResponse, dependencies=[Depends(admitted)], responses={
-    404: {"description": "unknown loss"}, 429: {"description": "overloaded; see Retry-After"},
-    503: {"description": "draining or out of device memory"}, 504: {"description": "deadline passed before the work started"}, 413: {"description": "body over the size limit"},
-    422: {"description": "invalid input: the error names the field and the offending rows"}})
-async def evaluate(name: str, req: LossRequest, batcher: Batcher = Depends(get_batcher),
-                   deadline: float | None = Depends(get_deadline), obs: Observability = Depends(get_obs)) -> Response:
+@router.post("/{name}", response_model=LossResponse, openapi_extra=body_schema(LossRequest), responses=V1_ERRORS)
+async def evaluate(name: str, request: Request, service: Service = Depends(get_service),
+                   deadline: float | None = Depends(get_deadline)) -> Response:
     """Evaluate one loss over a batch: per-sample loss (or the reduced value) and its gradient w.r.t. pred.
     Optional header `lossd-timeout: <seconds>`: work not started by then is dropped (504)."""
-    with obs.track("v1_loss", name) as t:
-        out = await batcher.evaluate(name, req.pred, req.target, box_format=req.box_format, reduction=req.reduction,
-                                     weights=req.weights, params=req.params, return_grad=req.return_grad,
-                                     dtype=req.dtype, deadline=deadline)
-        t.batch_size = int(np.shape(req.pred)[0]) if out.grad is None else int(out.grad.shape[0])
-        loss = out.loss.numpy()
-        return json_response({"loss": loss if loss.ndim else float(loss),
-                              "grad": None if out.grad is None else out.grad.numpy()})
+    req = await read_model(request, LossRequest)
+    out = await service.evaluate(name, req.pred, req.target, box_format=req.box_format, reduction=req.reduction,
+                                 weights=req.weights, params=req.params, return_grad=req.return_grad,
+                                 dtype=req.dtype, deadline=deadline)
+    loss = out.loss.numpy()
+    return json_response({"loss": loss if loss.ndim else float(loss),
+                          "grad": None if out.grad is None else out.grad.numpy()})

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Literal
 
-import anyio
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine import Engine
-from ..admission import ResourceExhausted, is_out_of_memory
-from ..batching import metric_runs_inline, rows_of
-from .deps import admitted, get_engine, get_obs
+from ..service import Service
+from .body import body_schema, read_model
+from .deps import get_service
 from .jsonio import json_response
-from .observability import Observability
+from .openapi import V1_ERRORS
 
 router = APIRouter(prefix="/v1/metrics", tags=["metrics"])
 
@@ -37,27 +34,15 @@ class MetricResponse(BaseModel):
 
 
 @router.get("")
-def list_metrics(engine: Engine = Depends(get_engine)) -> dict:
-    return {"metrics": engine.metrics()}
+def list_metrics(service: Service = Depends(get_service)) -> dict:
+    return {"metrics": service.catalog()["metrics"]}
 
 
-@router.post("/{name}", response_model=MetricResponse, dependencies=[Depends(admitted)])
-async def metric(name: str, req: MetricRequest, engine: Engine = Depends(get_engine),
-                 obs: Observability = Depends(get_obs)) -> Response:
+@router.post("/{name}", response_model=MetricResponse, openapi_extra=body_schema(MetricRequest),
+             responses=V1_ERRORS)
+async def metric(name: str, request: Request, service: Service = Depends(get_service)) -> Response:
     """IoU, GIoU, DIoU, CIoU, EIoU, SIoU or NWD of boxes1 vs boxes2."""
-    with obs.track("v1_metric", name) as t:
-        call = functools.partial(engine.metric, name, req.boxes1, req.boxes2, box_format=req.box_format,
-                                 pairwise=req.pairwise, params=req.params, dtype=req.dtype)
-        try:
-            # an annotation tool's few boxes: on the event loop (microseconds); anything larger: in a thread
-            if metric_runs_inline(engine, name, rows_of(req.boxes1), rows_of(req.boxes2), req.pairwise):
-                values = call()
-            else:
-                values = await anyio.to_thread.run_sync(call)
-        except RuntimeError as exc:
-            if is_out_of_memory(exc):
-                raise ResourceExhausted(f"the {engine.device} device ran out of memory; ask for fewer pairs") \
-                    from None
-            raise
-        t.batch_size = int(values.numel())
-        return json_response({"values": values.numpy()})
+    req = await read_model(request, MetricRequest)
+    values = await service.metric(name, req.boxes1, req.boxes2, box_format=req.box_format, pairwise=req.pairwise,
+                                  params=req.params, dtype=req.dtype)
+    return json_response({"values": values})

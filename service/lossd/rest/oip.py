@@ -1,22 +1,20 @@
-"""The Open Inference Protocol (KServe v2) over HTTP, with the binary tensor data extension. The protocol's
-request handling lives in lossd.oip, shared with gRPC; this module is the HTTP framing and routes."""
+"""The Open Inference Protocol (KServe v2) over HTTP, with the binary tensor data extension and Triton's model
+configuration, statistics and repository extensions. The protocol lives in lossd.oip and lossd.service; this
+module is the HTTP framing and routes. Statuses are Triton's (400 for bad input)."""
 
 from __future__ import annotations
 
-import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..engine import get_loss
-from ..batching import Batcher
-from ..oip import (HEADER, SERVER_METADATA, InferCall, ProtocolError, check_version, finish_infer, model_metadata,
-                   parse_http_body, prepare_infer)
-from .deps import admitted, get_batcher, get_deadline, get_obs, require_api_key
-from .errors import ApiError
+from ..bodyparse import BIG_JSON_BYTES
+from ..errors import ServiceError
+from ..oip import HEADER, SERVER_METADATA, parse_http_body
+from ..service import Service
+from .body import read_json
+from .deps import get_deadline, get_service, require_api_key
 from .jsonio import dumps
-from .observability import Observability
-
-router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+from .openapi import OIP_ERRORS
 
 BINARY_BODY = {"requestBody": {"content": {
     "application/json": {"schema": {"type": "object", "description": "OIP inference request: id?, parameters?, "
@@ -26,24 +24,10 @@ BINARY_BODY = {"requestBody": {"content": {
                                             "Length bytes, then each input's raw little-endian bytes in order "
                                             "(parameters.binary_data_size on each binary input)"}}}}}
 
-
-INLINE_PARSE_BYTES = 256 * 1024
-
-
-def _prepare(name: str, body: bytes, header_len: str | None) -> InferCall:
-    req, raw = parse_http_body(body, header_len)
-    return prepare_infer(name, req, raw)
-
-
-def _api_error(exc: ProtocolError) -> ApiError:
-    return ApiError(404 if exc.code == "unknown_version" else 400, exc.code, exc.message)
-
-
-def _check(name: str, version: str) -> None:
-    try:
-        check_version(name, version)
-    except ProtocolError as exc:
-        raise _api_error(exc) from None
+# open: liveness, readiness and server metadata (the same set is open over gRPC, see grpc_server/server.py)
+router = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=OIP_ERRORS)
+keyed = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=OIP_ERRORS,
+                  dependencies=[Depends(require_api_key)])
 
 
 @router.get("")
@@ -56,48 +40,64 @@ def live() -> dict:
     return {"live": True}
 
 
+def _ready(request: Request) -> bool:
+    return request.app.state.ready.is_set() and not request.app.state.draining
+
+
 @router.get("/health/ready")
 def ready(request: Request) -> Response:
-    is_ready = request.app.state.ready.is_set() and not request.app.state.draining
+    is_ready = _ready(request)
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
-
-
-@router.get("/models/{name}")
-@router.get("/models/{name}/versions/{version}")
-def get_model(name: str, version: str = "1") -> dict:
-    _check(name, version)
-    return model_metadata(name)
 
 
 @router.get("/models/{name}/ready")
 @router.get("/models/{name}/versions/{version}/ready")
-def model_ready(name: str, request: Request, version: str = "1") -> Response:
-    get_loss(name)
-    _check(name, version)
-    is_ready = request.app.state.ready.is_set()
+def model_ready(name: str, request: Request, version: str = "1", service: Service = Depends(get_service)) -> Response:
+    service.model_ready(name, version)
+    is_ready = _ready(request)
     return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-@router.post("/models/{name}/infer", openapi_extra=BINARY_BODY, dependencies=[Depends(require_api_key),
-                                                                            Depends(admitted)])
-@router.post("/models/{name}/versions/{version}/infer", openapi_extra=BINARY_BODY,
-             dependencies=[Depends(require_api_key), Depends(admitted)])
-async def infer(name: str, request: Request, version: str = "1", batcher: Batcher = Depends(get_batcher),
-                deadline: float | None = Depends(get_deadline), obs: Observability = Depends(get_obs)) -> Response:
+@keyed.get("/models/stats")
+@keyed.get("/models/{name}/stats")
+@keyed.get("/models/{name}/versions/{version}/stats")
+def model_stats(name: str = "", version: str = "", service: Service = Depends(get_service)) -> dict:
+    return {"model_stats": service.model_statistics(name, version)}
+
+
+@keyed.get("/models/{name}")
+@keyed.get("/models/{name}/versions/{version}")
+def get_model(name: str, version: str = "1", service: Service = Depends(get_service)) -> dict:
+    return service.model_metadata(name, version)
+
+
+@keyed.get("/models/{name}/config")
+@keyed.get("/models/{name}/versions/{version}/config")
+def model_config(name: str, version: str = "1", service: Service = Depends(get_service)) -> dict:
+    return service.model_config(name, version)
+
+
+@keyed.post("/repository/index")
+def repository_index(service: Service = Depends(get_service)) -> list:
+    return service.repository_index()
+
+
+@keyed.post("/models/{name}/infer", openapi_extra=BINARY_BODY)
+@keyed.post("/models/{name}/versions/{version}/infer", openapi_extra=BINARY_BODY)
+async def infer(name: str, request: Request, version: str = "1", service: Service = Depends(get_service),
+                deadline: float | None = Depends(get_deadline)) -> Response:
     """Evaluate a loss: JSON tensors, or the binary tensor data extension (the fast path for large batches)."""
-    _check(name, version)
-    body = await request.body()
-    with obs.track("v2_infer", name) as t:
-        try:
-            if len(body) > INLINE_PARSE_BYTES:  # big JSON parses off the event loop
-                call = await anyio.to_thread.run_sync(_prepare, name, body, request.headers.get(HEADER))
-            else:
-                call = _prepare(name, body, request.headers.get(HEADER))
-        except ProtocolError as exc:
-            raise _api_error(exc) from None
-        out = await batcher.evaluate(name, **call.kwargs, deadline=deadline)
-        resp, blobs = finish_infer(call, out)
-        t.batch_size = int(resp["outputs"][0]["shape"][0]) if resp["outputs"] and resp["outputs"][0]["shape"] else 0
+    service.model_ready(name, version)
+    header_len = request.headers.get(HEADER)
+    if header_len is None and int(request.headers.get("content-length") or 0) > BIG_JSON_BYTES:
+        req = await read_json(request, "oip")  # big JSON tensors: parsed in the worker process
+        if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
+            raise ServiceError("the request must be a JSON object with an 'inputs' list")
+        resp, blobs = await service.infer(name, lambda: (req, memoryview(b"")), size=0, deadline=deadline)
+    else:
+        body = await request.body()  # before any admission slot is taken: slow senders hold none
+        resp, blobs = await service.infer(name, lambda: parse_http_body(body, header_len), size=len(body),
+                                          deadline=deadline)
     head = dumps(resp)
     if not blobs:
         return Response(head, media_type="application/json")

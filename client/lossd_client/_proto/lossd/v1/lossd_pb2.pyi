@@ -66,7 +66,7 @@ class ParamValue(_message.Message):
     text: str
     flag: bool
     numbers: DoubleList
-    def __init__(self, number: _Optional[float] = ..., text: _Optional[str] = ..., flag: _Optional[bool] = ..., numbers: _Optional[_Union[DoubleList, _Mapping]] = ...) -> None: ...
+    def __init__(self, number: _Optional[float] = ..., text: _Optional[str] = ..., flag: bool = ..., numbers: _Optional[_Union[DoubleList, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
     __slots__ = ("loss", "pred", "target", "weights", "box_format", "reduction", "params", "return_grad", "compute_dtype", "typed_output", "request_id")
@@ -99,7 +99,7 @@ class EvaluateRequest(_message.Message):
     compute_dtype: Dtype
     typed_output: bool
     request_id: str
-    def __init__(self, loss: _Optional[str] = ..., pred: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., box_format: _Optional[str] = ..., reduction: _Optional[str] = ..., params: _Optional[_Mapping[str, ParamValue]] = ..., return_grad: _Optional[bool] = ..., compute_dtype: _Optional[_Union[Dtype, str]] = ..., typed_output: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, loss: _Optional[str] = ..., pred: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., box_format: _Optional[str] = ..., reduction: _Optional[str] = ..., params: _Optional[_Mapping[str, ParamValue]] = ..., return_grad: bool = ..., compute_dtype: _Optional[_Union[Dtype, str]] = ..., typed_output: bool = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("loss", "grad", "request_id")
@@ -164,7 +164,7 @@ class MetricRequest(_message.Message):
     params: _containers.MessageMap[str, ParamValue]
     compute_dtype: Dtype
     typed_output: bool
-    def __init__(self, metric: _Optional[str] = ..., boxes1: _Optional[_Union[Tensor, _Mapping]] = ..., boxes2: _Optional[_Union[Tensor, _Mapping]] = ..., box_format: _Optional[str] = ..., pairwise: _Optional[bool] = ..., params: _Optional[_Mapping[str, ParamValue]] = ..., compute_dtype: _Optional[_Union[Dtype, str]] = ..., typed_output: _Optional[bool] = ...) -> None: ...
+    def __init__(self, metric: _Optional[str] = ..., boxes1: _Optional[_Union[Tensor, _Mapping]] = ..., boxes2: _Optional[_Union[Tensor, _Mapping]] = ..., box_format: _Optional[str] = ..., pairwise: bool = ..., params: _Optional[_Mapping[str, ParamValue]] = ..., compute_dtype: _Optional[_Union[Dtype, str]] = ..., typed_output: bool = ...) -> None: ...
 
 class MetricResponse(_message.Message):
     __slots__ = ("values",)

@@ -5,7 +5,7 @@ import warnings
 
 from lossd_client._proto.lossd.v1 import lossd_pb2 as lossd__client_dot___proto_dot_lossd_dot_v1_dot_lossd__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in lossd_client/_proto/lossd/v1/lossd_pb2_grpc.py depends on'
+        + f' but the generated code in lossd_client/_proto/lossd/v1/lossd_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class LossServiceStub:
+class LossServiceStub(object):
     """Errors are gRPC statuses: INVALID_ARGUMENT (bad input; the message names the field and rows, and the
     trailing metadata carries lossd-error-code), NOT_FOUND (unknown loss or metric), RESOURCE_EXHAUSTED (over a
     size budget), UNAVAILABLE (shutting down).
@@ -59,7 +59,7 @@ class LossServiceStub:
                 _registered_method=True)
 
 
-class LossServiceServicer:
+class LossServiceServicer(object):
     """Errors are gRPC statuses: INVALID_ARGUMENT (bad input; the message names the field and rows, and the
     trailing metadata carries lossd-error-code), NOT_FOUND (unknown loss or metric), RESOURCE_EXHAUSTED (over a
     size budget), UNAVAILABLE (shutting down).
@@ -121,7 +121,7 @@ def add_LossServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class LossService:
+class LossService(object):
     """Errors are gRPC statuses: INVALID_ARGUMENT (bad input; the message names the field and rows, and the
     trailing metadata carries lossd-error-code), NOT_FOUND (unknown loss or metric), RESOURCE_EXHAUSTED (over a
     size budget), UNAVAILABLE (shutting down).
