@@ -113,6 +113,12 @@ def test_metric_and_catalog(channel, engine):
     alpha = next(p for p in ciou.params if p.name == "alpha_rule")
     assert alpha.default_value.text == "torchvision" and list(alpha.choices) == ["torchvision", "mmdet", "attached"]
     assert {m.name for m in cat.metrics} == {"iou", "giou", "diou", "ciou", "eiou", "siou", "nwd"}
+    # the same catalog facts as GET /v1/losses: weighted means and exclusive bounds
+    by_name = {e.name: e for e in cat.losses}
+    assert by_name["cross_entropy"].weighted_mean and not by_name["ciou"].weighted_mean
+    dice_smooth = next(p for p in by_name["dice"].params if p.name == "smooth")
+    assert dice_smooth.min_exclusive and dice_smooth.min == 0.0
+    assert not next(p for p in ciou.params if p.name == "eps").min_exclusive
 
 
 def test_stream_answers_in_order_with_errors_in_place(channel, engine):
