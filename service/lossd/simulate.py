@@ -61,9 +61,10 @@ def build_cases(cases: int | None = None, seed: int = 0) -> Cases:
     Order: point, target ratio, anchor scale, anchor ratio (the paper's loop order)."""
     n_points = POINTS if cases is None else max(1, math.ceil(cases / CASES_PER_POINT))
     rng = np.random.default_rng(seed)
-    r = RADIUS * np.sqrt(rng.random(n_points))  # sqrt: uniform over the disc's area
-    theta = 2 * np.pi * rng.random(n_points)
-    points = np.column_stack([CENTRE + r * np.cos(theta), CENTRE + r * np.sin(theta)])
+    # all 5,000 drawn whatever `cases` is, so a small run is a prefix of the full one
+    r = RADIUS * np.sqrt(rng.random(max(POINTS, n_points)))  # sqrt: uniform over the disc's area
+    theta = 2 * np.pi * rng.random(max(POINTS, n_points))
+    points = np.column_stack([CENTRE + r * np.cos(theta), CENTRE + r * np.sin(theta)])[:n_points]
     ratio = np.asarray(RATIOS)
     scale = np.asarray(SCALES)
     # index grids over (point, target ratio, scale, anchor ratio)
@@ -325,11 +326,13 @@ class LossRun:
 
 def simulate_loss(name: str, cases: Cases, grad_fn: GradFn, *, iterations: int = 200, params: dict | None = None,
                   shards: int = 2, progress: Callable[[int], None] | None = None,
-                  stop: threading.Event | None = None) -> LossRun:
+                  stop: threading.Event | None = None, checkpoint: Callable[[LossRun], None] | None = None,
+                  checkpoint_seconds: float = 2.0) -> LossRun:
     """Descend every case for `iterations` steps with `name`'s gradients. The cases are split into `shards`
     independent groups, each stepped by its own thread, so one group's request is on the wire or in the server
     while another's step runs here. progress(k) is called as shard-iterations finish (k = shards * iterations in
-    all). Setting `stop` ends the run after the current step (the result is then marked incomplete)."""
+    all). Setting `stop` ends the run after the current step (the result is then marked incomplete).
+    checkpoint(partial) is called every checkpoint_seconds with the curve so far."""
     params = dict(params or {})
     n = len(cases)
     shards = max(1, min(shards, n))
@@ -368,10 +371,14 @@ def simulate_loss(name: str, cases: Cases, grad_fn: GradFn, *, iterations: int =
     threads = [threading.Thread(target=run, args=(s,), daemon=True) for s in range(shards)]
     for th in threads:
         th.start()
+    last = time.monotonic()
     try:
         for th in threads:
             while th.is_alive():
                 th.join(0.2)
+                if checkpoint is not None and time.monotonic() - last >= checkpoint_seconds:
+                    checkpoint(_partial(name, params, errors, done, final, time.perf_counter() - t0, clamped))
+                    last = time.monotonic()
     except KeyboardInterrupt:
         stop.set()
         for th in threads:
@@ -488,15 +495,16 @@ def plot_map(losses: list[str], out: Path, cases: Cases) -> Path | None:
     vals = np.concatenate([v for v in per_point.values()])
     pos = vals[vals > 0]
     norm = LogNorm(vmin=max(pos.min(), pos.max() * 1e-6), vmax=pos.max()) if pos.size else None
-    fig, axes = plt.subplots(1, len(per_point), figsize=(3.6 * len(per_point) + 1, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(per_point), figsize=(3.4 * len(per_point) + 1.4, 3.7), squeeze=False,
+                             constrained_layout=True)
     for ax, (name, v) in zip(axes[0], per_point.items()):
-        sc = ax.scatter(cases.points[:, 0], cases.points[:, 1], c=np.maximum(v, norm.vmin if norm else 0), s=3,
-                        cmap="viridis", norm=norm)
+        sc = ax.scatter(cases.points[:, 0], cases.points[:, 1], c=np.maximum(v, norm.vmin if norm else 0), s=5,
+                        cmap="viridis", norm=norm, linewidths=0)
         ax.set_title(f"{name}: Σ final error {v.sum():,.0f}", fontsize=9)
         ax.set_aspect("equal")
-        ax.set_xlabel("x")
-    axes[0][0].set_ylabel("y")
-    fig.colorbar(sc, ax=axes[0].tolist(), label="final error per anchor centre (343 cases)")
+        ax.set_xlabel("anchor centre x")
+    axes[0][0].set_ylabel("anchor centre y")
+    fig.colorbar(sc, ax=axes[0].tolist(), label="final error, sum of the 343 cases", shrink=0.9)
     path = out / "final_error_map.png"
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -535,7 +543,8 @@ def run(*, losses: list[str] | None, cases: int | None, iterations: int, seed: i
             bar = _bar(name, shards * iterations, progress)
             try:
                 r = simulate_loss(name, cs, grad_fn, iterations=iterations, shards=shards,
-                                  progress=bar.update if bar else None)
+                                  progress=bar.update if bar else None,
+                                  checkpoint=lambda part: _save(part, out, config, grad_fn.label, len(cs)))
             except _Interrupted as exc:
                 r, interrupted = exc.run, name
             finally:

@@ -18,7 +18,7 @@ from ..admission import Admission
 from ..batching import Batcher
 from ..engine import Engine
 from ..settings import Settings
-from . import errors, losses, metrics, oip
+from . import errors, losses, metrics, oip, playground
 from .deps import require_api_key
 from .limits import BodyLimitMiddleware
 from .observability import Observability
@@ -92,6 +92,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
     app.include_router(losses.router, dependencies=guarded)
     app.include_router(metrics.router, dependencies=guarded)
     app.include_router(oip.router)
+    app.include_router(playground.router)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
