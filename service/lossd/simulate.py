@@ -22,7 +22,7 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -254,7 +254,8 @@ def paper_ascent(name: str, a: np.ndarray, g: np.ndarray, fixes: frozenset[str] 
     half = 0.5 if "half_wh" in fixes else 1.0
 
     def xywh(s):
-        return np.column_stack([s["l"] + s["r"], s["t"] + s["b"], half * (s["r"] - s["l"]), half * (s["b"] - s["t"])])
+        return np.column_stack([s["l"] + s["r"], s["t"] + s["b"], half * (s["r"] - s["l"]),
+                                half * (s["b"] - s["t"])])
 
     if name == "iou":
         return xywh(diou_s)
@@ -267,7 +268,6 @@ def paper_ascent(name: str, a: np.ndarray, g: np.ndarray, fixes: frozenset[str] 
             pen = {k: np.where(c > 0, (c * du[k] - union * dc[k]) / c ** 2, 0.0) for k in dc}
         return xywh({k: np.where(overlap, diou_s[k] + pen[k], pen[k]) for k in dc})
     # DIoU / CIoU: the distance part in (x, y, w, h); columns dx, dy, dw, dh of each enclosing side
-    z = np.zeros_like(pt)
     side_t = np.where((pt < gt)[:, None], np.array([0, 1, 0, -0.5]), 0.0)
     side_b = np.where((pb > gb)[:, None], np.array([0, 1, 0, 0.5]), 0.0)
     side_l = np.where((pl < gl)[:, None], np.array([1, 0, -0.5, 0]), 0.0)
@@ -290,7 +290,7 @@ def paper_ascent(name: str, a: np.ndarray, g: np.ndarray, fixes: frozenset[str] 
     sign = 1.0 if "enclosing_sign" in fixes else -1.0
     s = np.column_stack([(2 * (g[:, 0] - a[:, 0]) * c2 + sign * dc2[:, 0] * d) / c2 ** 2,
                          (2 * (g[:, 1] - a[:, 1]) * c2 + sign * dc2[:, 1] * d) / c2 ** 2,
-                         dc2[:, 2] * d / c2 ** 2 + z, dc2[:, 3] * d / c2 ** 2 + z])
+                         dc2[:, 2] * d / c2 ** 2, dc2[:, 3] * d / c2 ** 2])
     if name == "ciou":
         iou = np.where(ok, inter / np.where(union > 0, union, 1.0), 0.0)
         delta = np.arctan(g[:, 2] / g[:, 3]) - np.arctan(a[:, 2] / a[:, 3])
@@ -321,7 +321,7 @@ class LossRun:
     clamped: int
     complete: bool
     iterations_done: int
-    extra: dict = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # this process's CPU time (all its threads) during the run
 
 
 def simulate_loss(name: str, cases: Cases, grad_fn: GradFn, *, iterations: int = 200, params: dict | None = None,
@@ -367,7 +367,7 @@ def simulate_loss(name: str, cases: Cases, grad_fn: GradFn, *, iterations: int =
             failures.append(exc)
             stop.set()
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=run, args=(s,), daemon=True) for s in range(shards)]
     for th in threads:
         th.start()
@@ -389,7 +389,8 @@ def simulate_loss(name: str, cases: Cases, grad_fn: GradFn, *, iterations: int =
     seconds = time.perf_counter() - t0
     if stop.is_set() and done.min() < iterations:
         raise _Interrupted(_partial(name, params, errors, done, final, seconds, clamped))
-    return LossRun(name, params, errors.sum(axis=0).tolist(), final, seconds, int(clamped.sum()), True, iterations)
+    return LossRun(name, params, errors.sum(axis=0).tolist(), final, seconds, int(clamped.sum()), True, iterations,
+                   time.process_time() - c0)
 
 
 def _partial(name, params, errors, done, final, seconds, clamped) -> LossRun:
@@ -423,7 +424,8 @@ def summary_rows(runs: list[dict], iterations: int) -> list[dict]:
                      f"error_at_{drop}": err[drop] if len(err) > drop else None,
                      f"error_at_{iterations}": err[iterations] if len(err) > iterations else None,
                      "iterations_to_1pct": iterations_to(err), "seconds": r["seconds"],
-                     "pairs_per_second": r["pairs_per_second"], "clamped": r["clamped"],
+                     "pairs_per_second": r["pairs_per_second"], "cpu_seconds": r.get("cpu_seconds"),
+                     "clamped": r["clamped"],
                      "complete": r["complete"]})
     return rows
 
@@ -487,9 +489,12 @@ def plot_map(losses: list[str], out: Path, cases: Cases) -> Path | None:
 
     per_point = {}
     for name in losses:
-        f = out / f"{name}.final.npy"
-        if f.exists():
-            per_point[name] = np.bincount(cases.point, weights=np.load(f), minlength=len(cases.points))
+        rec = out / f"{name}.json"
+        v = json.loads(rec.read_text()).get("final_error_per_point") if rec.exists() else None
+        if v is None and (out / f"{name}.final.npy").exists():
+            v = np.bincount(cases.point, weights=np.load(out / f"{name}.final.npy"), minlength=len(cases.points))
+        if v is not None and len(v) == len(cases.points):
+            per_point[name] = np.asarray(v, dtype=np.float64)
     if not per_point:
         return None
     vals = np.concatenate([v for v in per_point.values()])
@@ -538,19 +543,24 @@ def run(*, losses: list[str] | None, cases: int | None, iterations: int, seed: i
             if not force and path.exists():
                 prev = json.loads(path.read_text())
                 if prev.get("complete") and all(prev.get(k) == v for k, v in config.items()):
+                    npy = out / f"{name}.final.npy"
+                    if "final_error_per_point" not in prev and npy.exists():
+                        prev["final_error_per_point"] = np.round(np.bincount(
+                            cs.point, weights=np.load(npy), minlength=len(cs.points)), 4).tolist()
+                        path.write_text(json.dumps(prev) + "\n")
                     runs.append(prev)
                     continue
             bar = _bar(name, shards * iterations, progress)
             try:
                 r = simulate_loss(name, cs, grad_fn, iterations=iterations, shards=shards,
                                   progress=bar.update if bar else None,
-                                  checkpoint=lambda part: _save(part, out, config, grad_fn.label, len(cs)))
+                                  checkpoint=lambda part: _save(part, out, config, grad_fn.label, cs))
             except _Interrupted as exc:
                 r, interrupted = exc.run, name
             finally:
                 if bar:
                     bar.close()
-            record = _save(r, out, config, grad_fn.label, len(cs))
+            record = _save(r, out, config, grad_fn.label, cs)
             runs.append(record)
             if interrupted:
                 break
@@ -574,12 +584,16 @@ def run(*, losses: list[str] | None, cases: int | None, iterations: int, seed: i
         grad_fn.close()
 
 
-def _save(r: LossRun, out: Path, config: dict, backend: str, n: int) -> dict:
+def _save(r: LossRun, out: Path, config: dict, backend: str, cases: Cases) -> dict:
+    n = len(cases)
     record = {"loss": r.loss, "params": r.params, **config, "backend": backend, "complete": r.complete,
               "iterations_done": r.iterations_done, "seconds": round(r.seconds, 3),
               "pairs_per_second": round(n * r.iterations_done / r.seconds) if r.seconds > 0 else None,
-              "clamped": r.clamped, "error": r.error}
+              "cpu_seconds": round(r.cpu_seconds, 3), "clamped": r.clamped, "error": r.error}
     if r.complete:
+        # per anchor centre (the map) in the record; every case's final error beside it, in a .npy
+        record["final_error_per_point"] = np.round(np.bincount(cases.point, weights=r.final_case_error,
+                                                               minlength=len(cases.points)), 4).tolist()
         np.save(out / f"{r.loss}.final.npy", r.final_case_error.astype(np.float32))
     tmp = out / f".{r.loss}.json.tmp"
     tmp.write_text(json.dumps(record) + "\n")
@@ -598,7 +612,9 @@ def _bar(name: str, total: int, enabled: bool):
 # ------------------------------------------------------------------------------------------------- the ablation
 ABLATION = (("paper's code", ()), ("+ half_wh", ("half_wh",)), ("+ clamped_intersection", ("clamped_intersection",)),
             ("+ enclosing_sign", ("enclosing_sign",)), ("+ enclosing_terms", ("enclosing_terms",)),
-            ("+ aspect_denominator", ("aspect_denominator",)), ("all fixed (exact)", PAPER_FIXES))
+            ("+ aspect_denominator", ("aspect_denominator",)),
+            ("+ enclosing_sign, enclosing_terms", ("enclosing_sign", "enclosing_terms")),
+            ("all fixed (exact)", PAPER_FIXES))
 
 
 def ablation(*, cases: int = 34_300, iterations: int = 200, seed: int = 0, out: str | os.PathLike,
@@ -616,7 +632,7 @@ def ablation(*, cases: int = 34_300, iterations: int = 200, seed: int = 0, out: 
             relevant = {"iou": {"half_wh"}, "giou": {"half_wh", "clamped_intersection"},
                         "diou": {"half_wh", "enclosing_sign", "enclosing_terms"},
                         "ciou": {"half_wh", "enclosing_sign", "enclosing_terms", "aspect_denominator"}}[name]
-            if fixes and len(fixes) == 1 and not set(fixes) & relevant:
+            if fixes and fixes != PAPER_FIXES and not set(fixes) & relevant:
                 row[name] = None  # that departure does not occur in this loss's gradient
                 continue
             bar = _bar(f"{name} {label}", iterations, progress)

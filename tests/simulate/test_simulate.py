@@ -100,8 +100,9 @@ def test_through_the_server_as_in_process(live_server, tmp_path):
     args = ["--losses", "iou,diou", "--cases", "686", "--iterations", "20"]
     remote = _simulate(["--server", live_server.http_url, *args], tmp_path / "remote")
     assert remote.returncode == 0, remote.stderr
-    local = _simulate(["--local", *args], tmp_path / "local")
-    assert local.returncode == 0, local.stderr
+    # in-process (the command's own function, without a second interpreter start)
+    sim.run(losses=["iou", "diou"], cases=686, iterations=20, seed=0, out=tmp_path / "local", server=None,
+            progress=False)
     for name in ("iou", "diou"):
         r = json.loads((tmp_path / "remote" / f"{name}.json").read_text())
         loc = json.loads((tmp_path / "local" / f"{name}.json").read_text())
@@ -118,8 +119,10 @@ def test_through_the_server_as_in_process(live_server, tmp_path):
     assert [r["loss"] for r in rows] == ["iou", "diou"] and rows[1]["error_at_16"] == diou[16]
     # a rerun reads finished losses back instead of recomputing them
     before = (tmp_path / "remote" / "iou.json").stat().st_mtime_ns
-    again = _simulate(["--server", live_server.http_url, *args], tmp_path / "remote")
-    assert again.returncode == 0 and (tmp_path / "remote" / "iou.json").stat().st_mtime_ns == before
+    again = sim.run(losses=["iou", "diou"], cases=686, iterations=20, seed=0, out=tmp_path / "remote",
+                    server=live_server.http_url, progress=False)
+    assert (tmp_path / "remote" / "iou.json").stat().st_mtime_ns == before
+    assert [r["error_at_20"] for r in again["losses"]] == [r["error_at_20"] for r in rows]
 
 
 def test_ctrl_c_keeps_what_was_done(live_server, tmp_path):
