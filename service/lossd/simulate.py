@@ -136,16 +136,29 @@ GradFn = Callable[[str, np.ndarray, np.ndarray, dict], np.ndarray]
 class RemoteGradients:
     """d loss / d (x, y, w, h) from a running server, over REST or gRPC (the URL's scheme)."""
 
+    # one request per shard (857,500 boxes: 27 MB up, 14 MB down at full size) under the server's default body
+    # limit (64 MiB): with reduction="sum" no per-row losses travel back, and the shard threads keep the wire and
+    # the server busy (measured ~25% more pairs/s than the client's 8 MiB pieces on 2 cores)
+    REQUEST_BYTES = 48 * 2**20
+
     def __init__(self, url: str, api_key: str | None = None) -> None:
         from lossd_client import LossClient
 
         self.url = url
-        self.client = LossClient(url, api_key=api_key, timeout=300)
+        self.client = LossClient(url, api_key=api_key, timeout=300, max_request_bytes=self.REQUEST_BYTES)
         self.label = f"server {url}"
 
     def __call__(self, name: str, pred: np.ndarray, target: np.ndarray, params: dict) -> np.ndarray:
-        # reduction="sum": each row's gradient is its own loss's, and no per-row losses travel back
-        return self.client.loss(name, pred, target, box_format="cxcywh", reduction="sum", params=params).grad
+        from lossd_client import TooLargeError
+
+        try:
+            # reduction="sum": each row's gradient is its own loss's
+            return self.client.loss(name, pred, target, box_format="cxcywh", reduction="sum", params=params).grad
+        except TooLargeError:
+            if self.client.max_request_bytes <= 8 * 2**20:
+                raise
+            self.client.max_request_bytes = 8 * 2**20  # a server with a smaller body limit: the client's pieces
+            return self(name, pred, target, params)
 
     def catalog(self) -> list[dict]:
         return self.client.losses()
