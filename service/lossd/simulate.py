@@ -524,8 +524,13 @@ def plot_map(losses: list[str], out: Path, cases: Cases) -> Path | None:
     axes[0][0].set_ylabel("anchor centre y")
     fig.colorbar(sc, ax=axes[0].tolist(), label="final error, sum of the 343 cases", shrink=0.9)
     path = out / "final_error_map.png"
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    from PIL import Image  # matplotlib's own dependency
+
+    # 5,000 coloured dots compress poorly as RGB: a 256-colour palette is a quarter of the size
+    with Image.open(path) as im:
+        im.convert("RGB").quantize(256, dither=Image.Dither.NONE).save(path, optimize=True)
     return path
 
 
@@ -538,6 +543,10 @@ def run(*, losses: list[str] | None, cases: int | None, iterations: int, seed: i
     <out>/<loss>.json and <loss>.final.npy as each finishes, then the table and the plots. A loss already done
     with the same cases, seed and iterations is read back instead of rerun (unless force). paper_gradients: use
     the paper code's hand-derived gradients (PaperGradients) instead of lossd's, for comparison."""
+    try:
+        import matplotlib  # noqa: F401  (checked first: the plots come after minutes of work)
+    except ImportError:
+        raise SystemExit("lossd simulate draws its plots with matplotlib: pip install 'lossd[simulate]'") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if paper_gradients:
@@ -581,14 +590,16 @@ def run(*, losses: list[str] | None, cases: int | None, iterations: int, seed: i
         rows = summary_rows(runs, iterations)
         if rows:
             write_table(rows, out)
+        # the runs' own backends (finished losses read back may have come from another one)
+        backends = sorted({r["backend"] for r in runs}) or [grad_fn.label]
         title = f"{len(cs):,} cases x {iterations} iterations; gradients: " + (
-            grad_fn.label if paper_gradients else f"lossd ({grad_fn.label})")
+            "; ".join(backends) if paper_gradients else f"lossd ({'; '.join(backends)})")
         plots = [str(p) for p in plot_curves(runs, out, title)] if runs else []
         mp = plot_map(map_losses or [n for n in PAPER_LOSSES if n in names], out, cs) if complete else None
         if mp:
             plots.append(str(mp))
         paper = [r for r in runs if r["loss"] in PAPER_LOSSES and r["complete"]]
-        summary = {"cases": len(cs), "iterations": iterations, "backend": grad_fn.label, "losses": rows,
+        summary = {"cases": len(cs), "iterations": iterations, "backend": "; ".join(backends), "losses": rows,
                    "paper_losses_seconds": sum(r["seconds"] for r in paper) if len(paper) == 4 else None,
                    "plots": plots, "interrupted": interrupted}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -27,7 +27,8 @@ pytestmark = [
                        "or set LOSSD_TEST_CHROMIUM)"),
 ]
 # predicates as functions: a bare expression string would be eval()ed in the page, which its CSP forbids
-READY_EXPR = "window.lossdPlayground && window.lossdPlayground.ready && !window.lossdPlayground.busy"
+READY_EXPR = ("window.lossdPlayground && window.lossdPlayground.ready && !window.lossdPlayground.busy && "
+              "!window.lossdPlayground.queued")
 READY = f"() => {READY_EXPR}"
 
 
@@ -59,8 +60,6 @@ def state(pg) -> dict:
 def settle(pg, after: int) -> dict:
     """Wait until the page has finished an update started after update number `after`."""
     pg.wait_for_function(f"() => {READY_EXPR} && window.lossdPlayground.updates > {after}", timeout=20_000)
-    pg.wait_for_timeout(50)
-    pg.wait_for_function(READY, timeout=20_000)
     return state(pg)
 
 
@@ -137,8 +136,9 @@ def test_arrows_point_down_the_gradient(page, live_server, box_format):
 
 
 def test_descend_raises_the_iou(page, live_server):
+    before = state(page)["updates"]
     page.select_option("#loss", "diou")
-    s = settle(page, state(page)["updates"])
+    s = settle(page, before)
     iou0 = s["values"]["iou"]
     page.fill("#steps", "40")
     page.click("#descend")

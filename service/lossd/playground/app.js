@@ -11,7 +11,7 @@
   const state = {
     pred: INITIAL.pred.slice(), target: INITIAL.target.slice(),
     losses: {}, metrics: [], values: {}, loss: null, grad: null, gradXyxy: null, arrows: [], arrowScale: null,
-    error: "", updates: 0, busy: false, descending: false, trail: [], lastRequest: null,
+    error: "", updates: 0, busy: false, queued: false, descending: false, trail: [], lastRequest: null,
   };
   window.lossdPlayground = state; // for the curious (and the browser test)
 
@@ -113,11 +113,10 @@
 
   // ------------------------------------------------------------------------------------------- live values
   let chain = Promise.resolve();
-  let queued = false;
   function update() { // coalesces: calls made while one is waiting share it
-    if (queued) return chain;
-    queued = true;
-    chain = chain.then(async () => { queued = false; await refresh(); });
+    if (state.queued) return chain;
+    state.queued = true;
+    chain = chain.then(async () => { state.queued = false; await refresh(); });
     return chain;
   }
 
