@@ -20,12 +20,15 @@ try:
 except ImportError:  # pragma: no cover - depends on the machine
     sync_playwright = None
 
-pytestmark = [
-    pytest.mark.skipif(sync_playwright is None, reason="the playwright Python package is not installed "
-                       "(pip install playwright; no browser download needed, Debian's chromium is used)"),
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no chromium at {CHROMIUM} (apt-get install chromium, "
-                       "or set LOSSD_TEST_CHROMIUM)"),
-]
+NEEDS_PLAYWRIGHT = pytest.mark.skipif(sync_playwright is None, reason="the playwright Python package is not "
+                                      "installed (pip install playwright; no browser download needed, Debian's "
+                                      "chromium is used)")
+NEEDS_CHROMIUM = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no chromium at {CHROMIUM} (apt-get "
+                                    "install chromium, or set LOSSD_TEST_CHROMIUM)")
+
+
+def in_browser(test):
+    return NEEDS_PLAYWRIGHT(NEEDS_CHROMIUM(test))
 # predicates as functions: a bare expression string would be eval()ed in the page, which its CSP forbids
 READY_EXPR = ("window.lossdPlayground && window.lossdPlayground.ready && !window.lossdPlayground.busy && "
               "!window.lossdPlayground.queued")
@@ -94,6 +97,7 @@ def test_page_is_served_from_the_package(live_server):
     assert httpx.get(f"{live_server.http_url}/playground/..%2Fsettings.py").status_code == 404
 
 
+@in_browser
 def test_drag_moves_the_box_and_shows_the_apis_ciou(page, live_server):
     before = state(page)
     x1, y1, x2, y2 = before["pred"]
@@ -114,6 +118,7 @@ def test_drag_moves_the_box_and_shows_the_apis_ciou(page, live_server):
         api_metric(live_server.http_url, "iou", resized["pred"], resized["target"]), abs=1e-6)
 
 
+@in_browser
 @pytest.mark.parametrize("box_format", ["xyxy", "cxcywh"])
 def test_arrows_point_down_the_gradient(page, live_server, box_format):
     s = state(page)
@@ -135,6 +140,7 @@ def test_arrows_point_down_the_gradient(page, live_server, box_format):
             assert (along > 0) == (grad[k] < 0), (edge, grad)
 
 
+@in_browser
 def test_descend_raises_the_iou(page, live_server):
     before = state(page)["updates"]
     page.select_option("#loss", "diou")
@@ -152,6 +158,7 @@ def test_descend_raises_the_iou(page, live_server):
     assert iou1 > iou0 + 0.3, (iou0, iou1)
 
 
+@in_browser
 def test_a_bad_parameter_shows_the_servers_message(page, live_server):
     s = state(page)
     page.fill("#params input[name=eps]", "-1")
@@ -169,6 +176,7 @@ def test_a_bad_parameter_shows_the_servers_message(page, live_server):
     assert s["error"] == "" and s["loss"] is not None
 
 
+@in_browser
 def test_cross_origin_api(browser, live_server):
     """The page from one server calling another lossd that allows its origin (LOSSD_CORS_ORIGINS)."""
     other = start_server({"LOSSD_CORS_ORIGINS": f'["{live_server.http_url}"]'})
