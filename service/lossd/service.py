@@ -39,6 +39,7 @@ INLINE_PARSE_BYTES = 256 * 1024
 REDUCTIONS = ("none", "mean", "sum")
 DTYPES = ("float32", "float64")
 UNKNOWN = "unknown"  # the one metrics label for every name that is not in the catalog
+MODEL_ENDPOINTS = frozenset({"v1_loss", "v2_infer", "grpc_evaluate", "grpc_infer", "grpc_stream"})
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
@@ -83,10 +84,22 @@ class Observability:
                                registry=self.registry)
         self.in_flight = Gauge("lossd_in_flight_requests", "Requests being handled", registry=self.registry)
         self.models: dict[str, ModelStats] = {name: ModelStats() for name in LOSSES}
+        self._child_cache: dict[tuple, tuple] = {}
 
     @staticmethod
     def label(name: Any) -> str:
         return name if isinstance(name, str) and (name in LOSSES or name in METRICS) else UNKNOWN
+
+    def _children(self, endpoint: str, label: str, outcome: str) -> tuple:
+        """The metric children for one (endpoint, name, outcome): looked up once (labels() takes a lock and
+        builds a key per call; a few microseconds a request). Keys are canonical, so the cache is bounded."""
+        key = (endpoint, label, outcome)
+        children = self._child_cache.get(key)
+        if children is None:
+            children = (self.requests.labels(endpoint, label, outcome), self.latency.labels(endpoint),
+                        self.batch.labels(endpoint))
+            self._child_cache[key] = children
+        return children
 
     @contextmanager
     def track(self, endpoint: str, name: Any) -> Iterator[Tracker]:
@@ -104,12 +117,12 @@ class Observability:
         finally:
             elapsed = time.perf_counter_ns() - t0
             self.in_flight.dec()
-            self.latency.labels(endpoint).observe(elapsed / 1e9)
-            self.requests.labels(endpoint, label, outcome).inc()
+            requests, latency, batch = self._children(endpoint, label, outcome)
+            latency.observe(elapsed / 1e9)
+            requests.inc()
             if tracker.batch_size is not None:
-                self.batch.labels(endpoint).observe(tracker.batch_size)
-            stats = self.models.get(label) if endpoint in ("v1_loss", "v2_infer", "grpc_evaluate",
-                                                           "grpc_infer", "grpc_stream") else None
+                batch.observe(tracker.batch_size)
+            stats = self.models.get(label) if endpoint in MODEL_ENDPOINTS else None
             if stats is not None:
                 if outcome == "ok":
                     stats.success_count += 1
