@@ -4,6 +4,7 @@ and lossd's own would clash in protobuf's default pool if one process loaded bot
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,7 +12,10 @@ import textwrap
 
 import pytest
 
-pytest.importorskip("tritonclient.grpc", reason="tritonclient is in the test extra")
+# find_spec, not importorskip: importing tritonclient here would load its protobuf messages into the test
+# process, where lossd's own (tests/oip/test_shared_memory.py) then could not load
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
+                                reason="tritonclient is in the test extra")
 
 SCRIPT = textwrap.dedent("""
     import json, sys
