@@ -376,3 +376,64 @@ def test_remote_peers_are_refused_and_keys_are_required(engine):
         assert resp.status_code == 403 and "server's host" in resp.json()["error"]
         resp = client.post("/v2/models/ciou/infer", json=req, headers={"x-api-key": "sekret"})
         assert resp.status_code == 403, resp.text
+
+
+# ------------------------------------------------------------------------------------------ lossd's client
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_lossd_client_uses_shared_memory_on_the_same_host(server, transport, clean):
+    from lossd_client import LossClient
+
+    url = server.http_url if transport == "http" else server.grpc_url
+    pred, target = boxes(20_000, 11)  # 640 KB of inputs: over the client's shared-memory threshold
+    want_loss, want_grad = ciou_reference(pred, target)
+    with LossClient(url) as shm_client, LossClient(url, shared_memory=False) as wire_client:
+        by_shm = shm_client.loss("ciou", pred, target)
+        assert shm_client.shared_memory_calls == 1
+        names = [r["name"] for r in httpx.get(f"{server.http_url}/v2/systemsharedmemory/status").json()]
+        assert len(names) == 1 and names[0].startswith("lossd_client_")
+        by_wire = wire_client.loss("ciou", pred, target)
+        assert wire_client.shared_memory_calls == 0
+        np.testing.assert_array_equal(by_shm.loss, by_wire.loss)
+        np.testing.assert_array_equal(by_shm.grad, by_wire.grad)
+        np.testing.assert_allclose(by_shm.loss, want_loss, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(by_shm.grad, want_grad, rtol=1e-3, atol=1e-5)
+        # reductions, float64, no gradient, a larger call that grows the region
+        mean = shm_client.loss("ciou", pred, target, reduction="mean")
+        assert mean.loss == pytest.approx(float(want_loss.mean()), rel=1e-5)
+        np.testing.assert_allclose(mean.grad, want_grad / len(pred), rtol=1e-3, atol=1e-8)
+        p64, t64 = pred.astype(np.float64), target.astype(np.float64)
+        f64 = shm_client.loss("ciou", p64, t64, return_grad=False)
+        assert f64.grad is None and f64.loss.dtype == np.float64
+        np.testing.assert_allclose(f64.loss, want_loss, rtol=1e-6)
+        big_p, big_t = boxes(100_000, 12)
+        big = shm_client.loss("ciou", big_p, big_t)
+        np.testing.assert_array_equal(big.loss, wire_client.loss("ciou", big_p, big_t).loss)
+        assert shm_client.shared_memory_calls == 4
+        # bad input is refused with the same typed error as over the wire
+        bad = pred.copy()
+        bad[5] = [10, 10, 0, 0]
+        from lossd_client import InvalidInputError
+        with pytest.raises(InvalidInputError) as err:
+            shm_client.loss("ciou", bad, target)
+        assert 5 in (err.value.rows or [])
+    # closing unregisters the region and removes it
+    assert httpx.get(f"{server.http_url}/v2/systemsharedmemory/status").json() == []
+
+
+def test_lossd_client_falls_back_to_the_wire(server, region, clean):
+    from lossd_client import LossClient
+
+    r = region(64)
+    for i in range(4):  # this server's LOSSD_MAX_SHM_REGIONS: the client's region is refused
+        assert _post(server, f"/region/full{i}/register", {"key": r.key, "byte_size": 64}).status_code == 200
+    pred, target = boxes(20_000, 13)
+    want_loss, _ = ciou_reference(pred, target)
+    with LossClient(server.grpc_url) as client:
+        out = client.loss("ciou", pred, target)
+        out2 = client.loss("ciou", pred, target)
+        assert client.shared_memory_calls == 0 and client._shm.enabled is False
+    np.testing.assert_allclose(out.loss, want_loss, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(out.loss, out2.loss)
+    # a remote URL never tries
+    assert LossClient("http://10.1.2.3:8000")._shm is None
+    assert LossClient("http://127.0.0.1:1,http://127.0.0.1:2")._shm is None
