@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ._errors import RETRYABLE, LossdError, NotFoundError, UnavailableError
-from ._shm import ShmPath, is_loopback_url
+from ._shm import AsyncShmPath, ShmPath, is_loopback_url
 from ._transport import ASYNC, SYNC, Call, Exchange, LossResult, _Options, parse_endpoints
 from .wire import wire_array
 
@@ -154,7 +154,7 @@ class _Base:
         https://, grpcs:// and TLS dns:/// targets (a private CA); tls: TLS for dns:/// targets;
         shared_memory: with one endpoint on this host (a loopback URL), large loss calls pass their tensors
         through POSIX shared memory instead of the socket (Triton's system shared-memory extension), falling back
-        to the wire when the server cannot share memory with this process (LossClient only)."""
+        to the wire when the server cannot share memory with this process."""
         ep = parse_endpoints(url, tls=tls or False)
         self.transport = ep.kind
         self.timeout, self.retries, self.backoff, self.max_request_bytes = timeout, retries, backoff, max_request_bytes
@@ -165,9 +165,9 @@ class _Base:
         self._down: dict[int, float] = {}
         self._weighted: frozenset | None = None
         self._in_flight = MAX_IN_FLIGHT * len(self._endpoints)
-        self._shm = (ShmPath(self._endpoints[0]) if shared_memory and self._transports is SYNC
-                     and len(ep.targets) == 1 and not ep.targets[0].startswith("dns:")
-                     and is_loopback_url(ep.targets[0]) else None)
+        local = len(ep.targets) == 1 and not ep.targets[0].startswith("dns:") and is_loopback_url(ep.targets[0])
+        path = ShmPath if self._transports is SYNC else AsyncShmPath
+        self._shm = path(self._endpoints[0]) if shared_memory and local else None
 
     @property
     def shared_memory_calls(self) -> int:
@@ -310,6 +310,10 @@ class AsyncLossClient(_Base):
     async def loss(self, name: str, pred: Any, target: Any, *, box_format: str = "xyxy", reduction: str = "none",
                    weights: Any = None, params: dict | None = None, return_grad: bool = True) -> LossResult:
         call, parts = self._loss_plan(name, pred, target, weights, box_format, reduction, params, return_grad)
+        if self._shm is not None and self._shm.wants(call):
+            out = await self._shm.aevaluate(call)
+            if out is not None:
+                return out
         if _needs_catalog(call, parts):
             _check_split(call, len(parts), await self._weighted_mean())
         return _combine(call, await self._map(self._wire.evaluate, parts))
@@ -326,6 +330,8 @@ class AsyncLossClient(_Base):
         return await self._run(self._wire.losses())
 
     async def close(self) -> None:
+        if self._shm is not None:
+            await self._shm.aclose()
         for e in self._endpoints:
             await e.close()
 

@@ -13,6 +13,7 @@ shared-memory path off for this client; calls then go over the wire as before.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import threading
@@ -58,7 +59,8 @@ def _release(mem: shared_memory.SharedMemory) -> None:
 
 
 class ShmPath:
-    """One client's shared-memory region and the calls that use it (one call at a time: a lock guards it)."""
+    """One client's shared-memory region and the calls that use it (one call at a time: a lock guards it).
+    ``endpoint``: a blocking transport (its shm_register / shm_unregister / shm_infer)."""
 
     def __init__(self, endpoint: Any) -> None:
         self.endpoint = endpoint
@@ -71,83 +73,146 @@ class ShmPath:
         self._finalizer = None
 
     # ------------------------------------------------------------------------------------------ the region
-    def _ensure(self, size: int) -> None:
+    def _new_region(self, size: int) -> tuple[str, int] | None:
+        """A fresh region when the current one is smaller than ``size``: (key, byte_size) to register."""
         if self.mem is not None and self.mem.size >= size:
-            return
-        self._drop()
+            return None
+        self._forget()
         size = max(size, 1 << 20)
         size = 1 << (size - 1).bit_length()  # grow in powers of two: few re-registrations
         self.mem = shared_memory.SharedMemory(self.name + f"_{size}", create=True, size=size)
         self._finalizer = weakref.finalize(self, _release, self.mem)
-        self.endpoint.shm_register(self.name, "/" + self.mem.name, self.mem.size)
-        self.registered = True
+        return "/" + self.mem.name, self.mem.size
 
-    def _drop(self) -> None:
+    def _forget(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+        self.mem = None
+
+    def _refused(self, exc: LossdError) -> None:
+        # transient failures go over the wire (which retries); anything else means no sharing here
+        if exc.code in UNSHAREABLE or not isinstance(exc, RETRYABLE):
+            self.enabled = False
+        self._forget()
+
+    def _ensure(self, size: int) -> None:
+        fresh = self._new_region(size)
+        if fresh is not None:
+            self._unregister()
+            self.endpoint.shm_register(self.name, *fresh)
+            self.registered = True
+
+    def _unregister(self) -> None:
         if self.registered:
             self.registered = False
             try:
                 self.endpoint.shm_unregister(self.name)
             except Exception:  # noqa: BLE001 (the server may be gone; the region is removed here anyway)
                 pass
-        if self._finalizer is not None:
-            self._finalizer()
-            self._finalizer = None
-        self.mem = None
 
     def close(self) -> None:
         with self.lock:
-            self._drop()
+            self._unregister()
+            self._forget()
 
     # ------------------------------------------------------------------------------------------- the call
     def wants(self, call) -> bool:
         return self.enabled and call.pred.nbytes + call.target.nbytes >= SHM_MIN_BYTES
 
-    def evaluate(self, call):
-        """A LossResult through shared memory, or None when this server cannot share memory with us (then the
-        path is off for good and the caller goes over the wire)."""
+    @staticmethod
+    def _layout(call) -> tuple[list, dict, int]:
+        layout, size = [], 0
+        inputs = {"PRED": call.pred, "TARGET": call.target}
+        if call.weights is not None:
+            inputs["WEIGHTS"] = call.weights
+        for name, arr in inputs.items():
+            layout.append((name, np.ascontiguousarray(arr), size))
+            size += -(-arr.nbytes // ALIGN) * ALIGN
+        n = call.pred.shape[0] if call.pred.ndim else 1
+        itemsize = max(call.pred.itemsize, 4)
+        outputs = {"LOSS": (size, max(n, 1) * itemsize)}
+        size += -(-outputs["LOSS"][1] // ALIGN) * ALIGN
+        if call.return_grad:
+            outputs["GRAD"] = (size, call.pred.size * itemsize)
+            size += call.pred.size * itemsize
+        return layout, outputs, size
+
+    def _write(self, call, layout: list) -> tuple[list, dict]:
+        tensors = []
+        for name, arr, offset in layout:
+            np.frombuffer(self.mem.buf, dtype=arr.dtype, count=arr.size, offset=offset)[...] = arr.reshape(-1)
+            tensors.append((name, OIP_OF[arr.dtype], list(arr.shape), offset, arr.nbytes))
+        params = {"box_format": call.box_format, "reduction": call.reduction, "return_grad": call.return_grad,
+                  **call.params}
+        return tensors, params
+
+    def _read(self, call, answer: list, outputs: dict):
         from ._transport import LossResult
 
+        out = {}
+        for oname, datatype, shape in answer:
+            dt = NP_OF_OIP[datatype]
+            out[oname] = np.frombuffer(self.mem.buf, dtype=dt, count=int(np.prod(shape)),
+                                       offset=outputs[oname][0]).reshape(shape).copy()
+        self.calls += 1
+        loss = out["LOSS"]
+        return LossResult(float(loss.reshape(-1)[0]) if call.reduction != "none" else loss, out.get("GRAD"))
+
+    def evaluate(self, call):
+        """A LossResult through shared memory, or None when the server cannot share memory with us now (for good
+        unless the failure was transient); the caller then goes over the wire."""
         with self.lock:
-            layout, size = [], 0
-            inputs = {"PRED": call.pred, "TARGET": call.target}
-            if call.weights is not None:
-                inputs["WEIGHTS"] = call.weights
-            for name, arr in inputs.items():
-                layout.append((name, arr, size))
-                size += -(-arr.nbytes // ALIGN) * ALIGN
-            n = call.pred.shape[0] if call.pred.ndim else 1
-            itemsize = max(call.pred.itemsize, 4)
-            outputs = {"LOSS": (size, max(n, 1) * itemsize)}
-            size += -(-outputs["LOSS"][1] // ALIGN) * ALIGN
-            if call.return_grad:
-                outputs["GRAD"] = (size, call.pred.size * itemsize)
-                size += call.pred.size * itemsize
+            layout, outputs, size = self._layout(call)
             try:
                 self._ensure(size)
             except LossdError as exc:
-                # transient failures go over the wire (which retries); anything else means no sharing here
-                if exc.code in UNSHAREABLE or not isinstance(exc, RETRYABLE):
-                    self.enabled = False
-                self._drop()
+                self._refused(exc)
                 return None
-            buf = self.mem.buf
-            tensors = []
-            for name, arr, offset in layout:
-                arr = np.ascontiguousarray(arr)
-                np.frombuffer(buf, dtype=arr.dtype, count=arr.size, offset=offset)[...] = arr.reshape(-1)
-                tensors.append((name, OIP_OF[arr.dtype], list(arr.shape), offset, arr.nbytes))
-            params = {"box_format": call.box_format, "reduction": call.reduction, "return_grad": call.return_grad,
-                      **call.params}
+            tensors, params = self._write(call, layout)
             answer = self.endpoint.shm_infer(call.name, self.name, tensors, outputs, params)
-            out = {}
-            for oname, datatype, shape in answer:
-                dt = NP_OF_OIP[datatype]
-                count = int(np.prod(shape))
-                out[oname] = np.frombuffer(buf, dtype=dt, count=count, offset=outputs[oname][0]
-                                           ).reshape(shape).copy()
-            self.calls += 1
-            loss = out["LOSS"]
-            return LossResult(float(loss.reshape(-1)[0]) if call.reduction != "none" else loss, out.get("GRAD"))
+            return self._read(call, answer, outputs)
+
+
+class AsyncShmPath(ShmPath):
+    """The same over an awaitable transport; one call at a time per client (an asyncio lock)."""
+
+    def __init__(self, endpoint: Any) -> None:
+        super().__init__(endpoint)
+        self.alock: asyncio.Lock | None = None
+
+    async def _aensure(self, size: int) -> None:
+        fresh = self._new_region(size)
+        if fresh is not None:
+            await self._aunregister()
+            await self.endpoint.shm_register(self.name, *fresh)
+            self.registered = True
+
+    async def _aunregister(self) -> None:
+        if self.registered:
+            self.registered = False
+            try:
+                await self.endpoint.shm_unregister(self.name)
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def aclose(self) -> None:
+        await self._aunregister()
+        self._forget()
+
+    async def aevaluate(self, call):
+        if self.alock is None:
+            self.alock = asyncio.Lock()
+        async with self.alock:
+            layout, outputs, size = self._layout(call)
+            try:
+                await self._aensure(size)
+            except LossdError as exc:
+                self._refused(exc)
+                return None
+            tensors, params = self._write(call, layout)
+            answer = await self.endpoint.shm_infer(call.name, self.name, tensors, outputs, params)
+            return self._read(call, answer, outputs)
 
 
 # ------------------------------------------------------------------------- the requests, per transport

@@ -318,10 +318,24 @@ class AsyncHTTPTransport:
 
     async def send(self, request: tuple) -> httpx.Response:
         method, path, kw = request
+        if "json_bytes" in kw:
+            kw = {"content": kw["json_bytes"], "headers": {"Content-Type": "application/json"}}
         try:
             return _checked(await self._http.request(method, path, **kw))
         except httpx.TransportError as exc:
             raise _unreachable(exc) from exc
+
+    async def shm_register(self, name: str, key: str, byte_size: int) -> None:
+        await self.send(("POST", f"/v2/systemsharedmemory/region/{name}/register",
+                         {"json": {"key": key, "offset": 0, "byte_size": byte_size}}))
+
+    async def shm_unregister(self, name: str) -> None:
+        await self.send(("POST", f"/v2/systemsharedmemory/region/{name}/unregister", {}))
+
+    async def shm_infer(self, model: str, region: str, tensors: list, outputs: dict, params: dict) -> list:
+        body = _shm.http_infer_body(model, region, tensors, outputs, params)
+        resp = await self.send(("POST", f"/v2/models/{model}/infer", {"json_bytes": body}))
+        return _shm.http_outputs(resp.json())
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -418,6 +432,30 @@ class AsyncGRPCTransport:
             return await method(message, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise grpc_error(exc) from None
+
+    _oip = GRPCTransport._oip
+
+    async def _unary(self, method, message) -> Any:
+        try:
+            return await method(message, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise grpc_error(exc) from None
+
+    async def shm_register(self, name: str, key: str, byte_size: int) -> None:
+        from .wire import oip_pb
+        await self._unary(self._oip().SystemSharedMemoryRegister,
+                          oip_pb.SystemSharedMemoryRegisterRequest(name=name, key=key, offset=0, byte_size=byte_size))
+
+    async def shm_unregister(self, name: str) -> None:
+        from .wire import oip_pb
+        await self._unary(self._oip().SystemSharedMemoryUnregister,
+                          oip_pb.SystemSharedMemoryUnregisterRequest(name=name))
+
+    async def shm_infer(self, model: str, region: str, tensors: list, outputs: dict, params: dict) -> list:
+        from .wire import oip_pb
+        resp = await self._unary(self._oip().ModelInfer,
+                                 _shm.grpc_infer_request(oip_pb, model, region, tensors, outputs, params))
+        return [(o.name, o.datatype, list(o.shape)) for o in resp.outputs]
 
     async def close(self) -> None:
         await self._channel.close()

@@ -157,8 +157,10 @@ def _tensor(entry: Any, raw: memoryview, offset: int, shm: ShmCall | None = None
         if ref[2] != count * dt.itemsize:
             raise ProtocolError(f"input {name}: shared_memory_byte_size {ref[2]} does not match shape {shape} of "
                                 f"{datatype} ({count * dt.itemsize} bytes)", field=f"inputs.{name}")
+        # a private copy: the client can write to the region at any time, and what is checked (box validity,
+        # class indices in range) must be what the kernels read
         view = shm.view(ref, f"inputs.{name}")
-        return name, np.frombuffer(view, dtype=dt).reshape(shape), offset
+        return name, np.frombuffer(view, dtype=dt).reshape(shape).copy(), offset
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -296,7 +298,6 @@ def finish_infer(call: InferCall, out: Result) -> tuple[dict, list[memoryview]]:
     if call.has_id:
         resp["id"] = call.request_id
     return resp, blobs
-
 
 
 def _write_shm(call: InferCall, oname: str, arr: np.ndarray) -> dict:

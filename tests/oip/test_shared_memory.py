@@ -334,10 +334,10 @@ def test_unregistered_mid_call_keeps_the_mapping_and_refuses_the_output(engine):
             with pytest.raises(ServiceError) as err:
                 oip.finish_infer(call, out)
             assert "unregistered during the call" in err.value.message and err.value.field == "outputs.LOSS"
-            assert not region.mm.closed  # still mapped: the call's inputs are views of it
+            assert not region.mm.closed  # still mapped while the call holds it
             del call, out, err
             gc.collect()
-        assert region.mm.closed
+        assert region.mm.closed  # the call let go: the unregistered region's mapping is gone
     finally:
         mem.close()
         mem.unlink()
@@ -417,6 +417,29 @@ def test_lossd_client_uses_shared_memory_on_the_same_host(server, transport, cle
             shm_client.loss("ciou", bad, target)
         assert 5 in (err.value.rows or [])
     # closing unregisters the region and removes it
+    assert httpx.get(f"{server.http_url}/v2/systemsharedmemory/status").json() == []
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_async_client_uses_shared_memory_too(server, transport, clean):
+    import asyncio
+
+    from lossd_client import AsyncLossClient, LossClient
+
+    url = server.http_url if transport == "http" else server.grpc_url
+    pred, target = boxes(30_000, 21)
+
+    async def go():
+        async with AsyncLossClient(url) as client:
+            out = await client.loss("ciou", pred, target, reduction="sum")
+            return out, client.shared_memory_calls
+
+    out, calls = asyncio.run(go())
+    assert calls == 1
+    with LossClient(url, shared_memory=False) as wire:
+        want = wire.loss("ciou", pred, target, reduction="sum")
+    assert out.loss == want.loss
+    np.testing.assert_array_equal(out.grad, want.grad)
     assert httpx.get(f"{server.http_url}/v2/systemsharedmemory/status").json() == []
 
 

@@ -163,9 +163,9 @@ def _as_oip(decoded: WithTensors) -> tuple[dict, memoryview]:
     i = 0
     for t in request.inputs:
         entry = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape),
-                 "parameters": {k[:64]: _param(v) for k, v in t.parameters.items()}}
+                 "parameters": {k: _param(v) for k, v in t.parameters.items()}}
         if "shared_memory_region" in t.parameters:
-            pass
+            pass  # lossd.oip reads it from the region
         elif contents:
             blob = contents[i]
             i += 1
@@ -178,7 +178,7 @@ def _as_oip(decoded: WithTensors) -> tuple[dict, memoryview]:
            "id": request.id}
     req["parameters"]["binary_data_output"] = True  # gRPC answers in raw_output_contents, as Triton does
     if request.outputs:
-        req["outputs"] = [{"name": o.name, "parameters": {**{k[:64]: _param(v) for k, v in o.parameters.items()},
+        req["outputs"] = [{"name": o.name, "parameters": {**{k: _param(v) for k, v in o.parameters.items()},
                                                           "binary_data": True}} for o in request.outputs]
     raw = memoryview(blobs[0]) if len(blobs) == 1 else memoryview(b"".join(blobs))
     return req, raw
