@@ -14,8 +14,10 @@ CIoU loss + gradient on N box pairs (float32), each scenario timed by the median
   triton_shm_grpc/http  tritonclient's shared-memory flow (set_shared_memory_region, infer, get_contents_as_numpy
                         and a copy out), in a subprocess: its protobuf messages clash with lossd's in one process
 
-The machine's load (1-minute load average before and after, and the hypervisor's steal) is saved with the figures:
-on a shared machine they say how much the ratios can be trusted. Writes shm.json under --out.
+Each row has two ratios against the in-process engine and torch autograd: by wall time, and by CPU (the client's
+plus the server's CPU per call against the engine's). On a busy machine wall times swing with other work; the CPU
+a call costs moves much less. The machine's load (1-minute load average before and after, and the hypervisor's
+steal) is saved with the figures: it says how far the wall-time ratios can be trusted. Writes shm.json under --out.
 """
 
 from __future__ import annotations
@@ -190,14 +192,22 @@ def main() -> int:
                 tr.pop("grad_sum")
                 rows[f"triton_shm_{transport}"] = tr
             base, torch_s = rows["engine_in_process"]["s"], rows["torch_autograd"]["s"]
+            base_cpu, torch_cpu = rows["engine_in_process"]["client_cpu_s"], rows["torch_autograd"]["client_cpu_s"]
             for name, r in rows.items():
                 r["fraction_of_engine"] = base / r["s"]
                 r["x_torch_autograd"] = torch_s / r["s"]
+                # CPU of both processes per call: on a busy machine wall times swing with other people's work,
+                # the CPU a call costs much less
+                r["cpu_s"] = r["client_cpu_s"] + (r.get("server_cpu_s") or 0.0)
+                r["cpu_fraction_of_engine"] = base_cpu / r["cpu_s"]
+                r["cpu_x_torch_autograd"] = torch_cpu / r["cpu_s"]
                 cpu = f"client CPU {r['client_cpu_s'] * 1e3:7.1f} ms"
                 if r.get("server_cpu_s") is not None:
                     cpu += f", server {r['server_cpu_s'] * 1e3:7.1f} ms"
                 run.log(f"  n={n:>9} {name:>18}: {r['s'] * 1e3:8.1f} ms  {r['fraction_of_engine']:5.2f} of engine  "
-                        f"{r['x_torch_autograd']:5.2f}x torch autograd  ({cpu}; steal {r['steal_fraction']:.0%})")
+                        f"{r['x_torch_autograd']:5.2f}x torch autograd | CPU {r['cpu_s'] * 1e3:7.1f} ms "
+                        f"{r['cpu_fraction_of_engine']:5.2f} of engine {r['cpu_x_torch_autograd']:5.2f}x autograd "
+                        f"({cpu}; steal {r['steal_fraction']:.0%})")
             res["rows"].append({"n": n, **rows})
     finally:
         server.stop()

@@ -460,3 +460,13 @@ def test_lossd_client_falls_back_to_the_wire(server, region, clean):
     # a remote URL never tries
     assert LossClient("http://10.1.2.3:8000")._shm is None
     assert LossClient("http://127.0.0.1:1,http://127.0.0.1:2")._shm is None
+
+
+def test_grpc_shared_memory_rpcs_need_a_key_when_keys_are_on():
+    """The gRPC interceptor's open set (health, liveness, readiness, metadata) leaves the shared-memory RPCs keyed,
+    as REST's keyed router does (checked over HTTP above)."""
+    from lossd.grpc_server.server import OIP_SERVICE, ApiKeyInterceptor
+
+    for method in ("SystemSharedMemoryRegister", "SystemSharedMemoryUnregister", "SystemSharedMemoryStatus",
+                   "ModelInfer"):
+        assert not (OIP_SERVICE + method).startswith(ApiKeyInterceptor.OPEN), method
