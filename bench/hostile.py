@@ -205,7 +205,7 @@ def main() -> None:
     finally:
         server.proc.terminate()
         server.proc.wait(timeout=60)
-        log = server.proc.stdout.read()
+        log = server.log()
         out["tracebacks_in_log"] = log.count("Traceback")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "hostile.json").write_text(json.dumps(out, indent=2) + "\n")

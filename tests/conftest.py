@@ -3,6 +3,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from typing import NamedTuple
 
@@ -28,6 +29,13 @@ class LiveServer(NamedTuple):
     grpc_url: str
     grpc_target: str
     proc: subprocess.Popen
+    log_path: str = ""
+
+    def log(self) -> str:
+        """What the server wrote so far (stdout and stderr go to a file: a pipe nobody reads would fill and block
+        the server's next log line)."""
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
 
 
 def start_server(extra_env: dict | None = None, https: bool = False, ca: str | None = None,
@@ -35,14 +43,16 @@ def start_server(extra_env: dict | None = None, https: bool = False, ca: str | N
     """Start `lossd serve` as a user does, on free loopback ports, and wait for /v2/health/ready."""
     port, grpc_port = free_port(), free_port()
     env = dict(os.environ, LOSSD_DEVICE="cpu", PYTHONUNBUFFERED="1", **(extra_env or {}))
+    log = tempfile.NamedTemporaryFile("w", prefix="lossd-serve-", suffix=".log", delete=False)
     proc = subprocess.Popen([sys.executable, "-m", "lossd.cli", "serve", "--http-port", str(port),
-                             "--grpc-port", str(grpc_port)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             "--grpc-port", str(grpc_port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
+    log.close()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"lossd serve exited: {proc.stdout.read()}")
+            raise RuntimeError(f"lossd serve exited: {open(log.name).read()[-5000:]}")
         try:
             probe = url.replace("http://", "https://") if https else url
             verify = ssl.create_default_context(cafile=ca) if ca else True
@@ -54,7 +64,7 @@ def start_server(extra_env: dict | None = None, https: bool = False, ca: str | N
             proc.kill()
             raise RuntimeError(f"lossd serve did not become ready in {timeout:.0f} s")
         time.sleep(0.05)
-    return LiveServer(url, f"grpc://127.0.0.1:{grpc_port}", f"127.0.0.1:{grpc_port}", proc)
+    return LiveServer(url, f"grpc://127.0.0.1:{grpc_port}", f"127.0.0.1:{grpc_port}", proc, log.name)
 
 
 @pytest.fixture(scope="session")

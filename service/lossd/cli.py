@@ -157,6 +157,33 @@ def _quality(args: argparse.Namespace) -> int:
     return 3 if summary["warnings"] else 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from .simulate import ablation, run
+
+    if args.paper_ablation:
+        ablation(cases=args.cases or 34_300, iterations=args.iterations, seed=args.seed, out=args.out,
+                 progress=not args.no_progress)
+        print(open(os.path.join(args.out, "ablation.md")).read())
+        return 0
+
+    losses = None
+    if args.losses and args.losses != "all":
+        from .simulate import PAPER_LOSSES
+
+        losses = list(PAPER_LOSSES) if args.losses == "paper" else [x for x in args.losses.split(",") if x]
+    summary = run(losses=losses, cases=args.cases, iterations=args.iterations, seed=args.seed, out=args.out,
+                  server=None if args.local else args.server, api_key=args.api_key or os.environ.get("LOSSD_API_KEY"),
+                  device=args.device or "cpu", shards=args.shards,
+                  map_losses=args.map.split(",") if args.map else None, progress=not args.no_progress,
+                  force=args.force, paper_gradients=args.paper_gradients)
+    for row in summary["losses"]:
+        print(json.dumps(row))
+    if summary["paper_losses_seconds"] is not None:
+        print(f"paper's four losses: {summary['paper_losses_seconds']:.1f} s ({summary['backend']})")
+    print(f"wrote {args.out}: table.csv/.json/.md, " + ", ".join(os.path.basename(p) for p in summary["plots"]))
+    return 130 if summary["interrupted"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lossd", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"lossd {__version__}")
@@ -212,6 +239,31 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--loss", default=d.loss, help="the loss kept for each label/reference pair")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_quality)
+    sim = sub.add_parser("simulate", help="the DIoU paper's regression simulation, on lossd's gradients "
+                                          "(needs the bench extra: matplotlib)")
+    sim.add_argument("--server", default="http://127.0.0.1:8000",
+                     help="the running lossd to ask (http(s):// or grpc://; default http://127.0.0.1:8000)")
+    sim.add_argument("--local", action="store_true", help="use an engine in this process instead of a server")
+    sim.add_argument("--device", choices=["cpu", "cuda"], help="--local: engine device (default cpu)")
+    sim.add_argument("--api-key", help="API key for --server (or LOSSD_API_KEY)")
+    sim.add_argument("--losses", default="all",
+                     help="comma-separated names, 'paper' (iou,giou,diou,ciou) or 'all' (the paper's four, then "
+                          "every other box and regression loss in the catalog; default)")
+    sim.add_argument("--cases", type=int, help="only the first N of the 1,715,000 cases (quick runs)")
+    sim.add_argument("--iterations", type=int, default=200, help="gradient steps (default 200; the learning "
+                     "rate drops at 80%% and 90%%)")
+    sim.add_argument("--seed", type=int, default=0, help="seed of the 5,000 anchor centres")
+    sim.add_argument("--shards", type=int, default=2, help="case groups stepped concurrently (default 2)")
+    sim.add_argument("--map", help="losses drawn in the final-error map (default: the paper's four that ran)")
+    sim.add_argument("--out", default="bench/results/simulation", help="output folder")
+    sim.add_argument("--force", action="store_true", help="rerun losses whose results are already in --out")
+    sim.add_argument("--paper-gradients", action="store_true",
+                     help="descend with the paper code's hand-derived gradients (in-process) instead of lossd's")
+    sim.add_argument("--paper-ablation", action="store_true",
+                     help="run the paper's gradients with each of their departures from the exact gradient fixed in "
+                          "turn (in-process; --cases defaults to 34,300); writes ablation.md/.json")
+    sim.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sim.set_defaults(func=_simulate)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -35,6 +35,7 @@ SERVER_METADATA = {"name": "lossd", "version": __version__,
 
 
 MAX_DIMS = 8            # the models take [N], [N,K]; deeper shapes are refused before any allocation
+MAX_ID_CHARS = 1024     # a request id, echoed back in the answer
 MAX_DIM = 2**40         # a single dimension; the element count is bounded by the body (or message) size anyway
 
 
@@ -269,7 +270,12 @@ def prepare_infer(model: str, req: dict, raw: memoryview, shm: ShmCall | None = 
                   params={k: v for k, v in params.items() if k not in RESERVED},
                   return_grad=return_grad and "GRAD" in wanted,
                   dtype="float64" if datatypes["PRED"] == "FP64" else "float32")
-    return InferCall(model, kwargs, wanted, req.get("id"), "id" in req, shm, shm_outputs)
+    request_id = req.get("id")
+    if "id" in req and not (isinstance(request_id, str) and len(request_id) <= MAX_ID_CHARS):
+        # the id is echoed in the answer: a string, as the protocol says, and short
+        raise ProtocolError(f"id must be a string of at most {MAX_ID_CHARS} characters, got {quote(request_id)}",
+                            field="id")
+    return InferCall(model, kwargs, wanted, request_id, "id" in req, shm, shm_outputs)
 
 
 def finish_infer(call: InferCall, out: Result) -> tuple[dict, list[memoryview]]:

@@ -113,6 +113,12 @@ def test_metric_and_catalog(channel, engine):
     alpha = next(p for p in ciou.params if p.name == "alpha_rule")
     assert alpha.default_value.text == "torchvision" and list(alpha.choices) == ["torchvision", "mmdet", "attached"]
     assert {m.name for m in cat.metrics} == {"iou", "giou", "diou", "ciou", "eiou", "siou", "nwd"}
+    # the same catalog facts as GET /v1/losses: weighted means and exclusive bounds
+    by_name = {e.name: e for e in cat.losses}
+    assert by_name["cross_entropy"].weighted_mean and not by_name["ciou"].weighted_mean
+    dice_smooth = next(p for p in by_name["dice"].params if p.name == "smooth")
+    assert dice_smooth.min_exclusive and dice_smooth.min == 0.0
+    assert not next(p for p in ciou.params if p.name == "eps").min_exclusive
 
 
 def test_stream_answers_in_order_with_errors_in_place(channel, engine):
@@ -253,7 +259,7 @@ def test_sigterm_drains_in_flight_stream():
         assert list(answers) == []
         # uvicorn re-raises the SIGTERM it handled once the shutdown has run, so the exit status is -15
         assert server.proc.wait(timeout=30) in (0, -signal.SIGTERM)
-        assert "lossd stopped: in-flight calls drained" in server.proc.stdout.read()
+        assert "lossd stopped: in-flight calls drained" in server.log()
         ch.close()
     finally:
         if server.proc.poll() is None:

@@ -94,6 +94,9 @@ def known_bad_http() -> list[HttpCase]:
     for params in ({"box_format": 3}, {"box_format": ["xyxy"]}, {"reduction": {}}, {"return_grad": "no"},
                    {"alpha_rule": 7}, {"eps": math.inf}):
         out.append(HttpCase("POST", "/v2/models/ciou/infer", _json(oip_json(**params)), {}, f"OIP params {params}"))
+    for request_id in (2**200, {"a": 1}, "i" * 5000):  # the id is echoed back in the answer
+        out.append(HttpCase("POST", "/v2/models/ciou/infer", _json({**oip_json(), "id": request_id}), {},
+                            f"OIP id {str(request_id)[:20]}"))
     for outputs in ([{"name": "LOSS", "parameters": [1]}], [{"name": 5}], "LOSS", [None]):
         body = oip_json()
         body["outputs"] = outputs

@@ -36,7 +36,7 @@ def server():
         srv.proc.wait(timeout=30)
     except Exception:
         srv.proc.kill()
-    log = srv.proc.stdout.read()
+    log = srv.log()
     # a traceback in the log means some input reached code that did not expect it
     assert "Traceback" not in log, log[-5000:]
 

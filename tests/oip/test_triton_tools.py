@@ -12,10 +12,9 @@ import textwrap
 
 import pytest
 
-# find_spec, not importorskip: importing tritonclient here would load its protobuf messages into the test
-# process, where lossd's own (tests/oip/test_shared_memory.py) then could not load
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
-                                reason="tritonclient is in the test extra")
+# looked up, not imported: importing tritonclient.grpc here would clash with lossd's stubs in this process
+if importlib.util.find_spec("tritonclient") is None:
+    pytest.skip("tritonclient is in the test extra", allow_module_level=True)
 
 SCRIPT = textwrap.dedent("""
     import json, sys

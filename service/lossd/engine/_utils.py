@@ -16,6 +16,12 @@ BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 DEFAULT_EPS = 1e-7  # torchvision's eps for its IoU-family losses
 
 
+def overflow_bound(dtype_max: float) -> float:
+    """Inputs with |v| up to this cannot overflow any loss's squares, products or sums of four squares in a dtype
+    whose largest value is dtype_max: a non-finite result from them can only be a division by zero (eps = 0)."""
+    return math.sqrt(dtype_max) / 8
+
+
 def to_xyxy(boxes: Tensor, box_format: str) -> Tensor:
     """Convert [..., 4] boxes to (x1, y1, x2, y2); differentiable, so gradients come back in the caller's format."""
     if box_format == "xyxy":
@@ -121,11 +127,13 @@ class Pair:
         return self.Y2 - self.Y1
 
     def inter_union(self) -> tuple[Tensor, Tensor]:
-        # clamp(min=0) gives disjoint pairs exactly zero intersection and zero gradient through it,
-        # as torchvision's masked assignment does.
-        iw = (torch.minimum(self.x2, self.X2) - torch.maximum(self.x1, self.X1)).clamp(min=0)
-        ih = (torch.minimum(self.y2, self.Y2) - torch.maximum(self.y1, self.Y1)).clamp(min=0)
-        inter = iw * ih
+        # torchvision's strict mask (ops/_utils.py, _loss_inter_union): the intersection and its gradient are zero
+        # unless both overlaps are > 0. A clamp(min=0) agrees for disjoint boxes but lets a one-sided gradient
+        # through where boxes touch along an edge (overlap exactly 0); the mask gives zero there.
+        iw = torch.minimum(self.x2, self.X2) - torch.maximum(self.x1, self.X1)
+        ih = torch.minimum(self.y2, self.Y2) - torch.maximum(self.y1, self.Y1)
+        overlap = (iw > 0) & (ih > 0)
+        inter = torch.where(overlap, iw * ih, torch.zeros_like(iw))
         union = self.w1 * self.h1 + self.w2 * self.h2 - inter
         return inter, union
 

@@ -8,19 +8,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import fused as K
 from . import metrics as M
 from ._utils import DEFAULT_EPS, ciou_alpha, pair, safe_sqrt, stop_gradient
+from .fastpath import BoxKernel
 from .registry import Param, register_loss
 
 EPS = M.EPS
 
+# each loss's fused route (fastpath.BoxKernel): kernel kind, and (mode, p1, p2, p3) from the resolved params in
+# fused.box_loss_grad's terms; None where a parameter value has no fused route
+IOU_MODES = {"linear": K.LINEAR, "log": K.LOG, "square": K.SQUARE}
+CIOU_ALPHA_RULES = {"torchvision": 0, "mmdet": 1}  # attached: the reference (alpha's own gradient)
+WIOU_VERSIONS = {"v1": 0, "v2": 1, "v3": 2}
+ALPHA_PENALTIES = {"none": 0, "giou": 1, "diou": 2, "ciou": 3}
+INNER_BASES = {"iou": K.IOU, "giou": K.GIOU, "diou": K.DIOU, "ciou": K.CIOU}
+
 
 @register_loss("iou", kind="box", inputs="boxes", reference="Yu et al., UnitBox, ACM MM 2016 (log mode); "
-               "mmdetection IoULoss (modes)", params=(
+               "mmdetection IoULoss (modes)",
+               kernel=BoxKernel(K.IOU, lambda kw: (IOU_MODES[kw["mode"]], 0.0, 0.0, 0.0)), params=(
                    Param("mode", "linear", "linear: 1 - IoU; log: -ln IoU (UnitBox); square: 1 - IoU^2",
                          type="choice", choices=("linear", "log", "square")), EPS))
 def iou_loss(pred: Tensor, target: Tensor, mode: str = "linear", eps: float = DEFAULT_EPS) -> Tensor:
     """IoU loss: linear 1 - IoU | log -ln(max(IoU, eps)) | square 1 - IoU^2.
+
+    Boxes that only touch (an overlap of exactly 0 along one axis) get no gradient through the intersection,
+    as with torchvision's strict mask; a clamp(min=0), as in ultralytics and mmdetection, would pass a
+    one-sided gradient there. Every IoU-family loss shares this intersection.
 
     The log form clamps IoU at eps (as mmdetection does) so disjoint boxes give -ln(eps) (16.1 for 1e-7) and a
     zero gradient rather than inf: UnitBox's loss is not differentiable at IoU = 0."""
@@ -33,14 +48,14 @@ def iou_loss(pred: Tensor, target: Tensor, mode: str = "linear", eps: float = DE
 
 
 @register_loss("giou", kind="box", inputs="boxes", reference="Rezatofighi et al., CVPR 2019; "
-               "torchvision.ops.generalized_box_iou_loss", params=(EPS,))
+               "torchvision.ops.generalized_box_iou_loss", params=(EPS,), kernel=BoxKernel(K.GIOU))
 def giou_loss(pred: Tensor, target: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     """GIoU loss = 1 - IoU + |C \\ (A ∪ B)| / |C|; in [0, 2]. Same eps placement as torchvision."""
     return 1 - M.giou(pred, target, eps=eps)
 
 
 @register_loss("diou", kind="box", inputs="boxes", reference="Zheng et al., AAAI 2020; "
-               "torchvision.ops.distance_box_iou_loss", params=(EPS,))
+               "torchvision.ops.distance_box_iou_loss", params=(EPS,), kernel=BoxKernel(K.DIOU))
 def diou_loss(pred: Tensor, target: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     """DIoU loss = 1 - IoU + rho^2 / c^2; in [0, 2)."""
     return 1 - M.diou(pred, target, eps=eps)
@@ -52,10 +67,13 @@ ALPHA_RULE = Param("alpha_rule", "torchvision", "CIoU's alpha: torchvision (deta
 
 
 @register_loss("ciou", kind="box", inputs="boxes", reference="Zheng et al., AAAI 2020; "
-               "torchvision.ops.complete_box_iou_loss", params=(EPS, ALPHA_RULE))
+               "torchvision.ops.complete_box_iou_loss", params=(EPS, ALPHA_RULE),
+               kernel=BoxKernel(K.CIOU, lambda kw: (CIOU_ALPHA_RULES[kw["alpha_rule"]], 0.0, 0.0, 0.0)
+                                if kw["alpha_rule"] in CIOU_ALPHA_RULES else None))
 def ciou_loss(pred: Tensor, target: Tensor, eps: float = DEFAULT_EPS, alpha_rule: str = "torchvision") -> Tensor:
     """CIoU loss = 1 - IoU + rho^2 / c^2 + alpha v, v = 4/pi^2 (atan(w_gt/h_gt) - atan(w/h))^2,
-    alpha = v / (1 - IoU + v + eps).
+    alpha = v / (1 - IoU + v + eps). eps is added to h in v's ratios (torchvision has none there, so h = 0 gives
+    w/0); for ordinary boxes this changes v by less than 1e-7 relative.
 
     Default alpha is detached, as in torchvision, detectron2 and ultralytics: the gradient is that of the loss
     with alpha held constant. The DIoU paper's hand-written gradient (dropping 1/(w^2+h^2)) is not used; plain
@@ -67,7 +85,8 @@ def ciou_loss(pred: Tensor, target: Tensor, eps: float = DEFAULT_EPS, alpha_rule
 
 
 @register_loss("eiou", kind="box", inputs="boxes", reference="Zhang et al., Focal and Efficient IoU Loss, "
-               "Neurocomputing 2022 (arXiv 2101.08158)", params=(
+               "Neurocomputing 2022 (arXiv 2101.08158)",
+               kernel=BoxKernel(K.EIOU, lambda kw: (0, kw["gamma"], 0.0, 0.0)), params=(
                    EPS, Param("gamma", 0.0, "Focal-EIoU exponent on the IoU weight (0 = plain EIoU; paper uses 0.5)",
                               min=0.0, max=10.0)))
 def eiou_loss(pred: Tensor, target: Tensor, eps: float = DEFAULT_EPS, gamma: float = 0.0) -> Tensor:
@@ -101,14 +120,17 @@ def cdiou_loss(pred: Tensor, target: Tensor, eps: float = DEFAULT_EPS, lam: floa
 
 
 @register_loss("siou", kind="box", inputs="boxes", reference="Gevorgyan, SIoU Loss, arXiv 2205.12740; "
-               "mmyolo IoULoss(iou_mode='siou')", params=(
+               "mmyolo IoULoss(iou_mode='siou')",
+               kernel=BoxKernel(K.SIOU, lambda kw: (0, kw["theta"], 0.0, 0.0) if kw["distance_sign"] == "paper"
+                                else None), params=(
                    EPS, M.THETA,
                    Param("distance_sign", "paper", "paper: distance cost 1 - exp(-gamma rho), rising with separation; "
                          "mmdet: mmdetection's neg_gamma=False default, which falls as boxes separate",
                          type="choice", choices=("paper", "mmdet"))))
 def siou_loss(pred: Tensor, target: Tensor, eps: float = DEFAULT_EPS, theta: float = 4.0,
               distance_sign: str = "paper") -> Tensor:
-    """SIoU loss = 1 - IoU + (Delta + Omega) / 2 (see the siou metric for Delta and Omega).
+    """SIoU loss = 1 - IoU + (Delta + Omega) / 2 (see the siou metric for Delta and Omega; its angle cost is
+    the paper's sin(2 alpha), computed without eps, and 0 for coincident centres).
 
     No clamp to [-1, 1] (mmdetection clamps; that zeroes the gradient of far-apart boxes)."""
     p = pair(pred, target, eps)
@@ -117,7 +139,8 @@ def siou_loss(pred: Tensor, target: Tensor, eps: float = DEFAULT_EPS, theta: flo
 
 
 @register_loss("alpha_iou", kind="box", inputs="boxes", reference="He et al., Alpha-IoU, NeurIPS 2021 "
-               "(arXiv 2110.13675)", params=(
+               "(arXiv 2110.13675)",
+               kernel=BoxKernel(K.ALPHA, lambda kw: (ALPHA_PENALTIES[kw["penalty"]], kw["alpha"], 0.0, 0.0)), params=(
                    EPS, Param("alpha", 3.0, "power on IoU and on the penalty (the paper recommends 3)", min=1.0,
                               max=10.0),
                    Param("penalty", "none", "penalty term raised to alpha: none, giou, diou or ciou", type="choice",
@@ -145,7 +168,13 @@ def alpha_iou_loss(pred: Tensor, target: Tensor, eps: float = DEFAULT_EPS, alpha
     return loss
 
 
-@register_loss("wiou", kind="box", inputs="boxes", reference="Tong et al., Wise-IoU, arXiv 2301.10051", params=(
+def _wiou_args(kw):
+    version = WIOU_VERSIONS[kw["version"]]
+    return version, kw["iou_mean"], kw["gamma"] if version == 1 else kw["alpha"], kw["delta"]
+
+
+@register_loss("wiou", kind="box", inputs="boxes", reference="Tong et al., Wise-IoU, arXiv 2301.10051",
+               kernel=BoxKernel(K.WIOU, _wiou_args), params=(
     EPS,
     Param("version", "v1", "v1: distance attention only; v2: monotonic focus; v3: non-monotonic focus", type="choice",
           choices=("v1", "v2", "v3")),
@@ -174,7 +203,10 @@ def wiou_loss(pred: Tensor, target: Tensor, eps: float = DEFAULT_EPS, version: s
     return beta / (delta * alpha ** (beta - delta)) * loss
 
 
-@register_loss("mpdiou", kind="box", inputs="boxes", reference="Ma & Xu, MPDIoU, arXiv 2307.07662", params=(
+@register_loss("mpdiou", kind="box", inputs="boxes", reference="Ma & Xu, MPDIoU, arXiv 2307.07662",
+               kernel=BoxKernel(K.MPDIOU, lambda kw: (int(kw["normalizer"] != "image"),
+                                                      kw["image_width"] ** 2 + kw["image_height"] ** 2, 0.0, 0.0)),
+               params=(
     EPS,
     Param("image_width", 640.0, "input image width (the paper's normaliser is the image's w^2 + h^2)", min=0.0,
           min_exclusive=True, max=1e7),
@@ -197,6 +229,7 @@ def mpdiou_loss(pred: Tensor, target: Tensor, eps: float = DEFAULT_EPS, image_wi
 
 
 @register_loss("inner_iou", kind="box", inputs="boxes", reference="Zhang, Xu & Zhang, Inner-IoU, arXiv 2311.02877",
+               kernel=BoxKernel(K.INNER, lambda kw: (INNER_BASES[kw["base"]], kw["ratio"], 0.0, 0.0)),
                params=(EPS,
                        Param("ratio", 0.7, "scale of the auxiliary boxes around each centre (paper range 0.5-1.5)",
                              min=0.5, max=1.5),

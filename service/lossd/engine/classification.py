@@ -62,6 +62,11 @@ def cross_entropy_loss(pred: Tensor, target: Tensor, label_smoothing: float = 0.
 
     'mean' divides by the summed class weights of the counted rows, as torch does."""
     w = _class_weight(class_weights, pred.shape[1], pred)
+    if target.dtype.is_floating_point:
+        if ignore_index != -100:
+            raise EngineError("invalid_param", "params.ignore_index applies to [N] class-index targets; target is "
+                              "[N, C] class probabilities", field="params.ignore_index")
+        return F.cross_entropy(pred, target, weight=w, reduction="none", label_smoothing=label_smoothing)
     return F.cross_entropy(pred, target, weight=w, ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
 
@@ -152,6 +157,11 @@ def distribution_focal_loss(pred: Tensor, target: Tensor) -> Tensor:
             + F.cross_entropy(pred, right, reduction="none") * w_right)
 
 
+def _per_sample_values(x: Tensor) -> Tensor:
+    """[N, ...] as [N, D]; an [N] input is N samples of one value each."""
+    return x.flatten(1) if x.dim() > 1 else x[:, None]
+
+
 SMOOTH = Param("smooth", 1.0, "added to numerator and denominator (Laplace smoothing)", min=0.0, min_exclusive=True,
                max=1e6)
 
@@ -160,8 +170,7 @@ SMOOTH = Param("smooth", 1.0, "added to numerator and denominator (Laplace smoot
                params=(SMOOTH,))
 def dice_loss(pred: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
     """Dice = 1 - (2 sum p t + s) / (sum p + sum t + s), per sample over its D values."""
-    p = pred.flatten(1)
-    t = target.flatten(1)
+    p, t = _per_sample_values(pred), _per_sample_values(target)
     return 1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
 
 
@@ -171,8 +180,7 @@ def dice_loss(pred: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
 def tversky_loss(pred: Tensor, target: Tensor, alpha: float = 0.5, beta: float = 0.5, smooth: float = 1.0) -> Tensor:
     """Tversky = 1 - (TP + s) / (TP + alpha FP + beta FN + s), TP = sum p t, FP = sum p (1 - t),
     FN = sum (1 - p) t. alpha = beta = 0.5 is Dice; alpha = beta = 1 is 1 - Jaccard."""
-    p = pred.flatten(1)
-    t = target.flatten(1)
+    p, t = _per_sample_values(pred), _per_sample_values(target)
     tp = (p * t).sum(1)
     fp = (p * (1 - t)).sum(1)
     fn = ((1 - p) * t).sum(1)

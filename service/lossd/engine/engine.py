@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import box_losses, classification, fastpath, metrics, regression  # noqa: F401  (registration)
-from ._utils import to_xyxy
+from ._utils import overflow_bound, to_xyxy
 from .errors import EngineError, rows_phrase
 from .inputs import (FLOAT_DTYPES, VALIDATORS, as_float, check_box_format, check_boxes, empty_as_rows,
                      example_inputs)
@@ -60,6 +60,40 @@ def _resolve_dtype(dtype: str | torch.dtype | None, pred: Any) -> torch.dtype:
     if dtype not in FLOAT_DTYPES:
         raise EngineError("unknown_dtype", f"dtype must be float32 or float64, got {dtype!r}", field="dtype")
     return FLOAT_DTYPES[dtype]
+
+
+def _row_max_abs(t: Tensor) -> Tensor:
+    return t.abs().reshape(t.shape[0], -1).amax(1) if t.numel() else t.new_zeros(t.shape[0])
+
+
+def refuse_non_finite(values: Tensor, grad: Tensor | None, pred: Tensor, target: Tensor, kwargs: Mapping[str, Any],
+                      *, what: str = "loss", field: str = "pred", first_row: int = 0) -> None:
+    """Finite input whose result is not finite (an intermediate overflowed the dtype, e.g. boxes near 1e308 whose
+    areas are inf) is refused with the rows named, never answered with a silent NaN/null.
+
+    One exception, documented: with eps = 0 a pair whose denominator is zero (an empty union, a zero height) has
+    no value, and gives NaN for that row. Coordinates within overflow_bound cannot overflow, so a non-finite row
+    there is that division by zero and is returned as it is."""
+    bad = ~torch.isfinite(values)
+    if bad.dim() > 1:  # pairwise [n, m]: a row of boxes1
+        bad = bad.any(dim=1)
+    if grad is not None and grad.numel():
+        bad = bad | ~torch.isfinite(grad).reshape(grad.shape[0], -1).all(dim=1)
+    if not bool(bad.any()):
+        return
+    if kwargs.get("eps", None) == 0 and target.dtype.is_floating_point:
+        limit = overflow_bound(torch.finfo(values.dtype).max)
+        big = _row_max_abs(pred) > limit
+        far = _row_max_abs(target) > limit
+        big = big | (far if far.shape[0] == big.shape[0] and values.dim() == 1 else bool(far.any()))
+        bad = bad & big
+        if not bool(bad.any()):
+            return
+    rows = [first_row + r for r in bad.nonzero().flatten().tolist()]
+    raise EngineError("non_finite", f"{field}: the {what} overflows {str(values.dtype).removeprefix('torch.')} at "
+                      f"{rows_phrase(rows, len(rows))} although the input is finite (coordinates this large have "
+                      "areas or squared distances beyond the dtype's range); scale the input down", field=field,
+                      rows=rows)
 
 
 class Engine:
@@ -132,6 +166,7 @@ class Engine:
                     if self._compiled_route(spec, kwargs) and return_grad else None)
         if compiled is not None:
             loss, grad = compiled
+            refuse_non_finite(loss, grad, pred_t, target_t, kwargs)
             if w is not None:
                 loss, grad = loss * w, grad * w.reshape(-1, *([1] * (grad.dim() - 1)))
             if reduction == "sum":
@@ -158,6 +193,7 @@ class Engine:
                     (grad,) = torch.autograd.grad(out.sum(), leaf, allow_unused=True)
                 if grad is None:  # the loss does not depend on pred (e.g. an empty batch)
                     grad = torch.zeros_like(leaf)
+            refuse_non_finite(per_sample.detach(), grad, pred_t, target_t, kwargs)
         return Result(out.detach().cpu(), None if grad is None else grad.detach().cpu(), cdtype)
 
     def _check_rows(self, x: Any, field: str) -> None:
@@ -211,7 +247,9 @@ class Engine:
                     raise EngineError("length_mismatch", f"boxes1 has {a.shape[0]} rows but boxes2 has {b.shape[0]}; "
                                       "elementwise metrics pair row i with row i (use pairwise for N x M)",
                                       field="boxes2")
-                return spec.fn(a, b, **kwargs).cpu()
+                values = spec.fn(a, b, **kwargs)
+                refuse_non_finite(values, None, a, b, kwargs, what="value", field="boxes1")
+                return values.cpu()
             n, m = a.shape[0], b.shape[0]
             if n * m > self.max_pairwise:
                 raise EngineError("too_large", f"pairwise {n} x {m} = {n * m} values exceeds the budget of "
@@ -220,7 +258,10 @@ class Engine:
             rows = max(1, PAIRWISE_CHUNK_ELEMS // max(m, 1))
             for start in range(0, n, rows):
                 chunk = a[start:start + rows, None, :]
-                out[start:start + rows] = spec.fn(chunk, b[None, :, :], **kwargs).cpu()
+                values = spec.fn(chunk, b[None, :, :], **kwargs)
+                refuse_non_finite(values, None, chunk[:, 0, :], b, kwargs, what="value", field="boxes1",
+                                  first_row=start)
+                out[start:start + rows] = values.cpu()
             return out
 
     # ----------------------------------------------------------------------------------------------- warm-up

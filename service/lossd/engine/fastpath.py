@@ -10,56 +10,77 @@ from __future__ import annotations
 
 import logging
 import types
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 
 from . import fused
-from .registry import Spec
+from ._utils import overflow_bound
+from .registry import LOSSES, METRICS, Spec
 
 log = logging.getLogger("lossd.engine")
 
-BOX = {"iou": fused.IOU, "giou": fused.GIOU, "diou": fused.DIOU, "ciou": fused.CIOU, "eiou": fused.EIOU,
-       "siou": fused.SIOU, "mpdiou": fused.MPDIOU, "wiou": fused.WIOU, "inner_iou": fused.INNER,
-       "alpha_iou": fused.ALPHA}
-ALPHA_PENALTIES = {"none": 0, "giou": 1, "diou": 2, "ciou": 3}
-INNER_BASES = {"iou": fused.IOU, "giou": fused.GIOU, "diou": fused.DIOU, "ciou": fused.CIOU}
-WIOU_VERSIONS = {"v1": 0, "v2": 1, "v3": 2}
-COORD = {"l1": fused.L1, "l2": fused.L2, "mse": fused.MSE, "smooth_l1": fused.SMOOTH_L1, "huber": fused.HUBER}
-MODES = {"linear": fused.LINEAR, "log": fused.LOG, "square": fused.SQUARE}
 NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
-FUSED_LOSSES = tuple(BOX) + tuple(COORD)
 
 
-def _box_args(name: str, kwargs: dict) -> tuple | None:
-    """(mode, eps, p1, p2, p3) for the kernel (see fused.box_loss_grad), or None when a parameter value has no
-    fused route."""
-    eps = kwargs.get("eps", 0.0)
-    if name == "iou":
-        return MODES[kwargs["mode"]], eps, 0.0, 0.0, 0.0
-    if name == "ciou":
-        if kwargs["alpha_rule"] == "attached":
-            return None
-        return 1 if kwargs["alpha_rule"] == "mmdet" else 0, eps, 0.0, 0.0, 0.0
-    if name == "eiou":
-        return 0, eps, float(kwargs["gamma"]), 0.0, 0.0
-    if name == "siou":
-        if kwargs["distance_sign"] != "paper":
-            return None
-        return 0, eps, float(kwargs["theta"]), 0.0, 0.0
-    if name == "mpdiou":
-        image = float(kwargs["image_width"]) ** 2 + float(kwargs["image_height"]) ** 2
-        return 0 if kwargs["normalizer"] == "image" else 1, eps, image, 0.0, 0.0
-    if name == "wiou":
-        version = WIOU_VERSIONS[kwargs["version"]]
-        p2 = float(kwargs["gamma"] if version == 1 else kwargs["alpha"])
-        return version, eps, float(kwargs["iou_mean"]), p2, float(kwargs["delta"])
-    if name == "alpha_iou":
-        return ALPHA_PENALTIES[kwargs["penalty"]], eps, float(kwargs["alpha"]), 0.0, 0.0
-    if name == "inner_iou":
-        return INNER_BASES[kwargs["base"]], eps, float(kwargs["ratio"]), 0.0, 0.0
-    return 0, eps, 0.0, 0.0, 0.0
+def _no_args(params: Mapping[str, Any]) -> tuple[int, float, float, float]:
+    return 0, 0.0, 0.0, 0.0
+
+
+@dataclass(frozen=True)
+class BoxKernel:
+    """A box loss's fused route, declared where the loss is registered: its kind (fused.IOU, ...) and
+    args(resolved params) -> (mode, p1, p2, p3) as fused.box_loss_grad reads them, or None where a parameter value
+    has no fused route (the reference computes it). eps is passed on its own."""
+
+    kind: int
+    args: Callable[[Mapping[str, Any]], tuple[int, float, float, float] | None] = _no_args
+
+
+@dataclass(frozen=True)
+class CoordKernel:
+    """A coordinate regression loss's fused route: its kind (fused.L1, ...) and the parameter, if any, passed as the
+    kernel's beta (smooth_l1's beta, huber's delta)."""
+
+    kind: int
+    beta: str | None = None
+
+
+class _Declared:
+    """The names of catalog entries that declare a fused kernel: a live view of the catalog, not a second table."""
+
+    def __init__(self, table: Mapping[str, Spec]) -> None:
+        self._table = table
+
+    def __contains__(self, name: object) -> bool:
+        spec = self._table.get(name) if isinstance(name, str) else None
+        return spec is not None and spec.kernel is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(n for n, s in self._table.items() if s.kernel is not None))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+FUSED_LOSSES = _Declared(LOSSES)
+METRIC_KINDS = _Declared(METRICS)
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """One reduction instead of an elementwise test: a NaN or inf anywhere makes the sum non-finite (so can an
+    overflowing sum of finite values; then the reference re-checks row by row)."""
+    return bool(np.isfinite(a.sum()))
+
+
+def _zero_eps_nan(kwargs: dict, *arrays: np.ndarray) -> bool:
+    """Non-finite results that are the documented eps = 0 division by zero (kept as NaN), not an overflow."""
+    if kwargs.get("eps", None) != 0:
+        return False
+    top = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
+    return top <= overflow_bound(float(np.finfo(arrays[0].dtype).max))
 
 
 def _as_np(x: Any, dtype: np.dtype) -> np.ndarray | None:
@@ -79,8 +100,8 @@ def _as_np(x: Any, dtype: np.dtype) -> np.ndarray | None:
 def cpu_evaluate(spec: Spec, pred: Any, target: Any, box_format: str, reduction: str, weights: Any, kwargs: dict,
                  return_grad: bool, cdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(loss, grad) from a fused kernel, or None: then the reference path computes (or names the error)."""
-    name = spec.name
-    if name not in BOX and name not in COORD:
+    kernel = spec.kernel
+    if kernel is None:
         return None
     dt = NP_DTYPE[cdtype]
     p = _as_np(pred, dt)
@@ -93,14 +114,15 @@ def cpu_evaluate(spec: Spec, pred: Any, target: Any, box_format: str, reduction:
         w = _as_np(weights, dt)
         if w is None or w.ndim != 1 or w.shape[0] != p.shape[0] or not (np.isfinite(w).all() and (w >= 0).all()):
             return None
-    if name in BOX:
+    box = isinstance(kernel, BoxKernel)
+    if box:
         if p.ndim == 1 and p.shape[0] == 0:
             p = p.reshape(0, 4)
         if t.ndim == 1 and t.shape[0] == 0:
             t = t.reshape(0, 4)
         if p.ndim != 2 or p.shape[1] != 4 or t.shape != p.shape:
             return None
-        args = _box_args(name, kwargs)
+        args = kernel.args(kwargs)
         if args is None:
             return None
         view = p
@@ -113,17 +135,19 @@ def cpu_evaluate(spec: Spec, pred: Any, target: Any, box_format: str, reduction:
     scale = 1.0 / n if reduction == "mean" and n else 1.0
     loss = np.empty(n, dtype=dt)
     grad = np.empty(view.shape, dtype=dt) if return_grad else np.empty((0, view.shape[1]), dtype=dt)
-    if name in BOX:
-        kernel = fused.box_kernel_parallel if n >= fused.PARALLEL_MIN_ROWS else fused.box_kernel
-        mode, eps, p1, p2, p3 = args
-        status = kernel(BOX[name], mode, fused.FORMATS[box_format], view, t, w, scale, float(eps), p1, p2, p3, loss,
-                        grad, return_grad)
+    if box:
+        run = fused.box_kernel_parallel if n >= fused.PARALLEL_MIN_ROWS else fused.box_kernel
+        mode, p1, p2, p3 = args
+        status = run(kernel.kind, mode, fused.FORMATS[box_format], view, t, w, scale, float(kwargs.get("eps", 0.0)),
+                     float(p1), float(p2), float(p3), loss, grad, return_grad)
     else:
-        kernel = fused.coord_kernel_parallel if n >= fused.PARALLEL_MIN_ROWS else fused.coord_kernel
-        beta = float(kwargs.get("beta", kwargs.get("delta", 0.0)))
-        status = kernel(COORD[name], view, t, w, scale, beta, loss, grad, return_grad)
+        run = fused.coord_kernel_parallel if n >= fused.PARALLEL_MIN_ROWS else fused.coord_kernel
+        beta = float(kwargs[kernel.beta]) if kernel.beta else 0.0
+        status = run(kernel.kind, view, t, w, scale, beta, loss, grad, return_grad)
     if status != fused.OK:
-        return None
+        return None  # the reference names the bad rows
+    if not (_all_finite(loss) and (not return_grad or _all_finite(grad))) and not _zero_eps_nan(kwargs, p, t):
+        return None  # an overflow: the reference refuses it, naming the rows (Engine.evaluate)
     loss_t = torch.from_numpy(loss)
     if reduction == "sum":
         loss_t = loss_t.sum()
@@ -133,8 +157,6 @@ def cpu_evaluate(spec: Spec, pred: Any, target: Any, box_format: str, reduction:
     return loss_t, grad_t
 
 
-METRIC_KINDS = {"iou": fused.IOU, "giou": fused.GIOU, "diou": fused.DIOU, "ciou": fused.CIOU, "eiou": fused.EIOU,
-                "siou": fused.SIOU}
 METRIC_MAX_VALUES = 1 << 16  # past this the reference (vectorised over both cores) is as fast as a serial loop
 
 
@@ -142,7 +164,8 @@ def cpu_metric(name: str, boxes1: Any, boxes2: Any, box_format: str, pairwise: b
                cdtype: torch.dtype, max_pairwise: int) -> torch.Tensor | None:
     """An IoU-family metric from the fused kernel, or None: then the reference computes it (or names the
     error, the pairwise budget's included)."""
-    kind = METRIC_KINDS.get(name)
+    spec = METRICS.get(name)
+    kind = None if spec is None else spec.kernel
     if kind is None:
         return None
     dt = NP_DTYPE[cdtype]
@@ -162,7 +185,7 @@ def cpu_metric(name: str, boxes1: Any, boxes2: Any, box_format: str, pairwise: b
     out = np.empty((n, m if pairwise else 1), dtype=dt)
     status = fused.metric_kernel(kind, fused.FORMATS[box_format], a, b, float(kwargs.get("eps", 0.0)),
                                  float(kwargs.get("theta", 4.0)), pairwise, out)
-    if status != fused.OK:
+    if status != fused.OK or not (_all_finite(out) or _zero_eps_nan(kwargs, a, b)):
         return None
     return torch.from_numpy(out if pairwise else out.reshape(n))
 

@@ -2,8 +2,9 @@
 
 The reference (the autograd functions in box_losses.py / regression.py) defines every value; these kernels
 are a faster route to the same numbers and are tested against it to 1e-9 in float64. The gradients follow
-torch's conventions at the non-smooth points too: min/max split a tie 0.5/0.5, clamp(min=0) passes the
-gradient at exactly 0, |x| has gradient 0 at 0.
+torch's conventions at the non-smooth points too: min/max split a tie 0.5/0.5, |x| has gradient 0 at 0, and the
+intersection follows torchvision's strict mask (zero gradient unless both overlaps are > 0, so boxes that touch
+along an edge or at a corner get none through it).
 
 Divisions follow numpy's error model: a zero denominator (possible only with eps = 0) gives the reference's
 inf or NaN for that row rather than an exception.
@@ -70,12 +71,218 @@ def _pow_and_below(q, theta):
     return q**theta, q ** (theta - 1.0)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# one helper per box loss: (loss, then its partials with respect to the shared quantities)
+#     (loss, g_iou, g_union, g_w1, g_h1, g_cw, g_ch, g_dx, g_dy, g_cx1, g_cy1, g_cx2, g_cy2)
+# iou, union: the pair's IoU and union; w1, h1: the pred's sides; cw, ch: the enclosing box's sides; dx, dy: target
+# centre - pred centre; cx1 .. cy2: the pred's corners straight (MPDIoU). box_loss_grad chains them to the corners.
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
+def _partials(loss, g_iou, g_union, g_w1, g_h1, g_cw, g_ch, g_dx, g_dy):
+    return loss, g_iou, g_union, g_w1, g_h1, g_cw, g_ch, g_dx, g_dy, 0.0, 0.0, 0.0, 0.0
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
+def aspect_v(w1, h1, w2, h2, eps):
+    """CIoU's v = 4/pi^2 (atan(w2/(h2 + eps)) - atan(w1/(h1 + eps)))^2 with dv/dw1, dv/dh1 (the one place it is
+    written: CIoU, Alpha-IoU's ciou penalty and the ciou metric use it). The difference of atans is one atan:
+    atan a - atan b = atan((a - b) / (1 + ab)) for ab > -1, and both ratios are >= 0 here; half the
+    transcendental work, and no cancellation when a ~ b."""
+    hh1 = h1 + eps
+    hh2 = h2 + eps
+    da = math.atan((w2 * hh1 - w1 * hh2) / (hh2 * hh1 + w2 * w1))
+    g = -2.0 * K_ASPECT * da / (hh1 * hh1 + w1 * w1)
+    return K_ASPECT * da * da, g * hh1, -g * w1
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
+def _distance_penalty(cw, ch, dx, dy, eps):
+    """DIoU's rho^2 / (c^2 + eps) and its partials (dx, dy, cw, ch)."""
+    D = cw * cw + ch * ch + eps
+    R = dx * dx + dy * dy
+    g_D = -R / (D * D)
+    return R / D, 2.0 * dx / D, 2.0 * dy / D, g_D * 2.0 * cw, g_D * 2.0 * ch
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+def _iou_loss(mode, iou, eps):
+    if mode == LINEAR:
+        return _partials(1.0 - iou, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    if mode == SQUARE:
+        return _partials(1.0 - iou * iou, -2.0 * iou, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    floor = max(eps, 1e-12)  # log: floored at eps, where the gradient is 0
+    if iou >= floor:
+        return _partials(-math.log(iou), -1.0 / iou, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    return _partials(-math.log(floor), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+def _giou_loss(iou, union, cw, ch, eps):
+    C = cw * ch
+    g_C = (union + eps) / ((C + eps) * (C + eps))
+    return _partials(1.0 - iou + (C - union) / (C + eps), -1.0, -1.0 / (C + eps), 0.0, 0.0, g_C * ch, g_C * cw,
+                     0.0, 0.0)
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+def _diou_ciou_loss(ciou, alpha_rule, iou, w1, h1, w2, h2, cw, ch, dx, dy, eps):
+    """DIoU, or CIoU with its detached alpha (alpha_rule 0 torchvision, 1 mmdet: 0 unless IoU > 0.5)."""
+    P, g_dx, g_dy, g_cw, g_ch = _distance_penalty(cw, ch, dx, dy, eps)
+    loss = 1.0 - iou + P
+    g_w1 = 0.0
+    g_h1 = 0.0
+    if ciou:
+        v, v_w1, v_h1 = aspect_v(w1, h1, w2, h2, eps)
+        alpha = v / (1.0 - iou + v + eps)
+        if alpha_rule == 1 and not iou > 0.5:
+            alpha = 0.0
+        loss += alpha * v  # alpha is detached: it scales v's gradient only
+        g_w1 = alpha * v_w1
+        g_h1 = alpha * v_h1
+    return _partials(loss, -1.0, 0.0, g_w1, g_h1, g_cw, g_ch, g_dx, g_dy)
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+def _eiou_loss(iou, w1, h1, w2, h2, cw, ch, dx, dy, eps, gamma):
+    P, p_dx, p_dy, p_cw, p_ch = _distance_penalty(cw, ch, dx, dy, eps)
+    Ew = cw * cw + eps
+    Eh = ch * ch + eps
+    dw = w1 - w2
+    dh = h1 - h2
+    f = 1.0 if gamma == 0 else max(iou, 0.0) ** gamma  # the focal weight is detached
+    loss = f * (1.0 - iou + P + dw * dw / Ew + dh * dh / Eh)
+    return _partials(loss, -f, 0.0, f * 2.0 * dw / Ew, f * 2.0 * dh / Eh,
+                     f * (p_cw - dw * dw / (Ew * Ew) * 2.0 * cw), f * (p_ch - dh * dh / (Eh * Eh) * 2.0 * ch),
+                     f * p_dx, f * p_dy)
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+def _siou_loss(iou, w1, h1, w2, h2, cw, ch, dx, dy, eps, theta):
+    ax = abs(dx)
+    ay = abs(dy)
+    # Lambda = sin(2 alpha) = 2 |dx| |dy| / sigma^2 exactly, eps-free; 0 for coincident centres, where it
+    # multiplies rho = 0 (S = 1 there only keeps the division finite)
+    S = dx * dx + dy * dy
+    if not S > 0.0:
+        S = 1.0
+    angle = 2.0 * ax * ay / S
+    gamma = 2.0 - angle
+    Ex = cw * cw + eps
+    Ey = ch * ch + eps
+    rx = dx * dx / Ex
+    ry = dy * dy / Ey
+    ex = math.exp(-gamma * rx)
+    ey = math.exp(-gamma * ry)
+    mw = max(w1, w2)
+    mh = max(h1, h2)
+    adw = abs(w1 - w2)
+    adh = abs(h1 - h2)
+    mwe = mw + eps
+    mhe = mh + eps
+    qw = 1.0 - math.exp(-adw / mwe)
+    qh = 1.0 - math.exp(-adh / mhe)
+    qwt, qwt1 = _pow_and_below(qw, theta)
+    qht, qht1 = _pow_and_below(qh, theta)
+    loss = 1.0 - iou + 0.5 * ((1.0 - ex) + (1.0 - ey) + qwt + qht)
+    g_angle = -0.5 * (rx * ex + ry * ey)  # through gamma = 2 - angle
+    g_rx = 0.5 * gamma * ex
+    g_ry = 0.5 * gamma * ey
+    g_S = -g_angle * angle / S
+    g_dx = g_angle * 2.0 * ay / S * _sign(dx) + g_S * 2.0 * dx + g_rx * 2.0 * dx / Ex
+    g_dy = g_angle * 2.0 * ax / S * _sign(dy) + g_S * 2.0 * dy + g_ry * 2.0 * dy / Ey
+    g_ow = 0.5 * theta * qwt1 * (1.0 - qw)
+    g_oh = 0.5 * theta * qht1 * (1.0 - qh)
+    g_w1 = g_ow * (_sign(w1 - w2) / mwe - adw / (mwe * mwe) * _lo(w2, w1))
+    g_h1 = g_oh * (_sign(h1 - h2) / mhe - adh / (mhe * mhe) * _lo(h2, h1))
+    return _partials(loss, -1.0, 0.0, g_w1, g_h1, -g_rx * rx / Ex * 2.0 * cw, -g_ry * ry / Ey * 2.0 * ch, g_dx, g_dy)
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+def _mpdiou_loss(enclosing, iou, x1, y1, x2, y2, X1, Y1, X2, Y2, cw, ch, eps, image_norm):
+    """normaliser: the image's w^2 + h^2 (image_norm), or the enclosing box's squared diagonal."""
+    ex1 = x1 - X1
+    ey1 = y1 - Y1
+    ex2 = x2 - X2
+    ey2 = y2 - Y2
+    d = ex1 * ex1 + ey1 * ey1 + ex2 * ex2 + ey2 * ey2
+    norm = image_norm
+    g_cw = 0.0
+    g_ch = 0.0
+    if enclosing:
+        norm = cw * cw + ch * ch + eps
+        g_norm = -d / (norm * norm)
+        g_cw = g_norm * 2.0 * cw
+        g_ch = g_norm * 2.0 * ch
+    return (1.0 - iou + d / norm, -1.0, 0.0, 0.0, 0.0, g_cw, g_ch, 0.0, 0.0, 2.0 * ex1 / norm, 2.0 * ey1 / norm,
+            2.0 * ex2 / norm, 2.0 * ey2 / norm)
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+def _wiou_loss(version, iou, cw, ch, dx, dy, eps, iou_mean, gamma_or_alpha, delta):
+    """version 0 v1, 1 v2 (gamma), 2 v3 (alpha, delta)."""
+    R = dx * dx + dy * dy
+    Ds = cw * cw + ch * ch + eps  # detached: no gradient through the enclosing box
+    E = math.exp(R / Ds)
+    l_iou = 1.0 - iou
+    f = 1.0  # the focusing factor, detached
+    if version == 1:
+        f = (l_iou / iou_mean) ** gamma_or_alpha
+    elif version == 2:
+        b = l_iou / iou_mean
+        f = b / (delta * gamma_or_alpha ** (b - delta))
+    g_R = f * E * l_iou / Ds
+    return _partials(f * E * l_iou, -f * E, 0.0, 0.0, 0.0, 0.0, 0.0, g_R * 2.0 * dx, g_R * 2.0 * dy)
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+def _alpha_iou_loss(penalty, iou, union, w1, h1, w2, h2, cw, ch, dx, dy, eps, a):
+    """penalty 0 none, 1 giou, 2 diou, 3 ciou; each term raised to a."""
+    ia, ia1 = _pow_and_below(iou, a)
+    loss = 1.0 - ia
+    g_union = 0.0
+    g_w1 = 0.0
+    g_h1 = 0.0
+    g_cw = 0.0
+    g_ch = 0.0
+    g_dx = 0.0
+    g_dy = 0.0
+    if penalty == 1:  # ((C - union) / (C + eps)).clamp(min=0) ** a; the clamp passes the gradient at 0
+        C = cw * ch
+        G = (C - union) / (C + eps)
+        if G >= 0.0:
+            Ga, Ga1 = _pow_and_below(G, a)
+            loss += Ga
+            g_G = a * Ga1
+            g_C = g_G * (union + eps) / ((C + eps) * (C + eps))
+            g_union = -g_G / (C + eps)
+            g_cw = g_C * ch
+            g_ch = g_C * cw
+    elif penalty >= 2:  # (rho^2 / c^2) ** a, and for ciou (beta v) ** a with CIoU's beta detached
+        P, p_dx, p_dy, p_cw, p_ch = _distance_penalty(cw, ch, dx, dy, eps)
+        Pa, Pa1 = _pow_and_below(P, a)
+        loss += Pa
+        g_P = a * Pa1
+        g_dx = g_P * p_dx
+        g_dy = g_P * p_dy
+        g_cw = g_P * p_cw
+        g_ch = g_P * p_ch
+        if penalty == 3:
+            v, v_w1, v_h1 = aspect_v(w1, h1, w2, h2, eps)
+            beta = v / (1.0 - iou + v + eps)
+            Ba, Ba1 = _pow_and_below(beta * v, a)
+            loss += Ba
+            g_w1 = a * Ba1 * beta * v_w1
+            g_h1 = a * Ba1 * beta * v_h1
+    return _partials(loss, -a * ia1, g_union, g_w1, g_h1, g_cw, g_ch, g_dx, g_dy)
+
+
 # compiled once per dtype and linked into each kernel. Inlined at numba's level instead, each of the six kernel
 # specialisations compiled every loss's branch again: a cold start of 33 s instead of 16 s on 2 cores, for loss +
 # gradient times within the noise (Inner-IoU at 1M pairs ~15% faster)
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2, p3):
-    """(loss, d/dx1, d/dy1, d/dx2, d/dy2) of one pred box against one target box, all xyxy.
+    """(loss, d/dx1, d/dy1, d/dx2, d/dy2) of one pred box against one target box, all xyxy: the geometry both
+    boxes share, one loss helper above, and the chain rule back to the corners.
     mode: IoU's linear/log/square, CIoU's alpha rule (0 torchvision, 1 mmdet), MPDIoU's normaliser (0 image,
     1 enclosing box), WIoU's version (0 v1, 1 v2, 2 v3), Alpha-IoU's penalty (0 none, 1 giou, 2 diou, 3 ciou).
     p1: EIoU's gamma, SIoU's theta, MPDIoU's image w^2 + h^2, WIoU's iou_mean, Alpha-IoU's alpha; p2: WIoU's gamma
@@ -92,204 +299,28 @@ def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2, p3):
     union = w1 * h1 + w2 * h2 - inter
     U = union + eps
     iou = inter / U
-
-    g_iou = 0.0
-    g_union = 0.0
-    g_w1 = 0.0
-    g_h1 = 0.0
-    g_cw = 0.0
-    g_ch = 0.0
-    g_dx = 0.0
-    g_dy = 0.0
-    g_cx1 = 0.0  # gradients straight onto the corners (MPDIoU's corner distances)
-    g_cy1 = 0.0
-    g_cx2 = 0.0
-    g_cy2 = 0.0
-    loss = 0.0
     cw = max(x2, X2) - min(x1, X1)
     ch = max(y2, Y2) - min(y1, Y1)
     dx = 0.5 * ((X1 + X2) - (x1 + x2))
     dy = 0.5 * ((Y1 + Y2) - (y1 + y2))
 
     if kind == IOU:
-        if mode == LINEAR:
-            loss = 1.0 - iou
-            g_iou = -1.0
-        elif mode == SQUARE:
-            loss = 1.0 - iou * iou
-            g_iou = -2.0 * iou
-        else:
-            floor = max(eps, 1e-12)
-            if iou >= floor:
-                loss = -math.log(iou)
-                g_iou = -1.0 / iou
-            else:
-                loss = -math.log(floor)
-    elif kind == MPDIOU:
-        ex1 = x1 - X1
-        ey1 = y1 - Y1
-        ex2 = x2 - X2
-        ey2 = y2 - Y2
-        d = ex1 * ex1 + ey1 * ey1 + ex2 * ex2 + ey2 * ey2
-        norm = p1
-        if mode == 1:
-            norm = cw * cw + ch * ch + eps
-            g_norm = -d / (norm * norm)
-            g_cw += g_norm * 2.0 * cw
-            g_ch += g_norm * 2.0 * ch
-        loss = 1.0 - iou + d / norm
-        g_iou = -1.0
-        g_cx1 = 2.0 * ex1 / norm
-        g_cy1 = 2.0 * ey1 / norm
-        g_cx2 = 2.0 * ex2 / norm
-        g_cy2 = 2.0 * ey2 / norm
-    elif kind == WIOU:
-        R = dx * dx + dy * dy
-        Ds = cw * cw + ch * ch + eps  # detached: no gradient through the enclosing box
-        E = math.exp(R / Ds)
-        l_iou = 1.0 - iou
-        f = 1.0  # the focusing factor, detached
-        if mode == 1:
-            f = (l_iou / p1) ** p2
-        elif mode == 2:
-            b = l_iou / p1
-            f = b / (p3 * p2 ** (b - p3))
-        loss = f * E * l_iou
-        g_iou = -f * E
-        g_R = f * E * l_iou / Ds
-        g_dx += g_R * 2.0 * dx
-        g_dy += g_R * 2.0 * dy
-    elif kind == ALPHA:
-        a = p1
-        ia, ia1 = _pow_and_below(iou, a)
-        loss = 1.0 - ia
-        g_iou = -a * ia1
-        if mode == 1:  # ((C - union) / (C + eps)).clamp(min=0) ** a; the clamp passes the gradient at 0
-            C = cw * ch
-            G = (C - union) / (C + eps)
-            if G >= 0.0:
-                Ga, Ga1 = _pow_and_below(G, a)
-                loss += Ga
-                g_G = a * Ga1
-                g_C = g_G * (union + eps) / ((C + eps) * (C + eps))
-                g_union -= g_G / (C + eps)
-                g_cw += g_C * ch
-                g_ch += g_C * cw
-        elif mode >= 2:  # (rho^2 / c^2) ** a, and for ciou (beta v) ** a with CIoU's beta detached
-            D = cw * cw + ch * ch + eps
-            R = dx * dx + dy * dy
-            Pa, Pa1 = _pow_and_below(R / D, a)
-            loss += Pa
-            g_P = a * Pa1
-            g_dx += g_P * 2.0 * dx / D
-            g_dy += g_P * 2.0 * dy / D
-            g_D = -g_P * R / (D * D)
-            g_cw += g_D * 2.0 * cw
-            g_ch += g_D * 2.0 * ch
-            if mode == 3:
-                hh1 = h1 + eps
-                hh2 = h2 + eps
-                da = math.atan((w2 * hh1 - w1 * hh2) / (hh2 * hh1 + w2 * w1))
-                v = K_ASPECT * da * da
-                beta = v / (1.0 - iou + v + eps)
-                Ba, Ba1 = _pow_and_below(beta * v, a)
-                loss += Ba
-                g_a1 = a * Ba1 * beta * (-2.0 * K_ASPECT * da)
-                den = hh1 * hh1 + w1 * w1
-                g_w1 += g_a1 * hh1 / den
-                g_h1 -= g_a1 * w1 / den
+        t = _iou_loss(mode, iou, eps)
     elif kind == GIOU:
-        C = cw * ch
-        loss = 1.0 - iou + (C - union) / (C + eps)
-        g_iou = -1.0
-        g_C = (union + eps) / ((C + eps) * (C + eps))
-        g_union -= 1.0 / (C + eps)
-        g_cw += g_C * ch
-        g_ch += g_C * cw
-    else:
-        # DIoU's penalty, shared by DIoU, CIoU, EIoU (SIoU uses its own distance cost)
-        D = cw * cw + ch * ch + eps
-        R = dx * dx + dy * dy
-        P = R / D
-        if kind == DIOU or kind == CIOU:
-            loss = 1.0 - iou + P
-            g_iou = -1.0
-            g_dx += 2.0 * dx / D
-            g_dy += 2.0 * dy / D
-            g_D = -R / (D * D)
-            g_cw += g_D * 2.0 * cw
-            g_ch += g_D * 2.0 * ch
-            if kind == CIOU:
-                hh1 = h1 + eps
-                hh2 = h2 + eps
-                # atan(w2/hh2) - atan(w1/hh1) as one atan: atan a - atan b = atan((a - b) / (1 + ab)) for ab > -1,
-                # and both ratios are >= 0 here. Half the transcendental work, and no cancellation when a ~ b.
-                da = math.atan((w2 * hh1 - w1 * hh2) / (hh2 * hh1 + w2 * w1))
-                v = K_ASPECT * da * da
-                alpha = v / (1.0 - iou + v + eps)
-                if mode == 1 and not iou > 0.5:
-                    alpha = 0.0
-                loss += alpha * v  # alpha is detached: it scales v's gradient only
-                g_a1 = alpha * (-2.0 * K_ASPECT * da)
-                den = hh1 * hh1 + w1 * w1
-                g_w1 += g_a1 * hh1 / den
-                g_h1 -= g_a1 * w1 / den
-        elif kind == EIOU:
-            Ew = cw * cw + eps
-            Eh = ch * ch + eps
-            dw = w1 - w2
-            dh = h1 - h2
-            base = 1.0 - iou + P + dw * dw / Ew + dh * dh / Eh
-            f = 1.0 if p1 == 0 else max(iou, 0.0) ** p1  # the focal weight is detached
-            loss = f * base
-            g_iou = -f
-            g_dx += f * 2.0 * dx / D
-            g_dy += f * 2.0 * dy / D
-            g_D = -f * R / (D * D)
-            g_cw += g_D * 2.0 * cw - f * dw * dw / (Ew * Ew) * 2.0 * cw
-            g_ch += g_D * 2.0 * ch - f * dh * dh / (Eh * Eh) * 2.0 * ch
-            g_w1 += f * 2.0 * dw / Ew
-            g_h1 += f * 2.0 * dh / Eh
-        else:  # SIOU
-            theta = p1
-            ax = abs(dx)
-            ay = abs(dy)
-            S = dx * dx + dy * dy + eps
-            angle = 2.0 * ax * ay / S
-            gamma = 2.0 - angle
-            Ex = cw * cw + eps
-            Ey = ch * ch + eps
-            rx = dx * dx / Ex
-            ry = dy * dy / Ey
-            ex = math.exp(-gamma * rx)
-            ey = math.exp(-gamma * ry)
-            mw = max(w1, w2)
-            mh = max(h1, h2)
-            adw = abs(w1 - w2)
-            adh = abs(h1 - h2)
-            ow = adw / (mw + eps)
-            oh = adh / (mh + eps)
-            qw = 1.0 - math.exp(-ow)
-            qh = 1.0 - math.exp(-oh)
-            qwt, qwt1 = _pow_and_below(qw, theta)
-            qht, qht1 = _pow_and_below(qh, theta)
-            loss = 1.0 - iou + 0.5 * ((1.0 - ex) + (1.0 - ey) + qwt + qht)
-            g_iou = -1.0
-            g_gamma = 0.5 * (rx * ex + ry * ey)
-            g_rx = 0.5 * gamma * ex
-            g_ry = 0.5 * gamma * ey
-            g_angle = -g_gamma
-            g_S = -g_angle * angle / S
-            g_dx += g_angle * 2.0 * ay / S * _sign(dx) + g_S * 2.0 * dx + g_rx * 2.0 * dx / Ex
-            g_dy += g_angle * 2.0 * ax / S * _sign(dy) + g_S * 2.0 * dy + g_ry * 2.0 * dy / Ey
-            g_cw -= g_rx * rx / Ex * 2.0 * cw
-            g_ch -= g_ry * ry / Ey * 2.0 * ch
-            g_ow = 0.5 * theta * qwt1 * (1.0 - qw)
-            g_oh = 0.5 * theta * qht1 * (1.0 - qh)
-            mwe = mw + eps
-            mhe = mh + eps
-            g_w1 += g_ow * (_sign(w1 - w2) / mwe - adw / (mwe * mwe) * _lo(w2, w1))
-            g_h1 += g_oh * (_sign(h1 - h2) / mhe - adh / (mhe * mhe) * _lo(h2, h1))
+        t = _giou_loss(iou, union, cw, ch, eps)
+    elif kind == DIOU or kind == CIOU:
+        t = _diou_ciou_loss(kind == CIOU, mode, iou, w1, h1, w2, h2, cw, ch, dx, dy, eps)
+    elif kind == EIOU:
+        t = _eiou_loss(iou, w1, h1, w2, h2, cw, ch, dx, dy, eps, p1)
+    elif kind == SIOU:
+        t = _siou_loss(iou, w1, h1, w2, h2, cw, ch, dx, dy, eps, p1)
+    elif kind == MPDIOU:
+        t = _mpdiou_loss(mode == 1, iou, x1, y1, x2, y2, X1, Y1, X2, Y2, cw, ch, eps, p1)
+    elif kind == WIOU:
+        t = _wiou_loss(mode, iou, cw, ch, dx, dy, eps, p1, p2, p3)
+    else:  # ALPHA
+        t = _alpha_iou_loss(mode, iou, union, w1, h1, w2, h2, cw, ch, dx, dy, eps, p1)
+    loss, g_iou, g_union, g_w1, g_h1, g_cw, g_ch, g_dx, g_dy, g_cx1, g_cy1, g_cx2, g_cy2 = t
 
     # back through iou = inter / (union + eps), union = w1 h1 + w2 h2 - inter, inter = iw ih
     g_inter = g_iou / U
@@ -297,8 +328,9 @@ def box_loss_grad(kind, mode, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, p1, p2, p3):
     g_inter -= g_union
     g_w1 += g_union * h1
     g_h1 += g_union * w1
-    g_iw = g_inter * ih * (iw_raw >= 0)
-    g_ih = g_inter * iw * (ih_raw >= 0)
+    overlap = (iw_raw > 0) * (ih_raw > 0)  # torchvision's strict mask: no gradient through a touching edge
+    g_iw = g_inter * ih * overlap
+    g_ih = g_inter * iw * overlap
     gx1 = -g_iw * _lo(X1, x1)  # iw = min(x2, X2) - max(x1, X1)
     gx2 = g_iw * _lo(x2, X2)
     gy1 = -g_ih * _lo(Y1, y1)
@@ -348,8 +380,9 @@ def _iou_loss_grad(x1, y1, x2, y2, X1, Y1, X2, Y2, eps):
     g_inter = -1.0 / U
     g_union = inter / (U * U)
     g_inter -= g_union
-    g_iw = g_inter * ih * (iw_raw >= 0)
-    g_ih = g_inter * iw * (ih_raw >= 0)
+    overlap = (iw_raw > 0) * (ih_raw > 0)
+    g_iw = g_inter * ih * overlap
+    g_ih = g_inter * iw * overlap
     gx1 = -g_iw * _lo(X1, x1) - g_union * h1
     gx2 = g_iw * _lo(x2, X2) + g_union * h1
     gy1 = -g_ih * _lo(Y1, y1) - g_union * w1
@@ -384,8 +417,8 @@ def _inner_terms(x1, y1, x2, y2, X1, Y1, X2, Y2, eps, ratio):
 def _box_row(kind, mode, fmt, p, t, w, scale, eps, p1, p2, p3, loss, grad, i, want_grad):
     x1, y1, x2, y2 = _to_xyxy(p[i, 0], p[i, 1], p[i, 2], p[i, 3], fmt)
     X1, Y1, X2, Y2 = _to_xyxy(t[i, 0], t[i, 1], t[i, 2], t[i, 3], fmt)
-    # one inlined box_loss_grad per kernel (numba compiles each copy whole, every branch): Inner-IoU's base loss
-    # comes from the same call; mode is its base (iou, giou, diou, ciou with torchvision's alpha rule), p1 its ratio
+    # Inner-IoU's base loss comes from the same box_loss_grad call as every other loss: mode is its base (iou, giou,
+    # diou, ciou with torchvision's alpha rule), p1 its ratio
     inner = kind == INNER
     v, g0, g1, g2, g3 = box_loss_grad(mode if inner else kind, 0 if inner else mode, x1, y1, x2, y2, X1, Y1, X2,
                                       Y2, eps, 0.0 if inner else p1, p2, p3)
@@ -532,7 +565,8 @@ def box_metric(kind, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, theta):
     dx = 0.5 * ((X1 + X2) - (x1 + x2))
     dy = 0.5 * ((Y1 + Y2) - (y1 + y2))
     if kind == SIOU:
-        angle = 2.0 * abs(dx) * abs(dy) / (dx * dx + dy * dy + eps)
+        S = dx * dx + dy * dy
+        angle = 2.0 * abs(dx) * abs(dy) / S if S > 0.0 else 0.0
         gamma = 2.0 - angle
         distance = (1.0 - math.exp(-gamma * (dx * dx / (cw * cw + eps)))) + \
             (1.0 - math.exp(-gamma * (dy * dy / (ch * ch + eps))))
@@ -544,11 +578,7 @@ def box_metric(kind, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, theta):
         return iou - penalty
     if kind == EIOU:
         return iou - penalty - (w1 - w2) * (w1 - w2) / (cw * cw + eps) - (h1 - h2) * (h1 - h2) / (ch * ch + eps)
-    # CIOU; the same single atan as the loss kernel
-    hh1 = h1 + eps
-    hh2 = h2 + eps
-    da = math.atan((w2 * hh1 - w1 * hh2) / (hh2 * hh1 + w2 * w1))
-    v = K_ASPECT * da * da
+    v = aspect_v(w1, h1, w2, h2, eps)[0]  # CIOU
     return iou - penalty - v / (1.0 - iou + v + eps) * v
 
 

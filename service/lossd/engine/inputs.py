@@ -46,6 +46,9 @@ def as_array(x: Any, field: str) -> Tensor:
         raise EngineError("invalid_shape", f"{field} must be a rectangular array of numbers", field=field)
     if arr.dtype.kind == "b":
         arr = arr.astype(np.float32)
+    elif arr.dtype.kind == "u" and arr.dtype != np.uint8:
+        # torch has no uint16/32/64 tensors to take over; JSON integers past 2**63 arrive as uint64
+        arr = arr.astype(np.int64) if arr.size == 0 or arr.max() <= np.iinfo(np.int64).max else arr.astype(np.float64)
     arr = np.ascontiguousarray(arr)
     if not arr.flags.writeable:
         # a zero-copy view of a request's bytes: the engine never writes into its inputs, so share it

@@ -115,6 +115,9 @@ class Spec:
     pred_doc: str = ""
     target_doc: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # the fused CPU kernel this entry declares (fastpath.BoxKernel / CoordKernel for a loss, a fused kind for a
+    # metric), or None: then the autograd reference (or torch.compile on CUDA) computes it
+    kernel: Any = None
 
     def resolve(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         """Catalog defaults overlaid with the user's params, checked; keyed by the function's kwargs."""
@@ -130,9 +133,14 @@ class Spec:
         return out
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "summary": self.summary, "doc": self.doc,
-                "reference": self.reference, "pred": self.pred_doc, "target": self.target_doc,
-                "params": {p.name: p.describe() for p in self.params}}
+        out = {"name": self.name, "kind": self.kind, "summary": self.summary, "doc": self.doc,
+               "reference": self.reference, "pred": self.pred_doc, "target": self.target_doc,
+               "params": {p.name: p.describe() for p in self.params}}
+        if self.kind != "metric":
+            # 'mean' divides by summed per-sample weights (class weights, ignored rows) rather than N: a client
+            # that splits a batch must combine the parts' sums and weights, not their means
+            out["weighted_mean"] = self.mean_weight is not None
+        return out
 
 
 LOSSES: dict[str, Spec] = {}
@@ -171,8 +179,8 @@ def _check_signature(fn: Callable, params: tuple[Param, ...]) -> None:
 
 
 def register_loss(name: str, *, kind: str, inputs: str, reference: str, params: tuple[Param, ...] = (),
-                  mean_weight: Callable | None = None) -> Callable:
-    """Decorator: add a per-sample loss function to the catalog."""
+                  mean_weight: Callable | None = None, kernel: Any = None) -> Callable:
+    """Decorator: add a per-sample loss function to the catalog; kernel declares its fused CPU route."""
     if kind not in KINDS:
         raise AssertionError(kind)
 
@@ -184,14 +192,16 @@ def register_loss(name: str, *, kind: str, inputs: str, reference: str, params: 
         pred_doc, target_doc = INPUT_DOCS[inputs]
         LOSSES[name] = Spec(name=name, kind=kind, fn=fn, params=tuple(params), reference=reference, inputs=inputs,
                             doc=doc, summary=_summary(doc), mean_weight=mean_weight, pred_doc=pred_doc,
-                            target_doc=target_doc)
+                            target_doc=target_doc, kernel=kernel)
         return fn
 
     return deco
 
 
-def register_metric(name: str, *, reference: str, params: tuple[Param, ...] = ()) -> Callable:
-    """Decorator: add a similarity ``fn(boxes1, boxes2, **params)`` over broadcastable xyxy boxes."""
+def register_metric(name: str, *, reference: str, params: tuple[Param, ...] = (),
+                    kernel: int | None = None) -> Callable:
+    """Decorator: add a similarity ``fn(boxes1, boxes2, **params)`` over broadcastable xyxy boxes; kernel is its
+    fused kind (fused.box_metric), if it has one."""
 
     def deco(fn: Callable) -> Callable:
         if name in METRICS:
@@ -200,7 +210,7 @@ def register_metric(name: str, *, reference: str, params: tuple[Param, ...] = ()
         doc = inspect.getdoc(fn) or ""
         METRICS[name] = Spec(name=name, kind="metric", fn=fn, params=tuple(params), reference=reference,
                              inputs="boxes", doc=doc, summary=_summary(doc), pred_doc="[N,4] boxes1",
-                             target_doc="[N,4] or [M,4] boxes2")
+                             target_doc="[N,4] or [M,4] boxes2", kernel=kernel)
         return fn
 
     return deco

@@ -9,27 +9,30 @@ import math
 import torch
 from torch import Tensor
 
+from . import fused as K
 from ._utils import per_sample_sum
+from .fastpath import CoordKernel
 from .registry import Param, register_loss
 
 
 FAST_RCNN = "Girshick, Fast R-CNN, ICCV 2015 (per-sample sum over coordinates)"
 
 
-@register_loss("l1", kind="regression", inputs="regression", reference=FAST_RCNN)
+@register_loss("l1", kind="regression", inputs="regression", reference=FAST_RCNN, kernel=CoordKernel(K.L1))
 def l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     """L1 = sum |z|. Gradient sign(z) (0 at z = 0)."""
     return per_sample_sum((pred - target).abs())
 
 
-@register_loss("l2", kind="regression", inputs="regression", reference=FAST_RCNN)
+@register_loss("l2", kind="regression", inputs="regression", reference=FAST_RCNN, kernel=CoordKernel(K.L2))
 def l2_loss(pred: Tensor, target: Tensor) -> Tensor:
     """L2 = sum z^2 / 2. Gradient z."""
     z = pred - target
     return per_sample_sum(0.5 * z * z)
 
 
-@register_loss("mse", kind="regression", inputs="regression", reference="squared error; torch.nn.MSELoss")
+@register_loss("mse", kind="regression", inputs="regression", reference="squared error; torch.nn.MSELoss",
+               kernel=CoordKernel(K.MSE))
 def mse_loss(pred: Tensor, target: Tensor) -> Tensor:
     """MSE = sum z^2 per sample (reduction 'mean' then averages samples, not elements)."""
     z = pred - target
@@ -37,6 +40,7 @@ def mse_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 @register_loss("smooth_l1", kind="regression", inputs="regression", reference=FAST_RCNN + "; fvcore smooth_l1_loss",
+               kernel=CoordKernel(K.SMOOTH_L1, beta="beta"),
                params=(Param("beta", 1.0, "where the quadratic part hands over to the linear part; < 1e-5 is L1",
                              min=0.0, max=1e6),))
 def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float = 1.0) -> Tensor:
@@ -50,6 +54,7 @@ def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float = 1.0) -> Tensor:
 
 
 @register_loss("huber", kind="regression", inputs="regression", reference="Huber, 1964; torch.nn.HuberLoss",
+               kernel=CoordKernel(K.HUBER, beta="delta"),
                params=(Param("delta", 1.0, "where the quadratic part hands over to the linear part", min=0.0,
                              min_exclusive=True, max=1e6),))
 def huber_loss(pred: Tensor, target: Tensor, delta: float = 1.0) -> Tensor:

@@ -73,9 +73,12 @@ def catalog_entry(entry: dict) -> pb.CatalogEntry:
             info.min = p["min"]
         if p["max"] is not None:
             info.max = p["max"]
+        exclusive = p.get("exclusive") or {}
+        info.min_exclusive, info.max_exclusive = bool(exclusive.get("min")), bool(exclusive.get("max"))
         params.append(info)
     return pb.CatalogEntry(name=entry["name"], kind=entry["kind"], summary=entry["summary"], doc=entry["doc"],
-                           reference=entry["reference"], pred=entry["pred"], target=entry["target"], params=params)
+                           reference=entry["reference"], pred=entry["pred"], target=entry["target"], params=params,
+                           weighted_mean=bool(entry.get("weighted_mean", False)))
 
 
 class LossServicer(pb_grpc.LossServiceServicer):

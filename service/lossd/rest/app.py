@@ -19,7 +19,7 @@ from ..bodyparse import BigJsonParser
 from ..engine import Engine
 from ..service import Observability, Service
 from ..settings import Settings
-from . import docs, errors, losses, metrics, oip
+from . import docs, errors, losses, metrics, oip, playground
 from .deps import require_api_key
 from .limits import BodyLimitMiddleware
 
@@ -101,6 +101,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
     app.include_router(metrics.router, dependencies=guarded)
     app.include_router(oip.router)
     app.include_router(oip.keyed)
+    app.include_router(playground.router)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:

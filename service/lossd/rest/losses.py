@@ -57,6 +57,8 @@ class LossInfo(BaseModel):
     pred: str
     target: str
     params: dict[str, ParamInfo]
+    weighted_mean: bool = Field(False, description="'mean' divides by summed per-sample weights (class weights, "
+                                "ignored rows), not by N")
 
 
 class Catalog(BaseModel):

@@ -185,7 +185,7 @@ class ListLossesResponse(_message.Message):
     def __init__(self, losses: _Optional[_Iterable[_Union[CatalogEntry, _Mapping]]] = ..., metrics: _Optional[_Iterable[_Union[CatalogEntry, _Mapping]]] = ...) -> None: ...
 
 class CatalogEntry(_message.Message):
-    __slots__ = ("name", "kind", "summary", "doc", "reference", "pred", "target", "params")
+    __slots__ = ("name", "kind", "summary", "doc", "reference", "pred", "target", "params", "weighted_mean")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,7 @@ class CatalogEntry(_message.Message):
     PRED_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_MEAN_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     summary: str
@@ -202,10 +203,11 @@ class CatalogEntry(_message.Message):
     pred: str
     target: str
     params: _containers.RepeatedCompositeFieldContainer[ParamInfo]
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., summary: _Optional[str] = ..., doc: _Optional[str] = ..., reference: _Optional[str] = ..., pred: _Optional[str] = ..., target: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamInfo, _Mapping]]] = ...) -> None: ...
+    weighted_mean: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., summary: _Optional[str] = ..., doc: _Optional[str] = ..., reference: _Optional[str] = ..., pred: _Optional[str] = ..., target: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamInfo, _Mapping]]] = ..., weighted_mean: bool = ...) -> None: ...
 
 class ParamInfo(_message.Message):
-    __slots__ = ("name", "type", "default_value", "min", "max", "choices", "doc")
+    __slots__ = ("name", "type", "default_value", "min", "max", "choices", "doc", "min_exclusive", "max_exclusive")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +215,8 @@ class ParamInfo(_message.Message):
     MAX_FIELD_NUMBER: _ClassVar[int]
     CHOICES_FIELD_NUMBER: _ClassVar[int]
     DOC_FIELD_NUMBER: _ClassVar[int]
+    MIN_EXCLUSIVE_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXCLUSIVE_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
     default_value: ParamValue
@@ -220,4 +224,6 @@ class ParamInfo(_message.Message):
     max: float
     choices: _containers.RepeatedScalarFieldContainer[str]
     doc: str
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default_value: _Optional[_Union[ParamValue, _Mapping]] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., choices: _Optional[_Iterable[str]] = ..., doc: _Optional[str] = ...) -> None: ...
+    min_exclusive: bool
+    max_exclusive: bool
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default_value: _Optional[_Union[ParamValue, _Mapping]] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., choices: _Optional[_Iterable[str]] = ..., doc: _Optional[str] = ..., min_exclusive: bool = ..., max_exclusive: bool = ...) -> None: ...

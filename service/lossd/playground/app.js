@@ -1,0 +1,343 @@
+// lossd playground: two boxes on a canvas, every value from the lossd REST API (/v1) as they move.
+// Plain browser JavaScript, no dependencies: the calls below are the ones an annotation tool would make.
+"use strict";
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const canvas = $("stage");
+  const ctx = canvas.getContext("2d");
+  const INITIAL = { pred: [110, 120, 250, 230], target: [300, 190, 450, 330] }; // xyxy, canvas pixels
+  const EDGE = 7; // px: how close to an edge a press grabs it
+  const MIN = 4; // px: smallest width/height a drag leaves
+  const state = {
+    pred: INITIAL.pred.slice(), target: INITIAL.target.slice(),
+    losses: {}, metrics: [], values: {}, loss: null, grad: null, gradXyxy: null, arrows: [], arrowScale: null,
+    error: "", updates: 0, busy: false, queued: false, descending: false, trail: [], lastRequest: null,
+  };
+  window.lossdPlayground = state; // for the curious (and the browser test)
+
+  // ------------------------------------------------------------------------------------------- boxes
+  const fmt = {
+    xyxy: (b) => b.slice(),
+    xywh: (b) => [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+    cxcywh: (b) => [(b[0] + b[2]) / 2, (b[1] + b[3]) / 2, b[2] - b[0], b[3] - b[1]],
+  };
+  const fromCxcywh = (c) => [c[0] - c[2] / 2, c[1] - c[3] / 2, c[0] + c[2] / 2, c[1] + c[3] / 2];
+  // d loss / d (x1, y1, x2, y2) from the gradient in another format (chain rule of that format's definition)
+  const gradToXyxy = {
+    xyxy: (g) => g.slice(),
+    xywh: (g) => [g[0] - g[2], g[1] - g[3], g[2], g[3]],
+    cxcywh: (g) => [g[0] / 2 - g[2], g[1] / 2 - g[3], g[0] / 2 + g[2], g[1] / 2 + g[3]],
+  };
+  const round = (v) => Math.round(v * 1000) / 1000;
+  const num = (v) => (typeof v === "number" ? (Math.abs(v) >= 1e-3 || v === 0 ? v.toFixed(4) : v.toExponential(3)) : String(v));
+
+  // ------------------------------------------------------------------------------------------- the API
+  function apiBase() {
+    return $("api").value.trim().replace(/\/+$/, "");
+  }
+  async function api(path, body) {
+    const headers = { "content-type": "application/json" };
+    const key = $("api-key").value;
+    if (key) headers["x-api-key"] = key;
+    const resp = await fetch(apiBase() + path, body === undefined ? { headers } :
+      { method: "POST", headers, body: JSON.stringify(body) });
+    let data = null;
+    try { data = await resp.json(); } catch (e) { data = null; }
+    if (!resp.ok) {
+      const err = data && data.error;
+      const message = err && typeof err === "object" ? err.message : (err || `HTTP ${resp.status}`);
+      throw new Error(message);
+    }
+    return data;
+  }
+
+  function lossName() { return $("loss").value; }
+
+  // the parameter form: one input per catalog parameter; what the user types is sent as typed (numbers parsed),
+  // so the server's own message explains a bad value
+  function buildForm() {
+    const form = $("params");
+    form.replaceChildren();
+    const info = state.losses[lossName()];
+    if (!info) return;
+    $("loss-summary").textContent = `${info.summary} (${info.reference})`;
+    for (const [name, p] of Object.entries(info.params)) {
+      const row = document.createElement("div");
+      row.className = "param";
+      const label = document.createElement("label");
+      label.textContent = name + " ";
+      let input;
+      if (p.type === "choice") {
+        input = document.createElement("select");
+        for (const c of p.choices || []) input.add(new Option(c, c, false, c === p.default));
+      } else if (p.type === "bool") {
+        input = document.createElement("input");
+        input.type = "checkbox";
+        input.checked = !!p.default;
+      } else {
+        input = document.createElement("input");
+        input.type = "text";
+        input.value = p.default === null ? "" : String(p.default);
+      }
+      input.name = name;
+      input.dataset.type = p.type;
+      input.dataset.default = JSON.stringify(p.default);
+      input.addEventListener("input", () => update());
+      input.addEventListener("change", () => update());
+      label.appendChild(input);
+      const range = p.min !== null || p.max !== null ? ` [${p.min ?? "-inf"}, ${p.max ?? "inf"}]` : "";
+      const doc = document.createElement("span");
+      doc.className = "doc";
+      doc.textContent = `${p.type}${range}, default ${JSON.stringify(p.default)}: ${p.doc}`;
+      row.append(label, doc);
+      form.appendChild(row);
+    }
+  }
+
+  function params() {
+    const out = {};
+    for (const el of $("params").elements) {
+      let v;
+      if (el.dataset.type === "bool") v = el.checked;
+      else if (el.dataset.type === "choice") v = el.value;
+      else if (el.dataset.type === "floats") {
+        v = el.value.trim() === "" ? null : el.value.split(",").map((s) => (s.trim() !== "" && !isNaN(Number(s)) ? Number(s) : s.trim()));
+      } else {
+        const s = el.value.trim();
+        v = s !== "" && !isNaN(Number(s)) ? Number(s) : s;
+      }
+      if (JSON.stringify(v) !== el.dataset.default) out[el.name] = v;
+    }
+    return out;
+  }
+
+  // ------------------------------------------------------------------------------------------- live values
+  let chain = Promise.resolve();
+  function update() { // coalesces: calls made while one is waiting share it
+    if (state.queued) return chain;
+    state.queued = true;
+    chain = chain.then(async () => { state.queued = false; await refresh(); });
+    return chain;
+  }
+
+  async function refresh() {
+    state.busy = true;
+    const pred = state.pred.slice(), target = state.target.slice();
+    const boxFormat = $("box-format").value;
+    const body = { pred: [fmt[boxFormat](pred).map(round)], target: [fmt[boxFormat](target).map(round)],
+                   box_format: boxFormat, params: params(), return_grad: true };
+    state.lastRequest = { url: `${apiBase()}/v1/losses/${lossName()}`, body };
+    $("request").textContent = `POST ${state.lastRequest.url}\n${JSON.stringify(body)}`;
+    const metricCalls = state.metrics.map((m) => api(`/v1/metrics/${m}`,
+      { boxes1: [pred.map(round)], boxes2: [target.map(round)], box_format: "xyxy" }));
+    const [lossResult, ...metricResults] = await Promise.allSettled([api(`/v1/losses/${lossName()}`, body), ...metricCalls]);
+    const errors = [];
+    state.metrics.forEach((m, i) => {
+      const r = metricResults[i];
+      if (r.status === "fulfilled") state.values[m] = r.value.values[0];
+      else { state.values[m] = null; errors.push(`${m}: ${r.reason.message}`); }
+    });
+    if (lossResult.status === "fulfilled") {
+      state.loss = lossResult.value.loss[0];
+      state.grad = lossResult.value.grad[0];
+      state.gradXyxy = gradToXyxy[boxFormat](state.grad);
+    } else {
+      state.loss = null; state.grad = null; state.gradXyxy = null;
+      errors.unshift(lossResult.reason.message);
+    }
+    state.error = errors.join("\n");
+    $("error").textContent = state.error;
+    show(boxFormat);
+    state.updates += 1;
+    state.busy = false;
+    draw();
+  }
+
+  function show(boxFormat) {
+    $("loss-value").textContent = state.loss === null ? "–" : num(state.loss);
+    $("grad-value").textContent = state.grad === null ? "–" :
+      `[${state.grad.map(num).join(", ")}] (d loss / d ${boxFormat})`;
+    const rows = state.metrics.map((m) => `<tr><th>${m}</th><td id="metric-${m}">${state.values[m] === null ? "–" : num(state.values[m])}</td></tr>`);
+    $("metrics").innerHTML = rows.join("");
+    $("formats").innerHTML = ["xyxy", "xywh", "cxcywh"].map((f) =>
+      `<tr><th>${f}</th><td>pred ${JSON.stringify(fmt[f](state.pred).map(round))}<br>target ${JSON.stringify(fmt[f](state.target).map(round))}</td></tr>`).join("");
+  }
+
+  // ------------------------------------------------------------------------------------------- drawing
+  function draw() {
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    if ($("trail").checked) {
+      ctx.strokeStyle = "rgba(30, 90, 200, 0.25)";
+      ctx.lineWidth = 1;
+      for (const b of state.trail) ctx.strokeRect(b[0], b[1], b[2] - b[0], b[3] - b[1]);
+    }
+    box(state.target, "rgba(20, 150, 60, 0.18)", "#149640", "target");
+    box(state.pred, "rgba(30, 90, 200, 0.18)", "#1e5ac8", "pred");
+    arrows();
+  }
+
+  function box(b, fill, stroke, label) {
+    ctx.fillStyle = fill;
+    ctx.fillRect(b[0], b[1], b[2] - b[0], b[3] - b[1]);
+    ctx.strokeStyle = stroke;
+    ctx.lineWidth = 2;
+    ctx.strokeRect(b[0], b[1], b[2] - b[0], b[3] - b[1]);
+    ctx.fillStyle = stroke;
+    ctx.font = "12px system-ui, sans-serif";
+    ctx.fillText(label, b[0] + 3, b[1] - 4);
+  }
+
+  // the descent direction (-gradient) of each of the prediction's sides, at the side's middle; the longest
+  // arrow is 60 px, the others in proportion
+  function arrows() {
+    state.arrows = [];
+    const g = state.gradXyxy;
+    if (!g) return;
+    const d = g.map((v) => -v);
+    const biggest = Math.max(...d.map(Math.abs));
+    if (!(biggest > 1e-12)) return;
+    const k = 60 / biggest;
+    state.arrowScale = k;
+    const [x1, y1, x2, y2] = state.pred, mx = (x1 + x2) / 2, my = (y1 + y2) / 2;
+    const spec = [["left", x1, my, d[0] * k, 0], ["top", mx, y1, 0, d[1] * k],
+                  ["right", x2, my, d[2] * k, 0], ["bottom", mx, y2, 0, d[3] * k]];
+    ctx.strokeStyle = ctx.fillStyle = "#d0021b";
+    ctx.lineWidth = 2;
+    for (const [edge, x, y, dx, dy] of spec) {
+      state.arrows.push({ edge, x0: x, y0: y, x1: x + dx, y1: y + dy });
+      const len = Math.hypot(dx, dy);
+      if (len < 1) continue;
+      ctx.beginPath(); ctx.moveTo(x, y); ctx.lineTo(x + dx, y + dy); ctx.stroke();
+      const ux = dx / len, uy = dy / len, h = Math.min(8, len / 2);
+      ctx.beginPath();
+      ctx.moveTo(x + dx, y + dy);
+      ctx.lineTo(x + dx - h * ux - h * 0.5 * uy, y + dy - h * uy + h * 0.5 * ux);
+      ctx.lineTo(x + dx - h * ux + h * 0.5 * uy, y + dy - h * uy - h * 0.5 * ux);
+      ctx.closePath(); ctx.fill();
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------- the mouse
+  let drag = null;
+  function pos(ev) {
+    const r = canvas.getBoundingClientRect();
+    return [(ev.clientX - r.left) * canvas.width / r.width, (ev.clientY - r.top) * canvas.height / r.height];
+  }
+  function grab(x, y) {
+    for (const which of ["pred", "target"]) {
+      const [x1, y1, x2, y2] = state[which];
+      const inY = y > y1 - EDGE && y < y2 + EDGE, inX = x > x1 - EDGE && x < x2 + EDGE;
+      const edges = { left: inY && Math.abs(x - x1) < EDGE, right: inY && Math.abs(x - x2) < EDGE,
+                      top: inX && Math.abs(y - y1) < EDGE, bottom: inX && Math.abs(y - y2) < EDGE };
+      if (Object.values(edges).some(Boolean)) return { which, edges };
+      if (x > x1 && x < x2 && y > y1 && y < y2) return { which, edges: null };
+    }
+    return null;
+  }
+  function cursorFor(g) {
+    if (!g) return "default";
+    if (!g.edges) return "move";
+    const { left, right, top, bottom } = g.edges;
+    if ((left && top) || (right && bottom)) return "nwse-resize";
+    if ((right && top) || (left && bottom)) return "nesw-resize";
+    return left || right ? "ew-resize" : "ns-resize";
+  }
+  canvas.addEventListener("pointerdown", (ev) => {
+    const [x, y] = pos(ev);
+    const g = grab(x, y);
+    if (!g) return;
+    stopDescent();
+    drag = { ...g, x, y, start: state[g.which].slice() };
+    canvas.setPointerCapture(ev.pointerId);
+  });
+  canvas.addEventListener("pointermove", (ev) => {
+    const [x, y] = pos(ev);
+    if (!drag) { canvas.style.cursor = cursorFor(grab(x, y)); return; }
+    const dx = x - drag.x, dy = y - drag.y, s = drag.start, b = s.slice();
+    if (!drag.edges) { b[0] += dx; b[2] += dx; b[1] += dy; b[3] += dy; }
+    else {
+      if (drag.edges.left) b[0] = Math.min(s[0] + dx, s[2] - MIN);
+      if (drag.edges.right) b[2] = Math.max(s[2] + dx, s[0] + MIN);
+      if (drag.edges.top) b[1] = Math.min(s[1] + dy, s[3] - MIN);
+      if (drag.edges.bottom) b[3] = Math.max(s[3] + dy, s[1] + MIN);
+    }
+    state[drag.which] = b;
+    state.trail = [];
+    draw();
+    update();
+  });
+  const endDrag = () => { drag = null; };
+  canvas.addEventListener("pointerup", endDrag);
+  canvas.addEventListener("pointercancel", endDrag);
+
+  // ------------------------------------------------------------------------------------------- descent
+  // The DIoU paper's step on (x, y, w, h): box -= lr * (2 - IoU) * gradient, with the boxes measured in units
+  // of the target's size (target area 1, as in the paper), so lr means the same for every box size.
+  function stopDescent() { state.descending = false; }
+  async function descend() {
+    if (state.descending) return;
+    state.descending = true;
+    $("descend").disabled = true; $("stop").disabled = false;
+    state.trail = [state.pred.slice()];
+    const lr = Number($("lr").value), steps = Math.max(1, Math.floor(Number($("steps").value) || 1));
+    const name = lossName(), p = params();
+    try {
+      for (let i = 1; i <= steps && state.descending; i++) {
+        const t = state.target, size = Math.sqrt((t[2] - t[0]) * (t[3] - t[1]));
+        const pred = fmt.cxcywh(state.pred).map((v) => v / size), target = fmt.cxcywh(t).map((v) => v / size);
+        const [res, iou] = await Promise.all([
+          api(`/v1/losses/${name}`, { pred: [pred], target: [target], box_format: "cxcywh", params: p, return_grad: true }),
+          api("/v1/metrics/iou", { boxes1: [pred], boxes2: [target], box_format: "cxcywh" })]);
+        const f = lr * (2 - iou.values[0]), g = res.grad[0];
+        const next = pred.map((v, k) => v - f * g[k]);
+        next[2] = Math.max(next[2], 1e-3); next[3] = Math.max(next[3], 1e-3);
+        state.pred = fromCxcywh(next.map((v) => v * size));
+        if (i % 3 === 0) state.trail.push(state.pred.slice());
+        $("descent-status").textContent = `step ${i}/${steps}: IoU ${num(iou.values[0])}, loss ${num(res.loss[0])}`;
+        await update();
+      }
+    } catch (e) {
+      $("error").textContent = e.message;
+      state.error = e.message;
+    } finally {
+      state.descending = false;
+      $("descend").disabled = false; $("stop").disabled = true;
+      draw();
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------- start
+  async function start() {
+    const q = new URLSearchParams(location.search);
+    if (q.get("api")) $("api").value = q.get("api");
+    try {
+      const [losses, metrics] = await Promise.all([api("/v1/losses"), api("/v1/metrics")]);
+      for (const l of losses.losses) {
+        if ((l.kind === "box" && l.pred.startsWith("[N,4]")) || l.kind === "regression") state.losses[l.name] = l;
+      }
+      state.metrics = metrics.metrics.map((m) => m.name);
+      const select = $("loss");
+      for (const name of Object.keys(state.losses)) select.add(new Option(name, name, false, name === (q.get("loss") || "ciou")));
+      buildForm();
+    } catch (e) {
+      $("error").textContent = `cannot reach the lossd API: ${e.message}`;
+      state.error = e.message;
+    }
+    draw();
+    await update();
+    state.ready = true;
+  }
+  $("loss").addEventListener("change", () => { buildForm(); update(); });
+  $("box-format").addEventListener("change", () => update());
+  $("trail").addEventListener("change", draw);
+  $("key-form").addEventListener("submit", (ev) => { ev.preventDefault(); update(); });
+  $("params").addEventListener("submit", (ev) => { ev.preventDefault(); update(); });
+  $("descend").addEventListener("click", descend);
+  $("stop").addEventListener("click", stopDescent);
+  $("reset").addEventListener("click", () => {
+    stopDescent(); state.pred = INITIAL.pred.slice(); state.target = INITIAL.target.slice(); state.trail = [];
+    draw(); update();
+  });
+  $("api").addEventListener("change", () => location.replace(`?api=${encodeURIComponent($("api").value)}`));
+  start();
+})();

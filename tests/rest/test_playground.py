@@ -1,0 +1,194 @@
+"""GET /playground in a real headless browser (Debian's chromium driven by Playwright), against a real server.
+
+The page's values are checked against the REST API called directly: the shown CIoU after a drag, the arrows'
+directions against the gradient's signs, the descent's IoU, and the server's own error message for a bad
+parameter."""
+
+import os
+
+import httpx
+import pytest
+
+from tests.conftest import start_server
+
+CHROMIUM = os.environ.get("LOSSD_TEST_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run"]
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # pragma: no cover - depends on the machine
+    sync_playwright = None
+
+NEEDS_PLAYWRIGHT = pytest.mark.skipif(sync_playwright is None, reason="the playwright Python package is not "
+                                      "installed (pip install playwright; no browser download needed, Debian's "
+                                      "chromium is used)")
+NEEDS_CHROMIUM = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no chromium at {CHROMIUM} (apt-get "
+                                    "install chromium, or set LOSSD_TEST_CHROMIUM)")
+
+
+def in_browser(test):
+    return NEEDS_PLAYWRIGHT(NEEDS_CHROMIUM(test))
+# predicates as functions: a bare expression string would be eval()ed in the page, which its CSP forbids
+READY_EXPR = ("window.lossdPlayground && window.lossdPlayground.ready && !window.lossdPlayground.busy && "
+              "!window.lossdPlayground.queued")
+READY = f"() => {READY_EXPR}"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, live_server):
+    pg = browser.new_page(viewport={"width": 1300, "height": 950})
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(f"{live_server.http_url}/playground")
+    pg.wait_for_function(READY, timeout=30_000)
+    yield pg
+    pg.close()
+    assert not errors, errors
+
+
+def state(pg) -> dict:
+    return pg.evaluate("(({pred, target, values, loss, gradXyxy, arrows, error, updates}) => "
+                       "({pred, target, values, loss, gradXyxy, arrows, error, updates}))(window.lossdPlayground)")
+
+
+def settle(pg, after: int) -> dict:
+    """Wait until the page has finished an update started after update number `after`."""
+    pg.wait_for_function(f"() => {READY_EXPR} && window.lossdPlayground.updates > {after}", timeout=20_000)
+    return state(pg)
+
+
+def canvas_point(pg, x: float, y: float) -> tuple[float, float]:
+    box = pg.locator("#stage").bounding_box()
+    return box["x"] + x * box["width"] / 640, box["y"] + y * box["height"] / 480
+
+
+def drag(pg, start: tuple[float, float], end: tuple[float, float]) -> None:
+    pg.mouse.move(*canvas_point(pg, *start))
+    pg.mouse.down()
+    for f in (0.33, 0.66, 1.0):
+        pg.mouse.move(*canvas_point(pg, start[0] + f * (end[0] - start[0]), start[1] + f * (end[1] - start[1])))
+    pg.mouse.up()
+
+
+def api_metric(url: str, name: str, pred, target) -> float:
+    resp = httpx.post(f"{url}/v1/metrics/{name}", json={"boxes1": [pred], "boxes2": [target]})
+    assert resp.status_code == 200, resp.text
+    return resp.json()["values"][0]
+
+
+def test_page_is_served_from_the_package(live_server):
+    resp = httpx.get(f"{live_server.http_url}/playground")
+    assert resp.status_code == 200 and "text/html" in resp.headers["content-type"]
+    assert "default-src 'self'" in resp.headers["content-security-policy"]
+    for ref in ("playground/app.js", "playground/playground.css"):
+        assert ref in resp.text
+        assert httpx.get(f"{live_server.http_url}/{ref}").status_code == 200
+    # nothing from elsewhere: the page works offline
+    assert "http://" not in resp.text and "https://" not in resp.text
+    assert httpx.get(f"{live_server.http_url}/playground/..%2Fsettings.py").status_code == 404
+
+
+@in_browser
+def test_drag_moves_the_box_and_shows_the_apis_ciou(page, live_server):
+    before = state(page)
+    x1, y1, x2, y2 = before["pred"]
+    drag(page, ((x1 + x2) / 2, (y1 + y2) / 2), ((x1 + x2) / 2 + 90, (y1 + y2) / 2 + 50))
+    after = settle(page, before["updates"])
+    assert after["pred"] == pytest.approx([x1 + 90, y1 + 50, x2 + 90, y2 + 50], abs=1.5)
+    expected = api_metric(live_server.http_url, "ciou", after["pred"], after["target"])
+    assert after["values"]["ciou"] == pytest.approx(expected, abs=1e-6)
+    assert after["values"]["ciou"] != pytest.approx(before["values"]["ciou"], abs=1e-3)
+    shown = float(page.locator("#metric-ciou").inner_text())
+    assert shown == pytest.approx(expected, abs=1e-4)
+    # resize by the right edge
+    x1, y1, x2, y2 = after["pred"]
+    drag(page, (x2, (y1 + y2) / 2), (x2 + 40, (y1 + y2) / 2))
+    resized = settle(page, after["updates"])
+    assert resized["pred"][2] == pytest.approx(x2 + 40, abs=1.5) and resized["pred"][0] == pytest.approx(x1)
+    assert resized["values"]["iou"] == pytest.approx(
+        api_metric(live_server.http_url, "iou", resized["pred"], resized["target"]), abs=1e-6)
+
+
+@in_browser
+@pytest.mark.parametrize("box_format", ["xyxy", "cxcywh"])
+def test_arrows_point_down_the_gradient(page, live_server, box_format):
+    s = state(page)
+    page.select_option("#box-format", box_format)
+    s = settle(page, s["updates"])
+    resp = httpx.post(f"{live_server.http_url}/v1/losses/ciou", json={"pred": [s["pred"]], "target": [s["target"]],
+                                                                      "box_format": "xyxy"})
+    grad = resp.json()["grad"][0]  # d loss / d (x1, y1, x2, y2), asked in xyxy whatever the page sends
+    assert s["gradXyxy"] == pytest.approx(grad, rel=1e-3, abs=1e-7)
+    arrows = {a["edge"]: a for a in s["arrows"]}
+    biggest = max(abs(g) for g in grad)
+    for edge, k, axis in (("left", 0, "x"), ("top", 1, "y"), ("right", 2, "x"), ("bottom", 3, "y")):
+        a = arrows[edge]
+        along = a[f"{axis}1"] - a[f"{axis}0"]
+        across = a["y1" if axis == "x" else "x1"] - a["y0" if axis == "x" else "x0"]
+        assert across == 0
+        assert along == pytest.approx(-grad[k] / biggest * 60, abs=0.5)  # descent, longest arrow 60 px
+        if abs(grad[k]) > 0.05 * biggest:
+            assert (along > 0) == (grad[k] < 0), (edge, grad)
+
+
+@in_browser
+def test_descend_raises_the_iou(page, live_server):
+    before = state(page)["updates"]
+    page.select_option("#loss", "diou")
+    s = settle(page, before)
+    iou0 = s["values"]["iou"]
+    page.fill("#steps", "40")
+    page.click("#descend")
+    page.wait_for_function("() => window.lossdPlayground.descending === false && "
+                           "document.getElementById('descent-status').textContent.startsWith('step 40/40')",
+                           timeout=45_000)
+    end = settle(page, -1)
+    assert not end["error"]
+    iou1 = api_metric(live_server.http_url, "iou", end["pred"], end["target"])
+    assert end["values"]["iou"] == pytest.approx(iou1, abs=1e-4)  # the page sends boxes rounded to 0.001 px
+    assert iou1 > iou0 + 0.3, (iou0, iou1)
+
+
+@in_browser
+def test_a_bad_parameter_shows_the_servers_message(page, live_server):
+    s = state(page)
+    page.fill("#params input[name=eps]", "-1")
+    s = settle(page, s["updates"])
+    resp = httpx.post(f"{live_server.http_url}/v1/losses/ciou", json={"pred": [s["pred"]], "target": [s["target"]],
+                                                                      "params": {"eps": -1}})
+    message = resp.json()["error"]["message"]
+    assert resp.status_code == 422 and "eps" in message
+    assert message in page.locator("#error").inner_text()
+    assert s["loss"] is None and page.locator("#loss-value").inner_text() == "–"
+    # the IoU-family values still come (they do not take the loss's parameters)
+    assert s["values"]["iou"] is not None
+    page.fill("#params input[name=eps]", "1e-7")
+    s = settle(page, s["updates"])
+    assert s["error"] == "" and s["loss"] is not None
+
+
+@in_browser
+def test_cross_origin_api(browser, live_server):
+    """The page from one server calling another lossd that allows its origin (LOSSD_CORS_ORIGINS)."""
+    other = start_server({"LOSSD_CORS_ORIGINS": f'["{live_server.http_url}"]'})
+    try:
+        pg = browser.new_page()
+        pg.goto(f"{live_server.http_url}/playground?api={other.http_url}")
+        pg.wait_for_function(READY, timeout=30_000)
+        s = state(pg)
+        assert not s["error"] and s["loss"] is not None
+        assert s["values"]["ciou"] == pytest.approx(api_metric(other.http_url, "ciou", s["pred"], s["target"]),
+                                                    abs=1e-6)
+        pg.close()
+    finally:
+        other.proc.terminate()
+        other.proc.wait(timeout=30)
