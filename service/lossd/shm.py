@@ -33,6 +33,10 @@ KEY = re.compile(r"/?[A-Za-z0-9_.\-]{1,200}")
 PARAMS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
 
 
+def _path(key: str) -> str:
+    return os.path.join(SHM_DIR, key.lstrip("/"))
+
+
 def is_local(host: str | None) -> bool:
     """Whether a peer address is on this host: loopback, or a unix socket (no address)."""
     if not host:
@@ -60,6 +64,7 @@ class Region:
     offset: int
     byte_size: int
     mm: mmap.mmap
+    inode: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the object mapped
     users: int = 0
     registered: bool = True
 
@@ -108,17 +113,32 @@ class SharedMemory:
                 raise ServiceError(f"shared-memory region {quote(name)} is already registered; unregister it "
                                    "first", field="name")
             if len(self.regions) >= self.max_regions:
+                self._evict_stale()
+            if len(self.regions) >= self.max_regions:
                 raise ServiceError(f"this server holds at most {self.max_regions} shared-memory regions "
                                    "(LOSSD_MAX_SHM_REGIONS); unregister one first", "too_many_regions",
                                    field="name")
-            mm = self._map(key, offset, byte_size)
-            self.regions[name] = Region(name, key, offset, byte_size, mm)
+            mm, inode = self._map(key, offset, byte_size)
+            self.regions[name] = Region(name, key, offset, byte_size, mm, inode)
+
+    def _evict_stale(self) -> None:
+        """Drop regions whose shared-memory object is gone (removed by its owner, e.g. a client that exited
+        without unregistering): they could never be used again, and they would hold the limit forever."""
+        for name, region in list(self.regions.items()):
+            try:
+                info = os.stat(_path(region.key), follow_symlinks=False)
+                alive = (info.st_dev, info.st_ino) == region.inode
+            except OSError:
+                alive = False
+            if not alive and region.users == 0:
+                del self.regions[name]
+                region.registered = False
+                region.close()
 
     @staticmethod
-    def _map(key: str, offset: int, byte_size: int) -> mmap.mmap:
-        path = os.path.join(SHM_DIR, key.lstrip("/"))
+    def _map(key: str, offset: int, byte_size: int) -> tuple[mmap.mmap, tuple[int, int]]:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(_path(key), os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
             raise ServiceError(f"cannot open shared-memory key {quote(key)}: {exc.strerror}", field="key") from None
         try:
@@ -129,7 +149,8 @@ class SharedMemory:
                 raise ServiceError(f"region offset {offset} + byte_size {byte_size} runs past the end of "
                                    f"shared-memory key {quote(key)} ({info.st_size} bytes)", field="byte_size")
             # mmap's own offset must be page aligned: map from the start and slice
-            return mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            return mm, (info.st_dev, info.st_ino)
         finally:
             os.close(fd)
 

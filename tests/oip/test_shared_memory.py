@@ -470,3 +470,32 @@ def test_grpc_shared_memory_rpcs_need_a_key_when_keys_are_on():
     for method in ("SystemSharedMemoryRegister", "SystemSharedMemoryUnregister", "SystemSharedMemoryStatus",
                    "ModelInfer"):
         assert not (OIP_SERVICE + method).startswith(ApiKeyInterceptor.OPEN), method
+
+
+def test_regions_whose_object_is_gone_do_not_hold_the_limit():
+    """A client that exits without unregistering leaves a region whose shared-memory object its owner removed:
+    when the table is full, such regions make room (live ones never do)."""
+    from lossd.shm import SharedMemory
+
+    table = SharedMemory(2)
+    keep = shared_memory.SharedMemory("lossd_test_" + uuid.uuid4().hex[:12], create=True, size=64)
+    gone = shared_memory.SharedMemory("lossd_test_" + uuid.uuid4().hex[:12], create=True, size=64)
+    new = shared_memory.SharedMemory("lossd_test_" + uuid.uuid4().hex[:12], create=True, size=64)
+    try:
+        table.register("keep", keep.name, 0, 64)
+        table.register("gone", gone.name, 0, 64)
+        with pytest.raises(ServiceError) as err:
+            table.register("new", new.name, 0, 64)
+        assert err.value.code == "too_many_regions"
+        gone.close()
+        gone.unlink()
+        table.register("new", new.name, 0, 64)
+        assert sorted(r["name"] for r in table.status()) == ["keep", "new"]
+        with pytest.raises(ServiceError) as err:  # live regions are never evicted
+            table.register("more", new.name, 0, 64)
+        assert err.value.code == "too_many_regions"
+    finally:
+        table.close()
+        for m in (keep, new):
+            m.close()
+            m.unlink()
