@@ -49,7 +49,8 @@ TRITON = textwrap.dedent("""
     import tritonclient.http as th
     import tritonclient.utils.shared_memory as shm
 
-    http_url, grpc_target, sizes, budget, pid = sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+    http_url, grpc_target, sizes = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    budget, pid = float(sys.argv[5]), int(sys.argv[6])
     out = {}
     for n in sizes:
         p, t = run.boxes(n, 7)

@@ -170,7 +170,10 @@ class ShmPath:
                 self._refused(exc)
                 return None
             tensors, params = self._write(call, layout)
-            answer = self.endpoint.shm_infer(call.name, self.name, tensors, outputs, params)
+            try:
+                answer = self.endpoint.shm_infer(call.name, self.name, tensors, outputs, params)
+            except RETRYABLE:
+                return None  # overloaded or unavailable: the wire path retries with backoff and failover
             return self._read(call, answer, outputs)
 
 
@@ -211,7 +214,10 @@ class AsyncShmPath(ShmPath):
                 self._refused(exc)
                 return None
             tensors, params = self._write(call, layout)
-            answer = await self.endpoint.shm_infer(call.name, self.name, tensors, outputs, params)
+            try:
+                answer = await self.endpoint.shm_infer(call.name, self.name, tensors, outputs, params)
+            except RETRYABLE:
+                return None
             return self._read(call, answer, outputs)
 
 
