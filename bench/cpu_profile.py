@@ -246,7 +246,7 @@ def profile_all(seconds: float, tmp: Path) -> dict:
 
     from lossd.engine import Engine
     from lossd_client import LossClient
-    from lossd_client._client import DEFAULT_MAX_REQUEST_BYTES, MAX_IN_FLIGHT
+    from lossd_client import DEFAULT_MAX_REQUEST_BYTES, MAX_IN_FLIGHT
 
     me = os.getpid()
     p, t = run.boxes(N, 7)

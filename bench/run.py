@@ -285,7 +285,7 @@ def bench_grpc_floor(quick: bool) -> dict:
 
     import grpc
 
-    from lossd_client._client import DEFAULT_MAX_REQUEST_BYTES, MAX_IN_FLIGHT
+    from lossd_client import DEFAULT_MAX_REQUEST_BYTES, MAX_IN_FLIGHT
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--echo-server", str(port)])

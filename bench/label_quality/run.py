@@ -354,10 +354,8 @@ def pooled(results: list[dict]) -> dict:
     return out
 
 
-def job_wall(ds: dict) -> float:
-    """`lossd quality` end to end on COCO files (read, calibrate, score, write every output and the report)."""
-    from lossd.quality import run
-
+def write_coco(ds: dict, folder: Path) -> tuple[Path, Path]:
+    """The dataset's labels and predictions as COCO files (labels.json, predictions.json) in ``folder``."""
     lab, p = ds["labels"], ds["preds"]
     images = [{"id": i, "width": float(w), "height": float(h), "file_name": f"{i:06d}.jpg"}
               for i, (w, h) in enumerate(ds["sizes"])]
@@ -368,10 +366,18 @@ def job_wall(ds: dict) -> float:
     res = [{"image_id": int(i), "category_id": int(c) + 1, "score": float(s),
             "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
            for i, c, s, b in zip(p["image"], p["cls"], p["conf"], p["box"])]
+    lp, rp = folder / "labels.json", folder / "predictions.json"
+    lp.write_text(json.dumps({"images": images, "categories": cats, "annotations": anns}))
+    rp.write_text(json.dumps(res))
+    return lp, rp
+
+
+def job_wall(ds: dict) -> float:
+    """`lossd quality` end to end on COCO files (read, calibrate, score, write every output and the report)."""
+    from lossd.quality import run
+
     with tempfile.TemporaryDirectory() as tmp:
-        lp, rp = Path(tmp) / "labels.json", Path(tmp) / "predictions.json"
-        lp.write_text(json.dumps({"images": images, "categories": cats, "annotations": anns}))
-        rp.write_text(json.dumps(res))
+        lp, rp = write_coco(ds, Path(tmp))
         t0 = time.perf_counter()
         run(lp, rp, Path(tmp) / "out", shard_size=1000, progress=False)
         return time.perf_counter() - t0

@@ -146,16 +146,18 @@ def test_recording_attributes_known_workloads(tmp_path):
     copier = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""\
         import numpy as np, time
         a = np.ones(8 * 2**20); b = np.empty_like(a)
+        print("ready", flush=True)
         t = time.monotonic()
-        while time.monotonic() - t < 4: np.copyto(b, a)
-        """)])
+        while time.monotonic() - t < 6: np.copyto(b, a)
+        """)], stdout=subprocess.PIPE, text=True)
     looper = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""\
         import time
+        print("ready", flush=True)
         t = time.monotonic(); x = 0
-        while time.monotonic() - t < 4: x = (x * 31 + 7) % 1000003
-        """)])
+        while time.monotonic() - t < 6: x = (x * 31 + 7) % 1000003
+        """)], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)  # both are past start-up
+        assert copier.stdout.readline() == "ready\n" and looper.stdout.readline() == "ready\n"  # past start-up
         with prof.Recording(tmp_path / "t.data") as rec:
             t0 = time.monotonic()
             time.sleep(1.5)

@@ -21,7 +21,7 @@ ENVS = {
     "tritonclient": ["tritonclient[all]"],
     "protobuf7": ["protobuf>=7"],
 }
-PURE_TESTS = ["tests/client/test_codec.py", "tests/client/test_bulk.py"]
+PURE_TESTS = ["tests/client/test_wire.py", "tests/client/test_bulk.py"]
 
 opt_in = pytest.mark.skipif(os.environ.get("LOSSD_TEST_ENVS") != "1",
                             reason="installs two virtual environments (minutes); LOSSD_TEST_ENVS=1 runs it")

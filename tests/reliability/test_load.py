@@ -84,7 +84,8 @@ def _synthetic(tmp: Path, images: int) -> tuple[Path, Path]:
     spec = importlib.util.spec_from_file_location("lq_bench", ROOT / "bench" / "label_quality" / "run.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    ds = mod.make_dataset(images, 3, {"shift": 0.05, "drop": 0.05, "flip": 0.05, "spawn": 0.05})
+    rng = mod.np.random.default_rng(3)
+    ds = mod.inject(mod.synthetic_truth(images, rng), rng)
     return mod.write_coco(ds, tmp)
 
 

@@ -24,3 +24,17 @@ def test_start_up_freezes_long_lived_objects(engine, freeze):
                 assert frozen == 0
     finally:
         gc.unfreeze()
+
+
+def test_openapi_documents_the_error_bodies_really_answered(client):
+    spec = client.get("/openapi.json").json()
+    infer = spec["paths"]["/v2/models/{name}/infer"]["post"]["responses"]
+    assert "422" not in infer and "400" in infer  # /v2 answers bad input with 400, as Triton does
+    assert infer["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/OipError")
+    v1 = spec["paths"]["/v1/losses/{name}"]["post"]["responses"]
+    assert v1["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/V1Error")
+    error = spec["components"]["schemas"]["ErrorInfo"]["properties"]
+    assert {"code", "message", "details"} <= set(error)
+    # and the body the route really answers has that shape
+    body = client.post("/v1/losses/ciou", json={"pred": [[1, 0, 0, 1]], "target": [[0, 0, 1, 1]]}).json()
+    assert set(body["error"]) == {"code", "message", "details"} and body["error"]["details"]["rows"] == [0]
