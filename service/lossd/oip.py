@@ -158,10 +158,9 @@ def _tensor(entry: Any, raw: memoryview, offset: int, shm: ShmCall | None = None
         if ref[2] != count * dt.itemsize:
             raise ProtocolError(f"input {name}: shared_memory_byte_size {ref[2]} does not match shape {shape} of "
                                 f"{datatype} ({count * dt.itemsize} bytes)", field=f"inputs.{name}")
-        # a private copy: the client can write to the region at any time, and what is checked (box validity,
-        # class indices in range) must be what the kernels read
+        # a view for now: own_inputs() copies it before anything is checked (see there)
         view = shm.view(ref, f"inputs.{name}")
-        return name, np.frombuffer(view, dtype=dt).reshape(shape).copy(), offset
+        return name, np.frombuffer(view, dtype=dt).reshape(shape), offset
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -213,6 +212,7 @@ class InferCall:
     has_id: bool
     shm: ShmCall | None = None
     shm_outputs: dict = None  # output name -> (region, offset, byte_size)
+    shm_inputs: tuple = ()    # the inputs that are still views of a region
 
 
 def prepare_infer(model: str, req: dict, raw: memoryview, shm: ShmCall | None = None) -> InferCall:
@@ -221,11 +221,14 @@ def prepare_infer(model: str, req: dict, raw: memoryview, shm: ShmCall | None = 
     get_loss(model)
     tensors: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
+    shm_inputs: list[str] = []
     offset = 0
     for entry in req["inputs"]:
         name, arr, offset = _tensor(entry, raw, offset, shm)
         if name in tensors:
             raise bad(f"input {name} given twice")
+        if isinstance(entry.get("parameters"), dict) and "shared_memory_region" in entry["parameters"]:
+            shm_inputs.append(name)
         tensors[name], datatypes[name] = arr, entry["datatype"]
     if offset != len(raw):
         raise bad(f"the binary part holds {len(raw)} bytes but the inputs' binary_data_size add up to {offset}")
@@ -275,7 +278,22 @@ def prepare_infer(model: str, req: dict, raw: memoryview, shm: ShmCall | None = 
         # the id is echoed in the answer: a string, as the protocol says, and short
         raise ProtocolError(f"id must be a string of at most {MAX_ID_CHARS} characters, got {quote(request_id)}",
                             field="id")
-    return InferCall(model, kwargs, wanted, request_id, "id" in req, shm, shm_outputs)
+    return InferCall(model, kwargs, wanted, request_id, "id" in req, shm, shm_outputs, tuple(shm_inputs))
+
+
+KWARG = {"PRED": "pred", "TARGET": "target", "WEIGHTS": "weights"}
+
+
+def shm_input_bytes(call: InferCall) -> int:
+    return sum(call.kwargs[KWARG[n]].nbytes for n in call.shm_inputs)
+
+
+def own_inputs(call: InferCall) -> None:
+    """Copy the inputs read from shared memory into the server's own memory. The client can write to a region
+    at any time; what is checked (box validity, class indices in range) must be what the kernels read."""
+    for name in call.shm_inputs:
+        call.kwargs[KWARG[name]] = call.kwargs[KWARG[name]].copy()
+    call.shm_inputs = ()
 
 
 def finish_infer(call: InferCall, out: Result) -> tuple[dict, list[memoryview]]:

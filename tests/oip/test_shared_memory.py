@@ -327,6 +327,11 @@ def test_unregistered_mid_call_keeps_the_mapping_and_refuses_the_output(engine):
                                                           "shared_memory_byte_size": n * 4}}]}
         with table.call() as call_shm:
             call = oip.prepare_infer("ciou", req, memoryview(b""), shm=call_shm)
+            assert call.shm_inputs == ("PRED", "TARGET") and oip.shm_input_bytes(call) == 2 * n * 16
+            oip.own_inputs(call)
+            # the server's copy: the client writing to the region now changes nothing that is checked or computed
+            np.frombuffer(mem.buf, np.float32)[:4] = -1
+            np.testing.assert_array_equal(call.kwargs["pred"], pred)
             table.unregister("r")
             assert table.status() == []
             region = call_shm.pinned["r"]
