@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ._errors import RETRYABLE, LossdError, NotFoundError, UnavailableError
+from ._shm import AsyncShmPath, ShmPath, is_loopback_url
 from ._transport import ASYNC, SYNC, Call, Exchange, LossResult, _Options, parse_endpoints
 from .wire import wire_array
 
@@ -147,10 +148,13 @@ class _Base:
 
     def __init__(self, url: str | Sequence[str], *, timeout: float = 60.0, retries: int = 3, backoff: float = 0.2,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, api_key: str | None = None,
-                 ca_cert: str | None = None, tls: bool = False) -> None:
+                 ca_cert: str | None = None, tls: bool = False, shared_memory: bool = True) -> None:
         """url: one endpoint, several (a list or a comma-separated string), or ``dns:///host:port`` (gRPC
         round_robin over every address of the name); api_key: sent as x-api-key; ca_cert: a PEM file to trust for
-        https://, grpcs:// and TLS dns:/// targets (a private CA); tls: TLS for dns:/// targets."""
+        https://, grpcs:// and TLS dns:/// targets (a private CA); tls: TLS for dns:/// targets;
+        shared_memory: with one endpoint on this host (a loopback URL), large loss calls pass their tensors
+        through POSIX shared memory instead of the socket (Triton's system shared-memory extension), falling back
+        to the wire when the server cannot share memory with this process."""
         ep = parse_endpoints(url, tls=tls or False)
         self.transport = ep.kind
         self.timeout, self.retries, self.backoff, self.max_request_bytes = timeout, retries, backoff, max_request_bytes
@@ -161,6 +165,14 @@ class _Base:
         self._down: dict[int, float] = {}
         self._weighted: frozenset | None = None
         self._in_flight = MAX_IN_FLIGHT * len(self._endpoints)
+        local = len(ep.targets) == 1 and not ep.targets[0].startswith("dns:") and is_loopback_url(ep.targets[0])
+        path = ShmPath if self._transports is SYNC else AsyncShmPath
+        self._shm = path(self._endpoints[0]) if shared_memory and local else None
+
+    @property
+    def shared_memory_calls(self) -> int:
+        """How many loss calls went through shared memory (0 when the path is off or never taken)."""
+        return self._shm.calls if self._shm is not None else 0
 
     @property
     def endpoints(self) -> list[str]:
@@ -226,6 +238,11 @@ class LossClient(_Base):
              weights: Any = None, params: dict | None = None, return_grad: bool = True) -> LossResult:
         """(loss, grad): per-sample loss [N] (a float when reduced) and d loss / d pred in ``box_format``."""
         call, parts = self._loss_plan(name, pred, target, weights, box_format, reduction, params, return_grad)
+        if self._shm is not None and self._shm.wants(call):
+            # one request, however large: shared memory has no message size (the server's max_rows still holds)
+            out = self._shm.evaluate(call)
+            if out is not None:
+                return out
         if _needs_catalog(call, parts):
             _check_split(call, len(parts), self._weighted_mean())
         return _combine(call, self._map(self._wire.evaluate, parts))
@@ -247,6 +264,8 @@ class LossClient(_Base):
         return self._run(self._wire.losses())
 
     def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
         for e in self._endpoints:
             e.close()
 
@@ -291,6 +310,10 @@ class AsyncLossClient(_Base):
     async def loss(self, name: str, pred: Any, target: Any, *, box_format: str = "xyxy", reduction: str = "none",
                    weights: Any = None, params: dict | None = None, return_grad: bool = True) -> LossResult:
         call, parts = self._loss_plan(name, pred, target, weights, box_format, reduction, params, return_grad)
+        if self._shm is not None and self._shm.wants(call):
+            out = await self._shm.aevaluate(call)
+            if out is not None:
+                return out
         if _needs_catalog(call, parts):
             _check_split(call, len(parts), await self._weighted_mean())
         return _combine(call, await self._map(self._wire.evaluate, parts))
@@ -307,6 +330,8 @@ class AsyncLossClient(_Base):
         return await self._run(self._wire.losses())
 
     async def close(self) -> None:
+        if self._shm is not None:
+            await self._shm.aclose()
         for e in self._endpoints:
             await e.close()
 

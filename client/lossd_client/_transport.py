@@ -21,6 +21,7 @@ import numpy as np
 
 from ._bulk import BulkHTTP
 from ._bulk import usable as bulk_usable
+from . import _shm
 from ._errors import LossdError, UnavailableError, from_grpc, from_http
 from .wire import (SMALL_MESSAGE, WithTensors, decode_with_tensors, encode_evaluate_request, from_param,
                    from_tensor, oip_binary_request, oip_binary_response, passthrough, pb, pb_grpc, to_param, to_tensor,
@@ -282,10 +283,25 @@ class HTTPTransport:
         method, path, kw = request
         if self._bulk is not None and "content" in kw:
             return _checked(self._bulk.post(path, kw["content"], kw["headers"]))
+        if "json_bytes" in kw:
+            kw = {"content": kw["json_bytes"], "headers": {"Content-Type": "application/json"}}
         try:
             return _checked(self._http.request(method, path, **kw))
         except httpx.TransportError as exc:
             raise _unreachable(exc) from exc
+
+    # Triton's system shared memory (lossd_client._shm): the region's management and the small infer request
+    def shm_register(self, name: str, key: str, byte_size: int) -> None:
+        self.send(("POST", f"/v2/systemsharedmemory/region/{name}/register",
+                   {"json": {"key": key, "offset": 0, "byte_size": byte_size}}))
+
+    def shm_unregister(self, name: str) -> None:
+        self.send(("POST", f"/v2/systemsharedmemory/region/{name}/unregister", {}))
+
+    def shm_infer(self, model: str, region: str, tensors: list, outputs: dict, params: dict) -> list:
+        body = _shm.http_infer_body(model, region, tensors, outputs, params)
+        resp = self.send(("POST", f"/v2/models/{model}/infer", {"json_bytes": body}))
+        return _shm.http_outputs(resp.json())
 
     def close(self) -> None:
         self._http.close()
@@ -302,10 +318,24 @@ class AsyncHTTPTransport:
 
     async def send(self, request: tuple) -> httpx.Response:
         method, path, kw = request
+        if "json_bytes" in kw:
+            kw = {"content": kw["json_bytes"], "headers": {"Content-Type": "application/json"}}
         try:
             return _checked(await self._http.request(method, path, **kw))
         except httpx.TransportError as exc:
             raise _unreachable(exc) from exc
+
+    async def shm_register(self, name: str, key: str, byte_size: int) -> None:
+        await self.send(("POST", f"/v2/systemsharedmemory/region/{name}/register",
+                         {"json": {"key": key, "offset": 0, "byte_size": byte_size}}))
+
+    async def shm_unregister(self, name: str) -> None:
+        await self.send(("POST", f"/v2/systemsharedmemory/region/{name}/unregister", {}))
+
+    async def shm_infer(self, model: str, region: str, tensors: list, outputs: dict, params: dict) -> list:
+        body = _shm.http_infer_body(model, region, tensors, outputs, params)
+        resp = await self.send(("POST", f"/v2/models/{model}/infer", {"json_bytes": body}))
+        return _shm.http_outputs(resp.json())
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -353,6 +383,34 @@ class GRPCTransport:
         except grpc.RpcError as exc:
             raise grpc_error(exc) from None
 
+    def _oip(self):
+        from .wire import oip_grpc
+        if getattr(self, "_oip_stub", None) is None:
+            self._oip_stub = oip_grpc.GRPCInferenceServiceStub(self._channel)
+        return self._oip_stub
+
+    def _unary(self, method, message) -> Any:
+        try:
+            return method(message, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise grpc_error(exc) from None
+
+    def shm_register(self, name: str, key: str, byte_size: int) -> None:
+        from .wire import oip_pb
+        self._unary(self._oip().SystemSharedMemoryRegister,
+                    oip_pb.SystemSharedMemoryRegisterRequest(name=name, key=key, offset=0, byte_size=byte_size))
+
+    def shm_unregister(self, name: str) -> None:
+        from .wire import oip_pb
+        self._unary(self._oip().SystemSharedMemoryUnregister,
+                    oip_pb.SystemSharedMemoryUnregisterRequest(name=name))
+
+    def shm_infer(self, model: str, region: str, tensors: list, outputs: dict, params: dict) -> list:
+        from .wire import oip_pb
+        resp = self._unary(self._oip().ModelInfer,
+                           _shm.grpc_infer_request(oip_pb, model, region, tensors, outputs, params))
+        return [(o.name, o.datatype, list(o.shape)) for o in resp.outputs]
+
     def close(self) -> None:
         self._channel.close()
 
@@ -374,6 +432,30 @@ class AsyncGRPCTransport:
             return await method(message, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise grpc_error(exc) from None
+
+    _oip = GRPCTransport._oip
+
+    async def _unary(self, method, message) -> Any:
+        try:
+            return await method(message, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise grpc_error(exc) from None
+
+    async def shm_register(self, name: str, key: str, byte_size: int) -> None:
+        from .wire import oip_pb
+        await self._unary(self._oip().SystemSharedMemoryRegister,
+                          oip_pb.SystemSharedMemoryRegisterRequest(name=name, key=key, offset=0, byte_size=byte_size))
+
+    async def shm_unregister(self, name: str) -> None:
+        from .wire import oip_pb
+        await self._unary(self._oip().SystemSharedMemoryUnregister,
+                          oip_pb.SystemSharedMemoryUnregisterRequest(name=name))
+
+    async def shm_infer(self, model: str, region: str, tensors: list, outputs: dict, params: dict) -> list:
+        from .wire import oip_pb
+        resp = await self._unary(self._oip().ModelInfer,
+                                 _shm.grpc_infer_request(oip_pb, model, region, tensors, outputs, params))
+        return [(o.name, o.datatype, list(o.shape)) for o in resp.outputs]
 
     async def close(self) -> None:
         await self._channel.close()

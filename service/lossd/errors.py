@@ -64,6 +64,8 @@ TABLE: dict[str, Row] = {
     "unknown_version": Row(404, 404, "NOT_FOUND", False),
     "unknown_model": Row(404, 404, "NOT_FOUND", False),
     "unauthorized": Row(401, 401, "UNAUTHENTICATED", False),
+    "forbidden": Row(403, 403, "PERMISSION_DENIED", False),         # shared memory from a client on another host
+    "too_many_regions": Row(429, 429, "RESOURCE_EXHAUSTED", False),  # LOSSD_MAX_SHM_REGIONS are registered
     "not_found": Row(404, 404, "UNIMPLEMENTED", False),
     "method_not_allowed": Row(405, 405, "UNIMPLEMENTED", False),
     "request_timeout": Row(408, 408, "DEADLINE_EXCEEDED", True),    # the body did not arrive in time

@@ -18,6 +18,7 @@ from . import __version__
 from .engine import Result, get_loss
 from .bodyparse import BodyError, loads
 from .errors import ServiceError, parsing, quote
+from .shm import ShmCall, not_local, tensor_ref
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
@@ -29,7 +30,8 @@ OUTPUTS = ("LOSS", "GRAD")
 RESERVED = {"box_format", "reduction", "return_grad", "binary_data_output", "dtype"}
 HEADER = "inference-header-content-length"
 SERVER_METADATA = {"name": "lossd", "version": __version__,
-                   "extensions": ["binary_tensor_data", "model_configuration", "statistics", "model_repository"]}
+                   "extensions": ["binary_tensor_data", "model_configuration", "statistics", "model_repository",
+                                  "system_shared_memory"]}
 
 
 MAX_DIMS = 8            # the models take [N], [N,K]; deeper shapes are refused before any allocation
@@ -128,7 +130,7 @@ def loads_json(data: bytes | memoryview, what: str, code: str = "invalid_json") 
         raise ServiceError(str(exc), code, field="body") from None
 
 
-def _tensor(entry: Any, raw: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+def _tensor(entry: Any, raw: memoryview, offset: int, shm: ShmCall | None = None) -> tuple[str, np.ndarray, int]:
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise bad("each input needs a 'name' (a string)")
     name = entry["name"]
@@ -147,6 +149,18 @@ def _tensor(entry: Any, raw: memoryview, offset: int) -> tuple[str, np.ndarray, 
     params = entry.get("parameters") or {}
     if not isinstance(params, dict):
         raise bad(f"input {name}: parameters must be an object")
+    ref = tensor_ref(params, f"inputs.{name}")
+    if ref is not None:
+        if shm is None:
+            raise not_local()
+        if "binary_data_size" in params or "data" in entry:
+            raise bad(f"input {name}: give shared_memory_region or data/binary_data_size, not both")
+        if ref[2] != count * dt.itemsize:
+            raise ProtocolError(f"input {name}: shared_memory_byte_size {ref[2]} does not match shape {shape} of "
+                                f"{datatype} ({count * dt.itemsize} bytes)", field=f"inputs.{name}")
+        # a view for now: own_inputs() copies it before anything is checked (see there)
+        view = shm.view(ref, f"inputs.{name}")
+        return name, np.frombuffer(view, dtype=dt).reshape(shape), offset
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -196,18 +210,25 @@ class InferCall:
     wanted: dict[str, bool]
     request_id: Any
     has_id: bool
+    shm: ShmCall | None = None
+    shm_outputs: dict = None  # output name -> (region, offset, byte_size)
+    shm_inputs: tuple = ()    # the inputs that are still views of a region
 
 
-def prepare_infer(model: str, req: dict, raw: memoryview) -> InferCall:
-    """Check and decode an inference request (JSON form plus the binary inputs, in order) into an engine call."""
+def prepare_infer(model: str, req: dict, raw: memoryview, shm: ShmCall | None = None) -> InferCall:
+    """Check and decode an inference request (JSON form plus the binary inputs, in order) into an engine call.
+    ``shm``: the call's access to shared-memory regions (None: the client may not use them)."""
     get_loss(model)
     tensors: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
+    shm_inputs: list[str] = []
     offset = 0
     for entry in req["inputs"]:
-        name, arr, offset = _tensor(entry, raw, offset)
+        name, arr, offset = _tensor(entry, raw, offset, shm)
         if name in tensors:
             raise bad(f"input {name} given twice")
+        if isinstance(entry.get("parameters"), dict) and "shared_memory_region" in entry["parameters"]:
+            shm_inputs.append(name)
         tensors[name], datatypes[name] = arr, entry["datatype"]
     if offset != len(raw):
         raise bad(f"the binary part holds {len(raw)} bytes but the inputs' binary_data_size add up to {offset}")
@@ -227,6 +248,7 @@ def prepare_infer(model: str, req: dict, raw: memoryview) -> InferCall:
     requested = req.get("outputs")
     binary_all = bool(params.get("binary_data_output", False))
     wanted: dict[str, bool] = {}
+    shm_outputs: dict[str, tuple] = {}
     if requested is None:
         wanted = {"LOSS": binary_all, "GRAD": binary_all}
     else:
@@ -240,6 +262,12 @@ def prepare_infer(model: str, req: dict, raw: memoryview) -> InferCall:
             if not isinstance(oparams, dict):
                 raise bad(f"output {oname}: parameters must be an object")
             wanted[oname] = bool(oparams.get("binary_data", binary_all))
+            ref = tensor_ref(oparams, f"outputs.{oname}")
+            if ref is not None:
+                if shm is None:
+                    raise not_local()
+                shm.view(ref, f"outputs.{oname}")  # the region exists and holds the range, before computing
+                shm_outputs[oname] = ref
     kwargs = dict(pred=tensors["PRED"], target=tensors["TARGET"], box_format=params.get("box_format", "xyxy"),
                   reduction=params.get("reduction", "none"), weights=tensors.get("WEIGHTS"),
                   params={k: v for k, v in params.items() if k not in RESERVED},
@@ -250,7 +278,22 @@ def prepare_infer(model: str, req: dict, raw: memoryview) -> InferCall:
         # the id is echoed in the answer: a string, as the protocol says, and short
         raise ProtocolError(f"id must be a string of at most {MAX_ID_CHARS} characters, got {quote(request_id)}",
                             field="id")
-    return InferCall(model, kwargs, wanted, request_id, "id" in req)
+    return InferCall(model, kwargs, wanted, request_id, "id" in req, shm, shm_outputs, tuple(shm_inputs))
+
+
+KWARG = {"PRED": "pred", "TARGET": "target", "WEIGHTS": "weights"}
+
+
+def shm_input_bytes(call: InferCall) -> int:
+    return sum(call.kwargs[KWARG[n]].nbytes for n in call.shm_inputs)
+
+
+def own_inputs(call: InferCall) -> None:
+    """Copy the inputs read from shared memory into the server's own memory. The client can write to a region
+    at any time; what is checked (box validity, class indices in range) must be what the kernels read."""
+    for name in call.shm_inputs:
+        call.kwargs[KWARG[name]] = call.kwargs[KWARG[name]].copy()
+    call.shm_inputs = ()
 
 
 def finish_infer(call: InferCall, out: Result) -> tuple[dict, list[memoryview]]:
@@ -266,7 +309,9 @@ def finish_infer(call: InferCall, out: Result) -> tuple[dict, list[memoryview]]:
             continue
         arr = np.ascontiguousarray(arrays[oname], dtype=DTYPES[dt])
         entry: dict[str, Any] = {"name": oname, "datatype": dt, "shape": list(arr.shape)}
-        if call.wanted[oname]:
+        if call.shm_outputs and oname in call.shm_outputs:
+            entry["parameters"] = _write_shm(call, oname, arr)
+        elif call.wanted[oname]:
             blob = memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(b"")
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
@@ -278,3 +323,19 @@ def finish_infer(call: InferCall, out: Result) -> tuple[dict, list[memoryview]]:
         resp["id"] = call.request_id
     return resp, blobs
 
+
+def _write_shm(call: InferCall, oname: str, arr: np.ndarray) -> dict:
+    """Write an output into its shared-memory region; the response's parameters for it."""
+    region, offset, size = call.shm_outputs[oname]
+    what = f"outputs.{oname}"
+    if arr.nbytes > size:
+        raise ProtocolError(f"output {oname}: shared_memory_byte_size {size} is too small for shape "
+                            f"{list(arr.shape)} of {DTYPES_NAME[arr.dtype]} ({arr.nbytes} bytes)", field=what)
+    call.shm.check_registered(region, what)
+    view = call.shm.view((region, offset, arr.nbytes), what)
+    np.frombuffer(view, dtype=arr.dtype).reshape(arr.shape)[...] = arr
+    return {"shared_memory_region": region, "shared_memory_byte_size": arr.nbytes,
+            **({"shared_memory_offset": offset} if offset else {})}
+
+
+DTYPES_NAME = {v: k for k, v in DTYPES.items()}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
@@ -30,6 +30,7 @@ from .engine import LOSSES, METRICS, Engine, EngineError, Result, get_loss, get_
 from .engine.inputs import check_box_format
 from .errors import ResourceExhausted, ServiceError, quote
 from .settings import Settings
+from .shm import SharedMemory, is_local, not_local
 
 # An annotation tool's few boxes: a fused metric on up to this many values (pairwise n x m) takes ~30 us, less
 # than a thread hop; such calls run on the event loop.
@@ -156,6 +157,7 @@ class Service:
         self.batcher = Batcher(engine, enabled=settings.batching, max_rows=settings.batch_max_rows,
                                max_delay=settings.batch_max_delay_ms / 1000, inline=settings.batch_inline)
         self.obs = obs or Observability()
+        self.shm = SharedMemory(settings.max_shm_regions)
 
     # ------------------------------------------------------------------------------------------------ catalog
     def catalog(self) -> dict:
@@ -252,14 +254,19 @@ class Service:
 
     # -------------------------------------------------------------------------------------------------- OIP
     async def infer(self, model: Any, request: Callable[[], tuple[dict, memoryview]], *, size: int,
-                    deadline: float | None = None, endpoint: str = "v2_infer") -> tuple[dict, list[memoryview]]:
+                    deadline: float | None = None, endpoint: str = "v2_infer",
+                    peer: str | None = "remote") -> tuple[dict, list[memoryview]]:
         """An Open Inference Protocol request -> the response's JSON form and its binary outputs (views).
         ``request`` parses the transport's framing into the protocol's JSON form plus the binary inputs in order;
-        it runs with the checks in a thread when ``size`` (bytes) is large."""
-        with self.obs.track(endpoint, model) as t:
+        it runs with the checks in a thread when ``size`` (bytes) is large. ``peer``: the client's address
+        (None: a unix socket); only local clients may name shared-memory regions."""
+        with self.obs.track(endpoint, model) as t, \
+                (self.shm.call() if is_local(peer) else nullcontext()) as shm:
             name = _name(model, "loss")
             spec = get_loss(name)
-            call = await self.parse(lambda: oip.prepare_infer(name, *request()), size=size)
+            call = await self.parse(lambda: oip.prepare_infer(name, *request(), shm=shm), size=size)
+            if call.shm_inputs:  # big copies out of shared memory leave the event loop
+                await self.parse(oip.own_inputs, call, size=oip.shm_input_bytes(call))
             kw = call.kwargs
             opts = self.options(spec, kw["box_format"], kw["reduction"], kw["params"], kw["dtype"])
             with self.admission.admit():
@@ -268,7 +275,9 @@ class Service:
                                                   params=opts.params, return_grad=kw["return_grad"],
                                                   dtype=opts.dtype, deadline=deadline)
             t.batch_size = rows_of(kw["pred"])
-            return oip.finish_infer(call, out)
+            # outputs written into shared memory are copied in a thread when big
+            return await self.parse(oip.finish_infer, call, out,
+                                    size=rows_of(kw["pred"]) * 16 if call.shm_outputs else 0)
 
     def model_metadata(self, name: Any, version: Any = "1") -> dict:
         oip.check_version(_name(name, "loss"), version)
@@ -289,6 +298,22 @@ class Service:
         else:
             names = sorted(LOSSES)
         return [oip.model_statistics(n, self.obs.models[n]) for n in names]
+
+    # ------------------------------------------------------------------------------- system shared memory
+    def shm_register(self, peer: str | None, name: Any, key: Any, offset: Any = 0, byte_size: Any = 0) -> None:
+        if not is_local(peer):
+            raise not_local()
+        self.shm.register(name, key, offset, byte_size)
+
+    def shm_unregister(self, peer: str | None, name: Any = "") -> None:
+        if not is_local(peer):
+            raise not_local()
+        self.shm.unregister(name)
+
+    def shm_status(self, peer: str | None, name: Any = "") -> list[dict]:
+        if not is_local(peer):
+            raise not_local()
+        return self.shm.status(name)
 
     @staticmethod
     def repository_index() -> list[dict]:

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
                                                    "reconnect after this (spreads clients over replicas)")
     grpc_max_concurrent_streams: int = Field(256, gt=0, description="concurrent calls on one gRPC connection")
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; ['*'] for any")
+    max_shm_regions: int = Field(64, ge=0, description="system shared-memory regions registered at once (each "
+                                 "holds a mapping; 0 turns the extension off)")
     log_level: str = Field("info", description="logging level")
     gc_freeze: bool = Field(True, description="once warm, move the objects loaded at start-up out of Python's "
                             "garbage collections (each full collection would otherwise walk ~300k of them)")

@@ -158,14 +158,20 @@ def _as_oip(decoded: WithTensors) -> tuple[dict, memoryview]:
     request = decoded.message
     # each access to raw_input_contents[i] copies; read them once
     contents = decoded.blobs if decoded.blobs is not None else list(request.raw_input_contents)
-    if contents and len(contents) != len(request.inputs):
-        raise ProtocolError(f"{len(contents)} raw_input_contents for {len(request.inputs)} inputs")
+    # inputs in shared memory have no raw_input_contents (tritonclient sends the others, in order)
+    on_wire = [t for t in request.inputs if "shared_memory_region" not in t.parameters]
+    if contents and len(contents) != len(on_wire):
+        raise ProtocolError(f"{len(contents)} raw_input_contents for {len(on_wire)} inputs not in shared memory")
     inputs, blobs = [], []
-    for i, t in enumerate(request.inputs):
+    i = 0
+    for t in request.inputs:
         entry = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape),
                  "parameters": {k: _param(v) for k, v in t.parameters.items()}}
-        if contents:
+        if "shared_memory_region" in t.parameters:
+            pass  # lossd.oip reads it from the region
+        elif contents:
             blob = contents[i]
+            i += 1
             entry["parameters"]["binary_data_size"] = len(blob)
             blobs.append(blob)
         else:
@@ -175,9 +181,19 @@ def _as_oip(decoded: WithTensors) -> tuple[dict, memoryview]:
            "id": request.id}
     req["parameters"]["binary_data_output"] = True  # gRPC answers in raw_output_contents, as Triton does
     if request.outputs:
-        req["outputs"] = [{"name": o.name, "parameters": {"binary_data": True}} for o in request.outputs]
+        req["outputs"] = [{"name": o.name, "parameters": {**{k: _param(v) for k, v in o.parameters.items()},
+                                                          "binary_data": True}} for o in request.outputs]
     raw = memoryview(blobs[0]) if len(blobs) == 1 else memoryview(b"".join(blobs))
     return req, raw
+
+
+def _shm_params(params: dict | None) -> dict:
+    """A shared-memory output's parameters as InferParameters (binary outputs' binary_data_size stays off the
+    wire: gRPC frames them itself)."""
+    if not params or "shared_memory_region" not in params:
+        return {}
+    return {k: oip_pb.InferParameter(string_param=v) if isinstance(v, str) else oip_pb.InferParameter(int64_param=v)
+            for k, v in params.items()}
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
@@ -252,13 +268,38 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             self.service.model_ready(msg.model_name, msg.model_version or "1")
             size = sum(len(b) for b in decoded.blobs) if decoded.blobs is not None else msg.ByteSize()
             call_resp, out_blobs = await self.service.infer(msg.model_name, lambda: _as_oip(decoded), size=size,
-                                                            deadline=_deadline(context), endpoint="grpc_infer")
+                                                            deadline=_deadline(context), endpoint="grpc_infer",
+                                                            peer=context.peer())
             head = oip_pb.ModelInferResponse(
                 model_name=call_resp["model_name"], model_version="1", id=msg.id,
-                outputs=[oip_pb.ModelInferResponse.InferOutputTensor(name=o["name"], datatype=o["datatype"],
-                                                                     shape=o["shape"])
+                outputs=[oip_pb.ModelInferResponse.InferOutputTensor(
+                    name=o["name"], datatype=o["datatype"], shape=o["shape"],
+                    parameters=_shm_params(o.get("parameters")))
                          for o in call_resp["outputs"]])
             # raw_output_contents (field 6) written straight into the wire bytes
             return encode_message(head, {}, (6, out_blobs))
 
         return await _guarded(context, decoded, work)
+
+    # ----------------------------------------------------------------------- Triton's system shared memory
+    async def SystemSharedMemoryStatus(self, request, context):
+        async def work():
+            status = oip_pb.SystemSharedMemoryStatusResponse.RegionStatus
+            regions = self.service.shm_status(context.peer(), request.name)
+            return oip_pb.SystemSharedMemoryStatusResponse(regions={r["name"]: status(**r) for r in regions})
+
+        return await _guarded(context, request, work)
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        async def work():
+            self.service.shm_register(context.peer(), request.name, request.key, request.offset, request.byte_size)
+            return oip_pb.SystemSharedMemoryRegisterResponse()
+
+        return await _guarded(context, request, work)
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        async def work():
+            self.service.shm_unregister(context.peer(), request.name)
+            return oip_pb.SystemSharedMemoryUnregisterResponse()
+
+        return await _guarded(context, request, work)

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..bodyparse import BIG_JSON_BYTES
 from ..errors import ServiceError
-from ..oip import HEADER, SERVER_METADATA, parse_http_body
+from ..oip import HEADER, SERVER_METADATA, loads_json, parse_http_body
 from ..service import Service
 from .body import read_json
 from .deps import get_deadline, get_service, require_api_key
@@ -93,13 +93,46 @@ async def infer(name: str, request: Request, version: str = "1", service: Servic
         req = await read_json(request, "oip")  # big JSON tensors: parsed in the worker process
         if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
             raise ServiceError("the request must be a JSON object with an 'inputs' list")
-        resp, blobs = await service.infer(name, lambda: (req, memoryview(b"")), size=0, deadline=deadline)
+        resp, blobs = await service.infer(name, lambda: (req, memoryview(b"")), size=0, deadline=deadline,
+                                          peer=_peer(request))
     else:
         body = await request.body()  # before any admission slot is taken: slow senders hold none
         resp, blobs = await service.infer(name, lambda: parse_http_body(body, header_len), size=len(body),
-                                          deadline=deadline)
+                                          deadline=deadline, peer=_peer(request))
     head = dumps(resp)
     if not blobs:
         return Response(head, media_type="application/json")
     return Response(b"".join([head, *blobs]), media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(len(head))})
+
+
+# ------------------------------------------------------------------------- Triton's system shared memory
+def _peer(request: Request) -> str | None:
+    """The client's address; None on a unix socket."""
+    return request.client.host if request.client else None
+
+
+@keyed.get("/systemsharedmemory/status")
+@keyed.post("/systemsharedmemory/status")
+@keyed.get("/systemsharedmemory/region/{name}/status")
+@keyed.post("/systemsharedmemory/region/{name}/status")
+def shm_status(request: Request, name: str = "", service: Service = Depends(get_service)) -> list:
+    return service.shm_status(_peer(request), name)
+
+
+@keyed.post("/systemsharedmemory/region/{name}/register")
+async def shm_register(name: str, request: Request, service: Service = Depends(get_service)) -> Response:
+    """Map ``byte_size`` bytes at ``offset`` of the POSIX shared-memory object ``key`` as region ``name``
+    (clients on the server's host only)."""
+    body = loads_json(await request.body(), "the register request")
+    if not isinstance(body, dict):
+        raise ServiceError("the register request must be a JSON object {key, offset?, byte_size}", field="body")
+    service.shm_register(_peer(request), name, body.get("key"), body.get("offset", 0), body.get("byte_size", 0))
+    return Response(b"{}", media_type="application/json")
+
+
+@keyed.post("/systemsharedmemory/unregister")
+@keyed.post("/systemsharedmemory/region/{name}/unregister")
+def shm_unregister(request: Request, name: str = "", service: Service = Depends(get_service)) -> Response:
+    service.shm_unregister(_peer(request), name)
+    return Response(b"{}", media_type="application/json")

@@ -1,0 +1,262 @@
+"""Same-host calls through system shared memory (Triton's extension) instead of the socket.
+
+When the client talks to one endpoint on this host (a loopback URL) it keeps one POSIX shared-memory region,
+registered with the server under a name of its own. A large loss call copies its inputs into the region, sends
+only a small OIP inference request naming where each tensor lies, and reads LOSS and GRAD back from the region:
+the tensors never go through HTTP/gRPC or the kernel's socket buffers. The region grows when a call needs more
+and is unregistered and removed on ``close()`` (or when the process exits).
+
+Anything that says the server cannot share memory with us (an older server without the extension, a server in
+another container whose /dev/shm differs, a peer address it does not see as local, its region limit) turns the
+shared-memory path off for this client; calls then go over the wire as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import threading
+import uuid
+import weakref
+from multiprocessing import shared_memory
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from ._errors import RETRYABLE, LossdError
+from .wire import NP_OF_OIP, OIP_OF
+
+# below this many input bytes a call goes over the wire: registering a region and the extra request cost more
+SHM_MIN_BYTES = 256 * 1024
+ALIGN = 64
+# a server that refuses the region for one of these reasons cannot share memory with this client at all
+UNSHAREABLE = ("forbidden", "too_many_regions")
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether a client URL names this host (127.0.0.0/8, ::1 or localhost)."""
+    p = urlparse(url if "://" in url else "grpc://" + url)
+    host = (p.hostname or "").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _release(mem: shared_memory.SharedMemory) -> None:
+    try:
+        mem.close()
+    except BufferError:
+        pass
+    try:
+        mem.unlink()
+    except FileNotFoundError:
+        pass
+
+
+class ShmPath:
+    """One client's shared-memory region and the calls that use it (one call at a time: a lock guards it).
+    ``endpoint``: a blocking transport (its shm_register / shm_unregister / shm_infer)."""
+
+    def __init__(self, endpoint: Any) -> None:
+        self.endpoint = endpoint
+        self.name = f"lossd_client_{uuid.uuid4().hex[:16]}"
+        self.mem: shared_memory.SharedMemory | None = None
+        self.registered = False
+        self.enabled = True
+        self.calls = 0  # calls answered through shared memory
+        self.lock = threading.Lock()
+        self._finalizer = None
+
+    # ------------------------------------------------------------------------------------------ the region
+    def _new_region(self, size: int) -> tuple[str, int] | None:
+        """A fresh region when the current one is smaller than ``size``: (key, byte_size) to register."""
+        if self.mem is not None and self.mem.size >= size:
+            return None
+        self._forget()
+        size = max(size, 1 << 20)
+        size = 1 << (size - 1).bit_length()  # grow in powers of two: few re-registrations
+        self.mem = shared_memory.SharedMemory(self.name + f"_{size}", create=True, size=size)
+        self._finalizer = weakref.finalize(self, _release, self.mem)
+        return "/" + self.mem.name, self.mem.size
+
+    def _forget(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+        self.mem = None
+
+    def _refused(self, exc: LossdError) -> None:
+        # transient failures go over the wire (which retries); anything else means no sharing here
+        if exc.code in UNSHAREABLE or not isinstance(exc, RETRYABLE):
+            self.enabled = False
+        self._forget()
+
+    def _ensure(self, size: int) -> None:
+        fresh = self._new_region(size)
+        if fresh is not None:
+            self._unregister()
+            self.endpoint.shm_register(self.name, *fresh)
+            self.registered = True
+
+    def _unregister(self) -> None:
+        if self.registered:
+            self.registered = False
+            try:
+                self.endpoint.shm_unregister(self.name)
+            except Exception:  # noqa: BLE001 (the server may be gone; the region is removed here anyway)
+                pass
+
+    def close(self) -> None:
+        with self.lock:
+            self._unregister()
+            self._forget()
+
+    # ------------------------------------------------------------------------------------------- the call
+    def wants(self, call) -> bool:
+        return self.enabled and call.pred.nbytes + call.target.nbytes >= SHM_MIN_BYTES
+
+    @staticmethod
+    def _layout(call) -> tuple[list, dict, int]:
+        layout, size = [], 0
+        inputs = {"PRED": call.pred, "TARGET": call.target}
+        if call.weights is not None:
+            inputs["WEIGHTS"] = call.weights
+        for name, arr in inputs.items():
+            layout.append((name, np.ascontiguousarray(arr), size))
+            size += -(-arr.nbytes // ALIGN) * ALIGN
+        n = call.pred.shape[0] if call.pred.ndim else 1
+        itemsize = max(call.pred.itemsize, 4)
+        outputs = {"LOSS": (size, max(n, 1) * itemsize)}
+        size += -(-outputs["LOSS"][1] // ALIGN) * ALIGN
+        if call.return_grad:
+            outputs["GRAD"] = (size, call.pred.size * itemsize)
+            size += call.pred.size * itemsize
+        return layout, outputs, size
+
+    def _write(self, call, layout: list) -> tuple[list, dict]:
+        tensors = []
+        for name, arr, offset in layout:
+            np.frombuffer(self.mem.buf, dtype=arr.dtype, count=arr.size, offset=offset)[...] = arr.reshape(-1)
+            tensors.append((name, OIP_OF[arr.dtype], list(arr.shape), offset, arr.nbytes))
+        params = {"box_format": call.box_format, "reduction": call.reduction, "return_grad": call.return_grad,
+                  **call.params}
+        return tensors, params
+
+    def _read(self, call, answer: list, outputs: dict):
+        from ._transport import LossResult
+
+        out = {}
+        for oname, datatype, shape in answer:
+            dt = NP_OF_OIP[datatype]
+            out[oname] = np.frombuffer(self.mem.buf, dtype=dt, count=int(np.prod(shape)),
+                                       offset=outputs[oname][0]).reshape(shape).copy()
+        self.calls += 1
+        loss = out["LOSS"]
+        return LossResult(float(loss.reshape(-1)[0]) if call.reduction != "none" else loss, out.get("GRAD"))
+
+    def evaluate(self, call):
+        """A LossResult through shared memory, or None when the server cannot share memory with us now (for good
+        unless the failure was transient); the caller then goes over the wire."""
+        with self.lock:
+            layout, outputs, size = self._layout(call)
+            try:
+                self._ensure(size)
+            except LossdError as exc:
+                self._refused(exc)
+                return None
+            tensors, params = self._write(call, layout)
+            try:
+                answer = self.endpoint.shm_infer(call.name, self.name, tensors, outputs, params)
+            except RETRYABLE:
+                return None  # overloaded or unavailable: the wire path retries with backoff and failover
+            return self._read(call, answer, outputs)
+
+
+class AsyncShmPath(ShmPath):
+    """The same over an awaitable transport; one call at a time per client (an asyncio lock)."""
+
+    def __init__(self, endpoint: Any) -> None:
+        super().__init__(endpoint)
+        self.alock: asyncio.Lock | None = None
+
+    async def _aensure(self, size: int) -> None:
+        fresh = self._new_region(size)
+        if fresh is not None:
+            await self._aunregister()
+            await self.endpoint.shm_register(self.name, *fresh)
+            self.registered = True
+
+    async def _aunregister(self) -> None:
+        if self.registered:
+            self.registered = False
+            try:
+                await self.endpoint.shm_unregister(self.name)
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def aclose(self) -> None:
+        await self._aunregister()
+        self._forget()
+
+    async def aevaluate(self, call):
+        if self.alock is None:
+            self.alock = asyncio.Lock()
+        async with self.alock:
+            layout, outputs, size = self._layout(call)
+            try:
+                await self._aensure(size)
+            except LossdError as exc:
+                self._refused(exc)
+                return None
+            tensors, params = self._write(call, layout)
+            try:
+                answer = await self.endpoint.shm_infer(call.name, self.name, tensors, outputs, params)
+            except RETRYABLE:
+                return None
+            return self._read(call, answer, outputs)
+
+
+# ------------------------------------------------------------------------- the requests, per transport
+def _shm_params(region: str, offset: int, size: int) -> dict:
+    return {"shared_memory_region": region, "shared_memory_offset": offset, "shared_memory_byte_size": size}
+
+
+def http_infer_body(model: str, region: str, tensors: list, outputs: dict, params: dict) -> bytes:
+    body = {"inputs": [{"name": n, "datatype": dt, "shape": shape, "parameters": _shm_params(region, off, size)}
+                       for n, dt, shape, off, size in tensors],
+            "outputs": [{"name": n, "parameters": _shm_params(region, off, size)}
+                        for n, (off, size) in outputs.items()],
+            "parameters": params}
+    return json.dumps(body).encode()
+
+
+def http_outputs(resp_json: dict) -> list:
+    return [(o["name"], o["datatype"], list(o["shape"])) for o in resp_json["outputs"]]
+
+
+def infer_parameter(oip_pb, value: Any):
+    if isinstance(value, bool):
+        return oip_pb.InferParameter(bool_param=value)
+    if isinstance(value, int):
+        return oip_pb.InferParameter(int64_param=value)
+    if isinstance(value, float):
+        return oip_pb.InferParameter(double_param=value)
+    return oip_pb.InferParameter(string_param=str(value))
+
+
+def grpc_infer_request(oip_pb, model: str, region: str, tensors: list, outputs: dict, params: dict):
+    def p(d: dict) -> dict:
+        return {k: infer_parameter(oip_pb, v) for k, v in d.items()}
+
+    req = oip_pb.ModelInferRequest
+    return req(model_name=model, parameters=p(params),
+               inputs=[req.InferInputTensor(name=n, datatype=dt, shape=shape,
+                                            parameters=p(_shm_params(region, off, size)))
+                       for n, dt, shape, off, size in tensors],
+               outputs=[req.InferRequestedOutputTensor(name=n, parameters=p(_shm_params(region, off, size)))
+                        for n, (off, size) in outputs.items()])

@@ -1,0 +1,252 @@
+"""Triton's system shared-memory extension: named regions of POSIX shared memory that inference inputs are read
+from and outputs written to, so a client on the same host skips the socket for its tensors.
+
+A region is (name, key, offset, byte_size): ``key`` names a POSIX shared-memory object (``/dev/shm/<key>``, as
+``shm_open`` and Python's multiprocessing.shared_memory create it), ``offset``/``byte_size`` the part of it the
+region covers. Registering maps that part into the server; a request then names a region, an offset into it and a
+byte size per tensor (parameters shared_memory_region / shared_memory_offset / shared_memory_byte_size).
+
+Bounds: at most ``max_regions`` regions at once (each holds a mapping), names and keys are checked before they are
+used as keys, and only clients on this host (loopback or a unix socket) may register or use regions: the server
+opens the key with its own permissions. A region unregistered while a call uses it stays mapped until the call
+ends (the call's outputs are then refused); its mapping is closed when the last call lets go of it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import mmap
+import os
+import re
+import stat
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .errors import ServiceError, quote
+
+SHM_DIR = "/dev/shm"
+# a region name and a shared-memory key: what tritonclient's examples use ("output_data", "/input_simple")
+NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+KEY = re.compile(r"/?[A-Za-z0-9_.\-]{1,200}")
+PARAMS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
+
+
+def _path(key: str) -> str:
+    return os.path.join(SHM_DIR, key.lstrip("/"))
+
+
+def is_local(host: str | None) -> bool:
+    """Whether a peer address is on this host: loopback, or a unix socket (no address)."""
+    if not host:
+        return True
+    if host.startswith("unix:"):
+        return True
+    for prefix in ("ipv4:", "ipv6:"):  # gRPC's peer form: ipv4:127.0.0.1:5000, ipv6:[::1]:5000
+        if host.startswith(prefix):
+            host = host[len(prefix):].rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def not_local() -> ServiceError:
+    return ServiceError("system shared memory is only for clients on the server's host (loopback or a unix "
+                        "socket)", "forbidden", field="shared_memory")
+
+
+@dataclass(eq=False)
+class Region:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    mm: mmap.mmap
+    inode: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the object mapped
+    users: int = 0
+    registered: bool = True
+
+    def status(self) -> dict:
+        return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
+
+    def close(self) -> None:
+        try:
+            self.mm.close()
+        except BufferError:  # a view still exists somewhere; the mapping goes when it does
+            pass
+
+
+def _whole(value, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value > 2**62:
+        raise ServiceError(f"{what} must be a non-negative whole number, got {quote(value)}", field=what)
+    return value
+
+
+def check_name(name) -> str:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ServiceError(f"shared-memory region name {quote(name)} must be 1-128 letters, digits, '_', '.' or "
+                           "'-'", field="name")
+    return name
+
+
+class SharedMemory:
+    """The server's registered regions (one table for both transports)."""
+
+    def __init__(self, max_regions: int) -> None:
+        self.max_regions = max_regions
+        self.regions: dict[str, Region] = {}
+        self.lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------- management
+    def register(self, name, key, offset=0, byte_size=0) -> None:
+        name = check_name(name)
+        if not isinstance(key, str) or not KEY.fullmatch(key) or key.lstrip("/") in (".", ".."):
+            raise ServiceError(f"shared-memory key {quote(key)} must be a POSIX shared-memory name: an optional "
+                               "'/' then 1-200 letters, digits, '_', '.' or '-'", field="key")
+        offset, byte_size = _whole(offset, "offset"), _whole(byte_size, "byte_size")
+        if byte_size == 0:
+            raise ServiceError("byte_size must be at least 1", field="byte_size")
+        with self.lock:
+            if name in self.regions:
+                raise ServiceError(f"shared-memory region {quote(name)} is already registered; unregister it "
+                                   "first", field="name")
+            if len(self.regions) >= self.max_regions:
+                self._evict_stale()
+            if len(self.regions) >= self.max_regions:
+                raise ServiceError(f"this server holds at most {self.max_regions} shared-memory regions "
+                                   "(LOSSD_MAX_SHM_REGIONS); unregister one first", "too_many_regions",
+                                   field="name")
+            mm, inode = self._map(key, offset, byte_size)
+            self.regions[name] = Region(name, key, offset, byte_size, mm, inode)
+
+    def _evict_stale(self) -> None:
+        """Drop regions whose shared-memory object is gone (removed by its owner, e.g. a client that exited
+        without unregistering): they could never be used again, and they would hold the limit forever."""
+        for name, region in list(self.regions.items()):
+            try:
+                info = os.stat(_path(region.key), follow_symlinks=False)
+                alive = (info.st_dev, info.st_ino) == region.inode
+            except OSError:
+                alive = False
+            if not alive and region.users == 0:
+                del self.regions[name]
+                region.registered = False
+                region.close()
+
+    @staticmethod
+    def _map(key: str, offset: int, byte_size: int) -> tuple[mmap.mmap, tuple[int, int]]:
+        try:
+            fd = os.open(_path(key), os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise ServiceError(f"cannot open shared-memory key {quote(key)}: {exc.strerror}", field="key") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ServiceError(f"shared-memory key {quote(key)} is not a shared-memory object", field="key")
+            if offset + byte_size > info.st_size:
+                raise ServiceError(f"region offset {offset} + byte_size {byte_size} runs past the end of "
+                                   f"shared-memory key {quote(key)} ({info.st_size} bytes)", field="byte_size")
+            # mmap's own offset must be page aligned: map from the start and slice
+            mm = mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            return mm, (info.st_dev, info.st_ino)
+        finally:
+            os.close(fd)
+
+    def unregister(self, name: str = "") -> None:
+        """One region, or every region when ``name`` is empty (Triton's semantics: an unknown name is an
+        error)."""
+        with self.lock:
+            if name:
+                region = self.regions.pop(check_name(name), None)
+                if region is None:
+                    raise ServiceError(f"no shared-memory region named {quote(name)} is registered", field="name")
+                gone = [region]
+            else:
+                gone = list(self.regions.values())
+                self.regions.clear()
+            for region in gone:
+                region.registered = False
+                if region.users == 0:
+                    region.close()
+
+    def status(self, name: str = "") -> list[dict]:
+        with self.lock:
+            if not name:
+                return [r.status() for r in self.regions.values()]
+            region = self.regions.get(check_name(name))
+            if region is None:
+                raise ServiceError(f"no shared-memory region named {quote(name)} is registered", field="name")
+            return [region.status()]
+
+    def close(self) -> None:
+        self.unregister("")
+
+    # ------------------------------------------------------------------------------------------------ calls
+    @contextmanager
+    def call(self) -> Iterator["ShmCall"]:
+        """One request's use of regions: the regions it touches stay mapped until it ends."""
+        c = ShmCall(self)
+        try:
+            yield c
+        finally:
+            with self.lock:
+                for region in c.pinned.values():
+                    region.users -= 1
+                    if region.users == 0 and not region.registered:
+                        region.close()
+
+
+@dataclass(eq=False)
+class ShmCall:
+    owner: SharedMemory
+    pinned: dict[str, Region] = field(default_factory=dict)
+
+    def _region(self, name, what: str) -> Region:
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ServiceError(f"{what}: shared_memory_region {quote(name)} is not a region name", field=what)
+        region = self.pinned.get(name)
+        if region is not None:
+            return region
+        with self.owner.lock:
+            region = self.owner.regions.get(name)
+            if region is None:
+                raise ServiceError(f"{what}: no shared-memory region named {quote(name)} is registered",
+                                   field=what)
+            region.users += 1
+            self.pinned[name] = region
+        return region
+
+    def view(self, ref: tuple, what: str) -> memoryview:
+        """The bytes a tensor names: ``ref`` = (region, offset, byte_size), bounds checked."""
+        name, offset, size = ref
+        region = self._region(name, what)
+        if offset + size > region.byte_size:
+            raise ServiceError(f"{what}: shared_memory_offset {offset} + shared_memory_byte_size {size} runs past "
+                               f"the end of region {name!r} ({region.byte_size} bytes)", field=what)
+        start = region.offset + offset
+        return memoryview(region.mm)[start:start + size]
+
+    def check_registered(self, name: str, what: str) -> None:
+        region = self.pinned.get(name)
+        with self.owner.lock:
+            if region is None or not region.registered or self.owner.regions.get(name) is not region:
+                raise ServiceError(f"{what}: shared-memory region {name!r} was unregistered during the call; "
+                                   "the result was not written", field=what)
+
+
+def tensor_ref(params: dict, what: str) -> tuple[str, int, int] | None:
+    """(region, offset, byte_size) from a tensor's parameters, or None when it does not use shared memory."""
+    given = [p for p in PARAMS if p in params]
+    if not given:
+        return None
+    if "shared_memory_region" not in params or "shared_memory_byte_size" not in params:
+        raise ServiceError(f"{what}: shared memory needs both parameters.shared_memory_region and "
+                           "parameters.shared_memory_byte_size", field=what)
+    region = params["shared_memory_region"]
+    if not isinstance(region, str):
+        raise ServiceError(f"{what}: shared_memory_region must be a string, got {quote(region)}", field=what)
+    offset = _whole(params.get("shared_memory_offset", 0), f"{what}.shared_memory_offset")
+    size = _whole(params["shared_memory_byte_size"], f"{what}.shared_memory_byte_size")
+    return region, offset, size
