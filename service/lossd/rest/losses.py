@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..service import Service
 from .body import body_schema, read_model
 from .deps import get_deadline, get_service
-from .jsonio import json_response
+from .jsonio import json_response_yielding
 from .openapi import V1_ERRORS
 
 router = APIRouter(prefix="/v1/losses", tags=["losses"])
@@ -85,5 +85,5 @@ async def evaluate(name: str, request: Request, service: Service = Depends(get_s
                                  weights=req.weights, params=req.params, return_grad=req.return_grad,
                                  dtype=req.dtype, deadline=deadline)
     loss = out.loss.numpy()
-    return json_response({"loss": loss if loss.ndim else float(loss),
-                          "grad": None if out.grad is None else out.grad.numpy()})
+    return await json_response_yielding({"loss": loss if loss.ndim else float(loss),
+                                         "grad": None if out.grad is None else out.grad.numpy()})

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..service import Service
 from .body import body_schema, read_model
 from .deps import get_service
-from .jsonio import json_response
+from .jsonio import json_response_yielding
 from .openapi import V1_ERRORS
 
 router = APIRouter(prefix="/v1/metrics", tags=["metrics"])
@@ -45,4 +45,4 @@ async def metric(name: str, request: Request, service: Service = Depends(get_ser
     req = await read_model(request, MetricRequest)
     values = await service.metric(name, req.boxes1, req.boxes2, box_format=req.box_format, pairwise=req.pairwise,
                                   params=req.params, dtype=req.dtype)
-    return json_response({"values": values})
+    return await json_response_yielding({"values": values})
