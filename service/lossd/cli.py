@@ -40,8 +40,12 @@ def _serve(args: argparse.Namespace) -> int:
     tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key} if settings.tls_cert else {}
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_level=settings.log_level,
                             access_log=False, lifespan="on",
-                            http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_seconds),
-                            limit_concurrency=settings.max_connections,
+                            http=guarded_protocol(settings.max_header_bytes, settings.header_timeout_seconds,
+                                                  settings.max_connections),
+                            # idle connections past the cap are evicted (rest/limits.py); uvicorn's own 503 is the
+                            # backstop when twice the cap hold requests (a closed connection leaves the count a
+                            # moment later, so the cap itself would refuse the very client an eviction made room for)
+                            limit_concurrency=2 * settings.max_connections,
                             timeout_keep_alive=settings.keep_alive_seconds,
                             timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None, **tls)
     server = _DrainingServer(config, app, settings.drain_seconds)

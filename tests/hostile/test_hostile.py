@@ -288,3 +288,57 @@ def test_open_endpoints_are_the_same_on_both_transports():
     finally:
         srv.proc.terminate()
         srv.proc.wait(timeout=30)
+
+
+def test_idle_connections_beyond_the_cap_cannot_lock_others_out():
+    """More half-sent request heads than LOSSD_MAX_CONNECTIONS: the oldest idle ones are closed, readiness and
+    calls are still served (they were 503 for everyone once the cap was full)."""
+    import socket
+
+    srv = start_server({"LOSSD_MAX_CONNECTIONS": "100"})
+    try:
+        port = int(srv.http_url.rsplit(":", 1)[1])
+        socks = []
+        for _ in range(250):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nx-slow: ")
+            socks.append(s)
+        with httpx.Client(base_url=srv.http_url, timeout=30) as client:
+            for _ in range(10):
+                assert client.get("/v2/health/ready").status_code == 200
+                assert client.post("/v1/metrics/iou", json={"boxes1": attacks.PRED, "boxes2": attacks.TARGET}
+                                   ).status_code == 200
+        closed = 0
+        for s in socks:
+            s.settimeout(5)
+            try:
+                closed += s.recv(10) == b""
+            except OSError:
+                closed += 1
+            s.close()
+        assert closed >= 150, closed  # the server closed the surplus, oldest first
+    finally:
+        srv.proc.terminate()
+        srv.proc.wait(timeout=30)
+
+
+def test_standard_grpc_services_refuse_garbage_with_invalid_argument(channel):
+    for method in ("/grpc.health.v1.Health/Check", "/lossd.v1.LossService/Metric"):
+        assert attacks.grpc_raw_call(channel, method, b"\xff\xff\xff") == grpc.StatusCode.INVALID_ARGUMENT
+    refl = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                                 request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as info:
+        list(refl(iter([b"\xff\xff\xff"]), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_second_server_cannot_share_the_grpc_port(server):
+    import os
+    import subprocess
+    import sys
+
+    grpc_port = server.grpc_target.rsplit(":", 1)[1]
+    second = subprocess.run([sys.executable, "-m", "lossd.cli", "serve", "--http-port", "0", "--grpc-port",
+                             grpc_port], env=dict(os.environ, LOSSD_DEVICE="cpu"), capture_output=True, text=True,
+                            timeout=240)
+    assert second.returncode != 0

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from lossd_client.wire import SMALL_MESSAGE, decode_field, decode_with_tensors, passthrough
 from lossd_client.wire import oip_pb
@@ -60,8 +60,32 @@ def _tolerant(parse, method: str):
     return parse_or_flag
 
 
+def _refusing_bad_messages(behavior, request_streaming: bool):
+    """A third-party servicer's method, made to answer INVALID_ARGUMENT for a request that is a BadMessage (our
+    own servicers check for it themselves, and answer stream items in place)."""
+    if not request_streaming:
+        async def unary_request(request, context):
+            if isinstance(request, BadMessage):
+                await abort(context, request.error)
+            return await behavior(request, context)
+
+        return unary_request
+
+    async def checked(requests, context):
+        async for request in requests:
+            if isinstance(request, BadMessage):
+                await abort(context, request.error)
+            yield request
+
+    async def streaming_request(requests, context):
+        async for response in behavior(checked(requests, context), context):
+            yield response
+
+    return streaming_request
+
+
 def add_service(server: grpc.aio.Server, servicer, module, service_name: str, encoded: set[str],
-                decoders: dict | None = None) -> None:
+                decoders: dict | None = None, third_party: bool = False) -> None:
     """What the generated add_XServicer_to_server does, except that the methods in ``encoded`` may answer with
     already-encoded bytes (raw tensors written straight into the wire format by lossd_client.wire) as well as
     with messages, and ``decoders`` replace the request parsers of some methods."""
@@ -71,8 +95,10 @@ def add_service(server: grpc.aio.Server, servicer, module, service_name: str, en
         make = HANDLER[(method.client_streaming, method.server_streaming)]
         response = getattr(module, method.output_type.name)
         parse = (decoders or {}).get(method.name, getattr(module, method.input_type.name).FromString)
-        handlers[method.name] = make(getattr(servicer, method.name),
-                                     request_deserializer=_tolerant(parse, method.name),
+        behavior = getattr(servicer, method.name)
+        if third_party:
+            behavior = _refusing_bad_messages(behavior, method.client_streaming)
+        handlers[method.name] = make(behavior, request_deserializer=_tolerant(parse, method.name),
                                      response_serializer=passthrough if method.name in encoded
                                      else response.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
@@ -129,16 +155,23 @@ class GrpcServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.keepalive_permit_without_calls", 0),
                 ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
-                ("grpc.max_metadata_size", 16 * 1024)]
+                ("grpc.max_metadata_size", 16 * 1024),
+                # without this a second `lossd serve` on the same port binds too and silently takes a share of
+                # the connections; with it, the bind fails and the second server exits
+                ("grpc.so_reuseport", 0)]
         interceptors = [ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []
         self.server = grpc.aio.server(options=opts, interceptors=interceptors)
         add_service(self.server, LossServicer(service, settings.grpc_max_message_bytes), pb, "LossService",
                     encoded={"Evaluate", "EvaluateStream"}, decoders=LOSS_DECODERS)
         add_service(self.server, InferenceServicer(service, is_ready), oip_pb,
                     "GRPCInferenceService", encoded={"ModelInfer"}, decoders=OIP_DECODERS)
+        # health and reflection are added like our own services, so that bytes that are not their messages get
+        # INVALID_ARGUMENT too (their generated adders would answer UNKNOWN and log a traceback)
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(SERVICES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        add_service(self.server, self.health, health_pb2, "Health", encoded=set(), third_party=True)
+        add_service(self.server, reflection.aio.ReflectionServicer(
+            SERVICES + (health.SERVICE_NAME, reflection.SERVICE_NAME)), reflection_pb2, "ServerReflection",
+            encoded=set(), third_party=True)
         if settings.tls_cert and settings.tls_key:
             creds = grpc.ssl_server_credentials([(Path(settings.tls_key).read_bytes(),
                                                   Path(settings.tls_cert).read_bytes())])

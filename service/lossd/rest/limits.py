@@ -28,12 +28,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     max_header_bytes = 64 * 1024
     header_timeout = 10.0
+    max_connections = 4096
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_bytes = 0
         self._in_head = True
+        self._opened = self.loop.time()
         self._head_timer = self.loop.call_later(self.header_timeout, self._head_expired)
+        if len(self.connections) > self.max_connections:
+            self._evict_one()
+
+    def _evict_one(self) -> None:
+        """Past LOSSD_MAX_CONNECTIONS a new connection closes the oldest one that holds no request: idle, or still
+        sending its head. Connections that only hold sockets cannot lock others out; those in a request are
+        bounded by the body deadline."""
+        idle = [c for c in self.connections if c is not self and getattr(c, "_in_head", False)
+                and (c.cycle is None or c.cycle.response_complete) and not c.transport.is_closing()]
+        if idle:
+            min(idle, key=lambda c: c._opened).transport.close()
 
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
@@ -52,12 +65,33 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
+        self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._head_size = getattr(self, "_head_size", 0) + len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size = getattr(self, "_head_size", 0) + len(name) + len(value) + 4
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
         self._cancel_head_timer()
+        if getattr(self, "_head_size", 0) > self.max_header_bytes:  # a whole head that came in one read
+            self._refuse("header_too_large", f"the request head exceeds {self.max_header_bytes} bytes "
+                         "(LOSSD_MAX_HEADER_BYTES)")
+            return
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self.transport.is_closing():  # refused in its head: what follows in the same read is dropped
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self.transport.is_closing():
+            super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -83,14 +117,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         status = TABLE[code].v1
         body = orjson.dumps({"error": {"code": code, "message": message, "details": {}}})
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                             b"connection: close\r\n\r\n" % (status, HTTPStatus(status).phrase.encode(), len(body))
-                             + body)
+                             b"lossd-error-code: %s\r\nconnection: close\r\n\r\n"
+                             % (status, HTTPStatus(status).phrase.encode(), len(body), code.encode()) + body)
         self.transport.close()
 
 
-def guarded_protocol(max_header_bytes: int, header_timeout: float) -> type[GuardedHttpToolsProtocol]:
+def guarded_protocol(max_header_bytes: int, header_timeout: float,
+                     max_connections: int) -> type[GuardedHttpToolsProtocol]:
     return type("GuardedHttpTools", (GuardedHttpToolsProtocol,),
-                {"max_header_bytes": max_header_bytes, "header_timeout": header_timeout})
+                {"max_header_bytes": max_header_bytes, "header_timeout": header_timeout,
+                 "max_connections": max_connections})
 
 
 class BodyLimitMiddleware:
