@@ -188,6 +188,48 @@ def _simulate(args: argparse.Namespace) -> int:
     return 130 if summary["interrupted"] else 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number > 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in [0, 65535], got {text}")
+    return value
+
+
+def _run(args: argparse.Namespace) -> int:
+    """A subcommand, with the errors a user can cause (bad settings, inputs, servers) as one line and exit 2."""
+    from pydantic import ValidationError
+
+    from lossd_client import LossdError
+
+    from .engine import EngineError
+
+    try:
+        return args.func(args)
+    except ValidationError as exc:  # LOSSD_* settings
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+        print(f"lossd {args.command}: error: LOSSD_{where.upper()}: {first.get('msg')}", file=sys.stderr)
+    except (EngineError, LossdError) as exc:
+        print(f"lossd {args.command}: error: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print(f"lossd {args.command}: error: {exc}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lossd", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"lossd {__version__}")
@@ -196,15 +238,15 @@ def main(argv: list[str] | None = None) -> int:
                                 parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter))
     serve = sub.add_parser("serve", help="start the REST (and gRPC) server over a warm engine")
     serve.add_argument("--host", help="bind address (default 127.0.0.1; LOSSD_HOST)")
-    serve.add_argument("--http-port", type=int, help="REST port (default 8000; LOSSD_HTTP_PORT)")
-    serve.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; LOSSD_GRPC_PORT)")
+    serve.add_argument("--http-port", type=_port, help="REST port (default 8000; LOSSD_HTTP_PORT)")
+    serve.add_argument("--grpc-port", type=_port, help="gRPC port (default 50051; LOSSD_GRPC_PORT)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="engine device (default auto; LOSSD_DEVICE)")
     serve.set_defaults(func=_serve)
     ls = sub.add_parser("losses", help="list the catalog")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="the whole catalog as JSON")
     ls.set_defaults(func=_losses)
     demo = sub.add_parser("demo", help="evaluate a few box losses in-process")
-    demo.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="engine device")
     demo.set_defaults(func=_demo)
     q = sub.add_parser("quality", help="score a dataset's boxes against a reference and flag likely label errors",
                        formatter_class=_QualityHelp,
@@ -224,42 +266,42 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help='distribute shards over Ray (a local Ray when no address is given; pip install "lossd[ray]")')
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="in-process engine device")
-    q.add_argument("--shard-size", type=int, default=500, help="images per shard (the unit of resumption)")
+    q.add_argument("--shard-size", type=_positive_int, default=500, help="images per shard (the unit of resumption)")
     from .quality.score import Thresholds
 
     d = Thresholds()
     cal = "calibrated per class from the data"
-    q.add_argument("--conf", type=float, default=d.conf,
+    q.add_argument("--conf", type=_fraction, default=d.conf,
                    help=f"references from this confidence up are trusted to match and flag (default: {cal})")
-    q.add_argument("--ok-iou", type=float, default=d.ok_iou,
+    q.add_argument("--ok-iou", type=_fraction, default=d.ok_iou,
                    help=f"matched IoU from which a label is ok (default: {cal})")
-    q.add_argument("--missing-conf", type=float, default=d.missing_conf,
+    q.add_argument("--missing-conf", type=_fraction, default=d.missing_conf,
                    help=f"confidence from which an unlabelled reference is a missing box (default: {cal})")
-    q.add_argument("--match-iou", type=float, default=d.match_iou, help="least IoU for a label/reference match")
-    q.add_argument("--wrong-class-iou", type=float, default=d.wrong_class_iou,
+    q.add_argument("--match-iou", type=_fraction, default=d.match_iou, help="least IoU for a label/reference match")
+    q.add_argument("--wrong-class-iou", type=_fraction, default=d.wrong_class_iou,
                    help="IoU with a trusted other-class reference that makes a label wrong_class")
-    q.add_argument("--support-iou", type=float, default=d.support_iou,
+    q.add_argument("--support-iou", type=_fraction, default=d.support_iou,
                    help="IoU from which any reference shows that an object is there (unconfirmed, not spurious)")
     q.add_argument("--loss", default=d.loss, help="the loss kept for each label/reference pair")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_quality)
     sim = sub.add_parser("simulate", help="the DIoU paper's regression simulation, on lossd's gradients "
-                                          "(needs the bench extra: matplotlib)")
+                                          "(pip install \"lossd[simulate]\": matplotlib)")
     sim.add_argument("--server", default="http://127.0.0.1:8000",
-                     help="the running lossd to ask (http(s):// or grpc://; default http://127.0.0.1:8000)")
+                     help="the running lossd to ask (http(s):// or grpc://)")
     sim.add_argument("--local", action="store_true", help="use an engine in this process instead of a server")
     sim.add_argument("--device", choices=["cpu", "cuda"], help="--local: engine device (default cpu)")
     sim.add_argument("--api-key", help="API key for --server (or LOSSD_API_KEY)")
     sim.add_argument("--losses", default="all",
                      help="comma-separated names, 'paper' (iou,giou,diou,ciou) or 'all' (the paper's four, then "
                           "every other box and regression loss in the catalog; default)")
-    sim.add_argument("--cases", type=int, help="only the first N of the 1,715,000 cases (quick runs)")
-    sim.add_argument("--iterations", type=int, default=200, help="gradient steps (default 200; the learning "
+    sim.add_argument("--cases", type=_positive_int, help="only the first N of the 1,715,000 cases (quick runs)")
+    sim.add_argument("--iterations", type=_positive_int, default=200, help="gradient steps (the learning "
                      "rate drops at 80%% and 90%%)")
     sim.add_argument("--seed", type=int, default=0, help="seed of the 5,000 anchor centres")
-    sim.add_argument("--shards", type=int, default=2, help="case groups stepped concurrently (default 2)")
+    sim.add_argument("--shards", type=_positive_int, default=2, help="case groups stepped concurrently")
     sim.add_argument("--map", help="losses drawn in the final-error map (default: the paper's four that ran)")
-    sim.add_argument("--out", default="bench/results/simulation", help="output folder")
+    sim.add_argument("--out", default="simulation", help="output folder")
     sim.add_argument("--force", action="store_true", help="rerun losses whose results are already in --out")
     sim.add_argument("--paper-gradients", action="store_true",
                      help="descend with the paper code's hand-derived gradients (in-process) instead of lossd's")
@@ -269,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--no-progress", action="store_true", help="no progress bars")
     sim.set_defaults(func=_simulate)
     args = parser.parse_args(argv)
-    return args.func(args)
+    return _run(args)
 
 
 if __name__ == "__main__":

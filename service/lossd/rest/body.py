@@ -29,7 +29,10 @@ def validate(data: object, model: type[M]) -> M:
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        field = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        # the field's own path: pydantic adds the union member it tried ("literal['none','mean']", "str")
+        loc = [part for part in first.get("loc", ()) if not (isinstance(part, str) and (
+            "[" in part or part in ("str", "int", "float", "bool", "list", "dict")))]
+        field = ".".join(str(p) for p in loc) or "body"
         raise ServiceError(f"{quote(field, 100).strip(chr(39))}: {first.get('msg')}", "invalid_request",
                            field=field) from None
     return parsed.model_copy(update=arrays) if arrays else parsed
