@@ -128,3 +128,14 @@ def test_accepts_tensors_numpy_and_lists_alike(engine):
     torch.testing.assert_close(a, c)
     assert engine.evaluate("ciou", t.double(), t.double()).loss.dtype == torch.float64
     assert engine.evaluate("ciou", t.to(torch.bfloat16), t).loss.dtype == torch.float32
+
+
+def test_float32_overflow_and_ragged_rows_are_named_plainly(engine):
+    with pytest.raises(EngineError) as info:
+        engine.evaluate("ciou", [[0, 0, 1, 1], [0, 0, 1e300, 1e300]], [[0, 0, 1, 1]] * 2)
+    assert info.value.code == "non_finite" and info.value.rows == [1]
+    assert "float32's range" in info.value.message and "float64" in info.value.message
+    with pytest.raises(EngineError) as info:
+        engine.evaluate("ciou", [[0, 0, 1], [0, 0, 1, 1]], [[0, 0, 1, 1]] * 2)
+    assert info.value.code == "invalid_shape" and "different lengths" in info.value.message
+    assert "inhomogeneous" not in info.value.message  # numpy's own wording stays out

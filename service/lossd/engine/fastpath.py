@@ -94,7 +94,8 @@ def _as_np(x: Any, dtype: np.dtype) -> np.ndarray | None:
         return None
     if arr.dtype.kind not in "iuf":
         return None
-    return np.ascontiguousarray(arr, dtype=dtype)
+    with np.errstate(over="ignore"):  # values past float32's range become inf here, refused by name later
+        return np.ascontiguousarray(arr, dtype=dtype)
 
 
 def cpu_evaluate(spec: Spec, pred: Any, target: Any, box_format: str, reduction: str, weights: Any, kwargs: dict,

@@ -40,8 +40,9 @@ def as_array(x: Any, field: str) -> Tensor:
         raise EngineError("invalid_shape", f"{field} is missing", field=field)
     try:
         arr = np.asarray(x)
-    except ValueError as exc:  # ragged nested lists
-        raise EngineError("invalid_shape", f"{field} is not a rectangular array: {exc}", field=field) from None
+    except ValueError:  # ragged nested lists
+        raise EngineError("invalid_shape", f"{field} is not a rectangular array (its rows have different "
+                          "lengths)", field=field) from None
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise EngineError("invalid_shape", f"{field} must be a rectangular array of numbers", field=field)
     if arr.dtype.kind == "b":
@@ -62,9 +63,14 @@ def as_float(x: Any, field: str, dtype: torch.dtype, device: torch.device) -> Te
     t = as_array(x, field)
     if t.dtype.is_complex:
         raise EngineError("invalid_shape", f"{field} must be real", field=field)
+    source = t
     t = t.to(device=device, dtype=dtype)
     if t.numel() and not bool(torch.isfinite(t).all()):
-        _raise_rows("non_finite", field, bad_rows(~torch.isfinite(t)), "NaN or inf")
+        bad = ~torch.isfinite(t)
+        if source.dtype.is_floating_point and source.dtype != t.dtype and bool(torch.isfinite(source).all()):
+            _raise_rows("non_finite", field, bad_rows(bad.cpu()),
+                        f"values beyond {str(dtype).removeprefix('torch.')}'s range (send dtype float64)")
+        _raise_rows("non_finite", field, bad_rows(bad), "NaN or inf")
     return t
 
 
