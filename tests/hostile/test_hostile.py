@@ -342,3 +342,15 @@ def test_a_second_server_cannot_share_the_grpc_port(server):
                              grpc_port], env=dict(os.environ, LOSSD_DEVICE="cpu"), capture_output=True, text=True,
                             timeout=240)
     assert second.returncode != 0
+
+
+def test_an_answer_the_client_refuses_leaves_no_traceback(server):
+    """A 36 MB pairwise answer to a client with grpc's default 4 MiB receive limit: the client sees
+    RESOURCE_EXHAUSTED, the server logs no traceback (checked again at teardown for the whole module)."""
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        boxes = to_tensor(np.tile(np.asarray(attacks.PRED[:1], "<f4"), (700, 1)))
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.LossServiceStub(ch).Metric(pb.MetricRequest(metric="iou", boxes1=boxes, boxes2=boxes,
+                                                                pairwise=True), timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "Traceback" not in server.log()

@@ -26,6 +26,21 @@ UNAUTHORIZED = ServiceError("a valid API key is required (metadata x-api-key)", 
 
 log = logging.getLogger("lossd.grpc")
 
+
+class _PeerGone(logging.Filter):
+    """grpc logs an ERROR with a traceback whenever an answer cannot be sent because the client is gone (it
+    cancelled, timed out, or refused an answer over its receive limit). That is the client's doing, one line per
+    call at most, and a hostile client could otherwise fill the log with tracebacks: kept as one debug line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "ExecuteBatchError" in record.getMessage():
+            log.debug("answer not delivered, the client is gone: %s", record.getMessage())
+            return False
+        return True
+
+
+logging.getLogger("grpc._cython.cygrpc").addFilter(_PeerGone())
+
 SERVICES = (pb.DESCRIPTOR.services_by_name["LossService"].full_name,
             oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
 
