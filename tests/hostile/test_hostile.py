@@ -345,9 +345,9 @@ def test_a_second_server_cannot_share_the_grpc_port(server):
 
 
 def test_an_answer_the_client_refuses_leaves_no_traceback(server):
-    """A 36 MB pairwise answer to a client with grpc's default 4 MiB receive limit: the client sees
-    RESOURCE_EXHAUSTED, the server logs no traceback (checked again at teardown for the whole module)."""
-    with grpc.insecure_channel(server.grpc_target) as ch:
+    """A 2 MB pairwise answer to a client whose receive limit is 1 MiB: the client sees RESOURCE_EXHAUSTED, the
+    server logs no traceback (checked again at teardown for the whole module)."""
+    with grpc.insecure_channel(server.grpc_target, options=[("grpc.max_receive_message_length", 2**20)]) as ch:
         boxes = to_tensor(np.tile(np.asarray(attacks.PRED[:1], "<f4"), (700, 1)))
         with pytest.raises(grpc.RpcError) as info:
             pb_grpc.LossServiceStub(ch).Metric(pb.MetricRequest(metric="iou", boxes1=boxes, boxes2=boxes,
