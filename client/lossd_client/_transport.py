@@ -74,6 +74,11 @@ def parse_endpoints(url: str | Sequence[str], tls: bool = False) -> Endpoints:
     kinds, targets, secure = set(), [], set()
     for u in urls:
         p = urlparse(u)
+        if p.scheme in ("http", "https", "grpc", "grpcs"):
+            try:
+                p.port  # noqa: B018 (urllib checks the range when the port is read)
+            except ValueError:
+                raise ValueError(f"url {u!r}: the port must be a number in [0, 65535]") from None
         if p.scheme in ("http", "https"):
             kinds.add("http")
             targets.append(u.rstrip("/"))

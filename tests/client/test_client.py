@@ -274,3 +274,9 @@ def test_dns_target_balances_with_round_robin(live_server, engine):
         assert c.transport == "grpc" and c.endpoints == [f"dns:///localhost:{port}"]
         loss, _ = c.loss("giou", PRED, TARGET)
     np.testing.assert_allclose(loss, engine.evaluate("giou", PRED, TARGET).loss.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("url", ["grpc://127.0.0.1:99999", "http://127.0.0.1:70000", "https://h:-1"])
+def test_a_port_out_of_range_is_refused_not_wrapped(url):
+    with pytest.raises(ValueError, match="port"):
+        LossClient(url)

@@ -187,3 +187,12 @@ def test_cors(make_client):
     resp = c.options("/v1/losses/iou", headers={"Origin": "https://evil.example",
                                                 "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in resp.headers
+
+
+def test_flags_must_be_booleans(client):
+    err = error_of(client.post("/v1/losses/ciou", json={"pred": PRED, "target": TARGET, "return_grad": "yes"}), 422,
+                   "invalid_request")
+    assert err["details"]["field"] == "return_grad"
+    err = error_of(client.post("/v1/metrics/iou", json={"boxes1": PRED, "boxes2": TARGET, "pairwise": 1}), 422,
+                   "invalid_request")
+    assert err["details"]["field"] == "pairwise"

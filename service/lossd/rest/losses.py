@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from ..service import Service
 from .body import body_schema, read_model
@@ -29,7 +29,7 @@ class LossRequest(BaseModel):
     reduction: Literal["none", "mean", "sum"] | str = "none"
     weights: list[float] | None = Field(None, description="[N] per-sample weights")
     params: dict[str, Any] | None = Field(None, description="the loss's parameters; omitted ones take the defaults")
-    return_grad: bool = True
+    return_grad: StrictBool = True
     dtype: Literal["float32", "float64"] = "float32"
 
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from ..service import Service
 from .body import body_schema, read_model
@@ -24,7 +24,7 @@ class MetricRequest(BaseModel):
     boxes1: Any = Field(..., description="[N,4] boxes")
     boxes2: Any = Field(..., description="[N,4] boxes (elementwise) or [M,4] (pairwise)")
     box_format: Literal["xyxy", "xywh", "cxcywh"] | str = "xyxy"
-    pairwise: bool = False
+    pairwise: StrictBool = False
     params: dict[str, Any] | None = None
     dtype: Literal["float32", "float64"] = "float32"
 
