@@ -341,7 +341,19 @@ def test_a_second_server_cannot_share_the_grpc_port(server):
     second = subprocess.run([sys.executable, "-m", "lossd.cli", "serve", "--http-port", "0", "--grpc-port",
                              grpc_port], env=dict(os.environ, LOSSD_DEVICE="cpu"), capture_output=True, text=True,
                             timeout=240)
-    assert second.returncode != 0
+    assert second.returncode != 0 and "lossd ready" not in second.stdout + second.stderr
+
+
+def test_a_taken_rest_port_never_logs_ready(server):
+    import os
+    import subprocess
+    import sys
+
+    http_port = server.http_url.rsplit(":", 1)[1]
+    second = subprocess.run([sys.executable, "-m", "lossd.cli", "serve", "--http-port", http_port, "--grpc-port",
+                             "0"], env=dict(os.environ, LOSSD_DEVICE="cpu"), capture_output=True, text=True,
+                            timeout=240)
+    assert second.returncode != 0 and "lossd ready" not in second.stdout + second.stderr
 
 
 def test_an_answer_the_client_refuses_leaves_no_traceback(server):

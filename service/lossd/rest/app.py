@@ -54,6 +54,8 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
         async def warm() -> None:
             if eng.warm_seconds is None:
                 await anyio.to_thread.run_sync(eng.warm_up)
+            if app.state.draining:  # the server stopped while the engine warmed (e.g. its port was taken)
+                return
             if settings.gc_freeze:
                 # torch, numba, grpc and FastAPI leave ~300k long-lived objects; a full collection walks them all
                 # (measured: 112 ms, a stall every few thousand requests that set the p99 under load). Frozen,
