@@ -61,6 +61,7 @@ TABLE: dict[str, Row] = {
     "invalid_request": Row(422, 400, "INVALID_ARGUMENT", False),   # fields, types, shapes of the request itself
     "invalid_json": Row(400, 400, "INVALID_ARGUMENT", False),      # the body is not JSON (or nested too deeply)
     "invalid_header": Row(400, 400, "INVALID_ARGUMENT", False),    # a header or metadata value
+    "invalid_http": Row(400, 400, "INVALID_ARGUMENT", False),      # bytes the HTTP parser cannot read
     "unknown_version": Row(404, 404, "NOT_FOUND", False),
     "unknown_model": Row(404, 404, "NOT_FOUND", False),
     "unauthorized": Row(401, 401, "UNAUTHENTICATED", False),

@@ -366,3 +366,11 @@ def test_an_answer_the_client_refuses_leaves_no_traceback(server):
                                                                 pairwise=True), timeout=30)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "Traceback" not in server.log()
+
+
+def test_bytes_that_are_not_http_get_the_json_error_shape(server):
+    host, port = "127.0.0.1", int(server.http_url.rsplit(":", 1)[1])
+    answer = attacks.raw_http(host, port, b"\x16\x03\x01 not http\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"lossd-error-code: invalid_http" in head
+    assert b'"code":"invalid_http"' in body

@@ -62,6 +62,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse("header_too_large", f"the request head exceeds {self.max_header_bytes} bytes "
                          "(LOSSD_MAX_HEADER_BYTES)")
 
+    def send_400_response(self, msg: str) -> None:
+        """Bytes the HTTP parser cannot read: lossd's error shape and code, like every other error."""
+        self._refuse("invalid_http", f"not a valid HTTP/1.1 request ({msg.rstrip('.')})")
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
