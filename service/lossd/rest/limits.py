@@ -179,8 +179,9 @@ class BodyLimitMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                if timed_out:
-                    message = dict(message, headers=list(message.get("headers", [])) + [(b"connection", b"close")])
+                headers = list(message.get("headers", []))
+                if timed_out and (b"connection", b"close") not in headers:
+                    message = dict(message, headers=headers + [(b"connection", b"close")])
             await send(message)
 
         await self.app(scope, limited_receive, tracked_send)
