@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from .engine import EngineError
+from .engine.errors import QUOTE_CHARS, quote  # noqa: F401  (re-exported: one quoting rule)
 
 log = logging.getLogger("lossd.errors")
 
-QUOTE_CHARS = 100
 MESSAGE_CHARS = 1000  # a message (and each header or metadata value) is cut to this many characters
 
 
@@ -77,15 +77,6 @@ TABLE: dict[str, Row] = {
     "deadline_exceeded": Row(504, 504, "DEADLINE_EXCEEDED", False),
     "internal": Row(500, 500, "INTERNAL", False),
 }
-
-
-def quote(value: object, limit: int = QUOTE_CHARS) -> str:
-    """repr(value), cut to ``limit`` characters: client text never travels back whole."""
-    try:
-        text = value if isinstance(value, str) and value.startswith(("'", '"')) else repr(value)
-    except Exception:  # a hostile __repr__ cannot come from JSON or protobuf, but never fail while failing
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
 def ascii_value(text: str, limit: int = MESSAGE_CHARS) -> str:

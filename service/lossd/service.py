@@ -27,8 +27,9 @@ from . import oip
 from .admission import Admission, is_out_of_memory
 from .batching import Batcher
 from .engine import LOSSES, METRICS, Engine, EngineError, Result, get_loss, get_metric
-from .engine.inputs import check_box_format
-from .errors import ResourceExhausted, ServiceError, quote
+from .engine.engine import REDUCTIONS
+from .engine.inputs import FLOAT_DTYPES, check_box_format
+from .errors import TABLE, ResourceExhausted, ServiceError, quote
 from .settings import Settings
 from .shm import SharedMemory, is_local, not_local
 
@@ -37,8 +38,6 @@ from .shm import SharedMemory, is_local, not_local
 INLINE_MAX_METRIC_VALUES = 1024
 # Request bodies (or header JSON) above this size are parsed in a thread so health and gRPC stay responsive.
 INLINE_PARSE_BYTES = 256 * 1024
-REDUCTIONS = ("none", "mean", "sum")
-DTYPES = ("float32", "float64")
 UNKNOWN = "unknown"  # the one metrics label for every name that is not in the catalog
 MODEL_ENDPOINTS = frozenset({"v1_loss", "v2_infer", "grpc_evaluate", "grpc_infer", "grpc_stream"})
 
@@ -113,7 +112,7 @@ class Observability:
             yield tracker
         except BaseException as exc:
             outcome = getattr(exc, "code", "error")
-            outcome = outcome if isinstance(outcome, str) and len(outcome) <= 40 else "error"
+            outcome = outcome if isinstance(outcome, str) and outcome in TABLE else "error"  # a bounded label
             raise
         finally:
             elapsed = time.perf_counter_ns() - t0
@@ -179,22 +178,12 @@ class Service:
         if not isinstance(reduction, str) or reduction not in REDUCTIONS:
             raise EngineError("unknown_reduction", f"reduction must be one of {list(REDUCTIONS)}, got "
                               f"{quote(reduction)}", field="reduction")
-        if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
+        if dtype is not None and (not isinstance(dtype, str) or dtype not in FLOAT_DTYPES):
             raise EngineError("unknown_dtype", f"dtype must be float32 or float64, got {quote(dtype)}",
                               field="dtype")
-        if params is None:
-            params = {}
-        if not isinstance(params, Mapping):
+        if params is not None and not isinstance(params, Mapping):
             raise ServiceError(f"params must be an object, got {quote(params)}", field="params")
-        known = {p.name: p for p in spec.params}
-        canonical = {}
-        for key, value in params.items():
-            p = known.get(key) if isinstance(key, str) else None
-            if p is None:
-                raise EngineError("unknown_param", f"{spec.name} has no parameter {quote(key)}; it takes "
-                                  f"{sorted(known) or 'no parameters'}",
-                                  field=f"params.{key}" if isinstance(key, str) and len(key) <= 64 else "params")
-            canonical[key] = p.coerce(value, "params")
+        canonical = spec.canonical(params)
         return Options(box_format, reduction, canonical, dtype)
 
     # ----------------------------------------------------------------------------------------------- evaluate

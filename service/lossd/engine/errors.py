@@ -72,6 +72,18 @@ class EngineError(ValueError):
         return f"EngineError({self.code!r}, {self.message!r})"
 
 
+QUOTE_CHARS = 100
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """repr(value), cut to ``limit`` characters: client text never travels back whole."""
+    try:
+        text = value if isinstance(value, str) and value.startswith(("'", '"')) else repr(value)
+    except Exception:  # a hostile __repr__ cannot come from JSON or protobuf, but never fail while failing
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
 def rows_phrase(rows: Sequence[int], total: int) -> str:
     """'rows 3, 7, 9' or 'rows 3, 7, 9, ... (42 rows)'."""
     shown = ", ".join(str(int(r)) for r in rows[:MAX_ROWS])

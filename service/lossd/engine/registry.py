@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .errors import EngineError
+from .errors import EngineError, quote
 
 KINDS = ("box", "regression", "classification")
 
@@ -119,18 +119,24 @@ class Spec:
     # metric), or None: then the autograd reference (or torch.compile on CUDA) computes it
     kernel: Any = None
 
+    def canonical(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The user's params alone, checked and coerced to their types; keyed by parameter name (what a batch of
+        requests may share)."""
+        known = {p.name: p for p in self.params}
+        out = {}
+        for key, value in (params or {}).items():
+            p = known.get(key) if isinstance(key, str) else None
+            if p is None:
+                raise EngineError("unknown_param", f"{self.name} has no parameter {quote(key)}; it takes "
+                                  f"{sorted(known) or 'no parameters'}",
+                                  field=f"params.{key}" if isinstance(key, str) and len(key) <= 64 else "params")
+            out[key] = p.coerce(value, "params")
+        return out
+
     def resolve(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         """Catalog defaults overlaid with the user's params, checked; keyed by the function's kwargs."""
-        params = dict(params or {})
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise EngineError("unknown_param", f"{self.name} has no parameter {unknown[0]!r}; "
-                              f"it takes {sorted(known) or 'no parameters'}", field=f"params.{unknown[0]}")
-        out = {}
-        for p in self.params:
-            out[p.kwarg] = p.coerce(params[p.name], "params") if p.name in params else p.default
-        return out
+        given = self.canonical(params)
+        return {p.kwarg: given.get(p.name, p.default) for p in self.params}
 
     def describe(self) -> dict:
         out = {"name": self.name, "kind": self.kind, "summary": self.summary, "doc": self.doc,
