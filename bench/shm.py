@@ -7,14 +7,17 @@ CIoU loss + gradient on N box pairs (float32), each scenario timed by the median
 
   engine_in_process     lossd's engine called in this process (no server)
   torch_autograd        the same CIoU formula written in torch, forward + backward, in this process (the caller's
-                        own alternative; torchvision is not installable here, so torchvision.ops itself is not run),
-                        at the torch thread count that is fastest on this machine at the time (probed first)
+                        own alternative), at the torch thread count that is fastest on this machine at the time
+                        (probed first)
+  torchvision           torchvision.ops.complete_box_iou_loss, forward + backward, in this process, at the same
+                        thread count (bench/torchvision_ops.py: installed, or its own code from the matching PyPI
+                        wheel where the wheel cannot be installed beside a CPU-only torch)
   lossd_shm_grpc/http   LossClient with shared memory (copy in, one small request, copy LOSS and GRAD out)
   lossd_wire_grpc/http  LossClient(shared_memory=False): the tensors through the socket (8 MiB requests, 4 in flight)
   triton_shm_grpc/http  tritonclient's shared-memory flow (set_shared_memory_region, infer, get_contents_as_numpy
                         and a copy out), in a subprocess: its protobuf messages clash with lossd's in one process
 
-Each row has two ratios against the in-process engine and torch autograd: by wall time, and by CPU (the client's
+Each row has ratios against the in-process engine, torch autograd and torchvision: by wall time, and by CPU (the client's
 plus the server's CPU per call against the engine's). On a busy machine wall times swing with other work; the CPU
 a call costs moves much less. The machine's load (1-minute load average before and after, and the hypervisor's
 steal) is saved with the figures: it says how far the wall-time ratios can be trusted. Writes shm.json under --out.
@@ -140,12 +143,15 @@ def main() -> int:
 
     from lossd.engine import Engine
     from lossd_client import LossClient
+    from torchvision_ops import load as load_torchvision
+
+    tv_ciou, tv_source = load_torchvision("complete_box_iou_loss")
+    run.log(f"torchvision: {tv_source}")
 
     before = load()
     server = run.Server(batching=True)
     res: dict = {"sizes": sizes, "cores": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
-                 "torch_threads": torch.get_num_threads(), "torchvision": "not installable here; torch autograd "
-                 "of the same formula in this process stands in for it", "load_before": before, "rows": []}
+                 "torch_threads": torch.get_num_threads(), "torchvision": tv_source, "load_before": before, "rows": []}
     try:
         engine = Engine(device="cpu")
         triton = subprocess.run([sys.executable, "-c", TRITON, str(Path(__file__).resolve().parent),
@@ -175,6 +181,20 @@ def main() -> int:
             finally:
                 torch.set_num_threads(default_threads)
             rows["torch_autograd"]["torch_threads"] = autograd_threads
+
+            def torchvision():
+                x = pt.clone().requires_grad_(True)
+                tv_ciou(x, tt, reduction="sum").backward()
+                return x.grad
+
+            torch.set_num_threads(autograd_threads)
+            try:
+                rows["torchvision"] = run.timeit_cpu(torchvision, None, args.budget, chunks=5)
+                x = pt.double().requires_grad_(True)
+                tv_sum = float(tv_ciou(x, tt.double(), reduction="sum").detach())
+            finally:
+                torch.set_num_threads(default_threads)
+            rows["torchvision"]["torch_threads"] = autograd_threads
             results = {}
             for transport, url in (("grpc", f"grpc://127.0.0.1:{server.grpc}"),
                                    ("http", f"http://127.0.0.1:{server.http}")):
@@ -192,11 +212,16 @@ def main() -> int:
                 assert abs(tr.pop("loss_sum") - float(ref.loss.sum())) <= 1e-3 * abs(float(ref.loss.sum())), transport
                 tr.pop("grad_sum")
                 rows[f"triton_shm_{transport}"] = tr
+            # torchvision computes the same loss (float64 here, so its eps and ours do not blur the check)
+            assert abs(tv_sum - float(ref.loss.sum())) <= 1e-3 * abs(tv_sum), (tv_sum, float(ref.loss.sum()))
             base, torch_s = rows["engine_in_process"]["s"], rows["torch_autograd"]["s"]
             base_cpu, torch_cpu = rows["engine_in_process"]["client_cpu_s"], rows["torch_autograd"]["client_cpu_s"]
+            tv_s, tv_cpu = rows["torchvision"]["s"], rows["torchvision"]["client_cpu_s"]
             for name, r in rows.items():
                 r["fraction_of_engine"] = base / r["s"]
                 r["x_torch_autograd"] = torch_s / r["s"]
+                r["x_torchvision"] = tv_s / r["s"]
+                r["cpu_x_torchvision"] = tv_cpu / (r["client_cpu_s"] + (r.get("server_cpu_s") or 0.0))
                 # CPU of both processes per call: on a busy machine wall times swing with other people's work,
                 # the CPU a call costs much less
                 r["cpu_s"] = r["client_cpu_s"] + (r.get("server_cpu_s") or 0.0)
@@ -206,8 +231,9 @@ def main() -> int:
                 if r.get("server_cpu_s") is not None:
                     cpu += f", server {r['server_cpu_s'] * 1e3:7.1f} ms"
                 run.log(f"  n={n:>9} {name:>18}: {r['s'] * 1e3:8.1f} ms  {r['fraction_of_engine']:5.2f} of engine  "
-                        f"{r['x_torch_autograd']:5.2f}x torch autograd | CPU {r['cpu_s'] * 1e3:7.1f} ms "
-                        f"{r['cpu_fraction_of_engine']:5.2f} of engine {r['cpu_x_torch_autograd']:5.2f}x autograd "
+                        f"{r['x_torch_autograd']:5.2f}x autograd {r['x_torchvision']:5.2f}x torchvision | CPU "
+                        f"{r['cpu_s'] * 1e3:7.1f} ms {r['cpu_fraction_of_engine']:5.2f} of engine "
+                        f"{r['cpu_x_torch_autograd']:5.2f}x autograd {r['cpu_x_torchvision']:5.2f}x torchvision "
                         f"({cpu}; steal {r['steal_fraction']:.0%})")
             res["rows"].append({"n": n, **rows})
     finally:

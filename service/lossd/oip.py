@@ -158,9 +158,8 @@ def _tensor(entry: Any, raw: memoryview, offset: int, shm: ShmCall | None = None
         if ref[2] != count * dt.itemsize:
             raise ProtocolError(f"input {name}: shared_memory_byte_size {ref[2]} does not match shape {shape} of "
                                 f"{datatype} ({count * dt.itemsize} bytes)", field=f"inputs.{name}")
-        # a view for now: own_inputs() copies it before anything is checked (see there)
-        view = shm.view(ref, f"inputs.{name}")
-        return name, np.frombuffer(view, dtype=dt).reshape(shape), offset
+        shm.check(ref, f"inputs.{name}")  # read later, by read_shm_inputs (in a thread when big)
+        return name, ShmTensor(ref, dt, shape), offset
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -202,6 +201,19 @@ def _numbers(arr: np.ndarray, dt: np.dtype, name: str) -> np.ndarray:
 
 
 @dataclass
+class ShmTensor:
+    """An input that lies in a shared-memory region, not read yet."""
+
+    ref: tuple  # (region, offset, byte_size)
+    dtype: np.dtype
+    shape: list
+
+    @property
+    def nbytes(self) -> int:
+        return self.ref[2]
+
+
+@dataclass
 class InferCall:
     """A parsed inference request: the engine call to make, and how to shape its answer."""
 
@@ -212,7 +224,7 @@ class InferCall:
     has_id: bool
     shm: ShmCall | None = None
     shm_outputs: dict = None  # output name -> (region, offset, byte_size)
-    shm_inputs: tuple = ()    # the inputs that are still views of a region
+    shm_inputs: tuple = ()    # the inputs still to be read from a region (ShmTensor in kwargs)
 
 
 def prepare_infer(model: str, req: dict, raw: memoryview, shm: ShmCall | None = None) -> InferCall:
@@ -266,7 +278,7 @@ def prepare_infer(model: str, req: dict, raw: memoryview, shm: ShmCall | None = 
             if ref is not None:
                 if shm is None:
                     raise not_local()
-                shm.view(ref, f"outputs.{oname}")  # the region exists and holds the range, before computing
+                shm.check(ref, f"outputs.{oname}")  # the region exists and holds the range, before computing
                 shm_outputs[oname] = ref
     kwargs = dict(pred=tensors["PRED"], target=tensors["TARGET"], box_format=params.get("box_format", "xyxy"),
                   reduction=params.get("reduction", "none"), weights=tensors.get("WEIGHTS"),
@@ -288,11 +300,11 @@ def shm_input_bytes(call: InferCall) -> int:
     return sum(call.kwargs[KWARG[n]].nbytes for n in call.shm_inputs)
 
 
-def own_inputs(call: InferCall) -> None:
-    """Copy the inputs read from shared memory into the server's own memory. The client can write to a region
-    at any time; what is checked (box validity, class indices in range) must be what the kernels read."""
+def read_shm_inputs(call: InferCall) -> None:
+    """Read the inputs that lie in shared memory (see lossd.shm for when that is in place and when a copy)."""
     for name in call.shm_inputs:
-        call.kwargs[KWARG[name]] = call.kwargs[KWARG[name]].copy()
+        t = call.kwargs[KWARG[name]]
+        call.kwargs[KWARG[name]] = call.shm.read(t.ref, t.dtype, t.shape, f"inputs.{name}")
     call.shm_inputs = ()
 
 
@@ -332,8 +344,7 @@ def _write_shm(call: InferCall, oname: str, arr: np.ndarray) -> dict:
         raise ProtocolError(f"output {oname}: shared_memory_byte_size {size} is too small for shape "
                             f"{list(arr.shape)} of {DTYPES_NAME[arr.dtype]} ({arr.nbytes} bytes)", field=what)
     call.shm.check_registered(region, what)
-    view = call.shm.view((region, offset, arr.nbytes), what)
-    np.frombuffer(view, dtype=arr.dtype).reshape(arr.shape)[...] = arr
+    call.shm.write((region, offset, size), arr, what)
     return {"shared_memory_region": region, "shared_memory_byte_size": arr.nbytes,
             **({"shared_memory_offset": offset} if offset else {})}
 

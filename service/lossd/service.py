@@ -254,8 +254,8 @@ class Service:
             name = _name(model, "loss")
             spec = get_loss(name)
             call = await self.parse(lambda: oip.prepare_infer(name, *request(), shm=shm), size=size)
-            if call.shm_inputs:  # big copies out of shared memory leave the event loop
-                await self.parse(oip.own_inputs, call, size=oip.shm_input_bytes(call))
+            if call.shm_inputs:  # big reads out of shared memory leave the event loop
+                await self.parse(oip.read_shm_inputs, call, size=oip.shm_input_bytes(call))
             kw = call.kwargs
             opts = self.options(spec, kw["box_format"], kw["reduction"], kw["params"], kw["dtype"])
             with self.admission.admit():

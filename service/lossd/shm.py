@@ -3,8 +3,18 @@ from and outputs written to, so a client on the same host skips the socket for i
 
 A region is (name, key, offset, byte_size): ``key`` names a POSIX shared-memory object (``/dev/shm/<key>``, as
 ``shm_open`` and Python's multiprocessing.shared_memory create it), ``offset``/``byte_size`` the part of it the
-region covers. Registering maps that part into the server; a request then names a region, an offset into it and a
+region covers. Registering opens that object in the server; a request then names a region, an offset into it and a
 byte size per tensor (parameters shared_memory_region / shared_memory_offset / shared_memory_byte_size).
+
+How a region is read and written depends on who can shrink its object. A process that truncates an object while the
+server reads it through a mapping kills the server (SIGBUS), so:
+  * an object only the server's own user can write (owned by the server's uid, not group- or world-writable; what
+    multiprocessing.shared_memory and tritonclient create when client and server run as one user) is mapped:
+    floating-point inputs are read in place, outputs written straight into it. Whoever could truncate it could
+    signal the server anyway. A client that rewrites an input while its own call runs gets that call's numbers
+    wrong (as with Triton); integer inputs, which index arrays, are always copied before they are checked.
+  * any other object is never mapped: inputs are copied out with pread and outputs written with pwrite, so a
+    truncated object gives a clear error for that call and nothing else.
 
 Bounds: at most ``max_regions`` regions at once (each holds a mapping), names and keys are checked before they are
 used as keys, and only clients on this host (loopback or a unix socket) may register or use regions: the server
@@ -23,6 +33,8 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
+
+import numpy as np
 
 from .errors import ServiceError, quote
 
@@ -63,25 +75,39 @@ class Region:
     key: str
     offset: int
     byte_size: int
-    mm: mmap.mmap
-    inode: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the object mapped
+    fd: int
+    mm: mmap.mmap | None  # None: others can write the object, so it is only read/written with pread/pwrite
+    inode: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the object opened
     users: int = 0
     registered: bool = True
 
     def status(self) -> dict:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
 
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
     def close(self) -> None:
-        try:
-            self.mm.close()
-        except BufferError:  # a view still exists somewhere; the mapping goes when it does
-            pass
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:  # a view still exists somewhere; the mapping goes when it does
+                pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _whole(value, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value > 2**62:
         raise ServiceError(f"{what} must be a non-negative whole number, got {quote(value)}", field=what)
     return value
+
+
+def only_ours(info: os.stat_result) -> bool:
+    """Whether only the server's own user can write (and so truncate) an object: then mapping it is safe."""
+    return info.st_uid == os.geteuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 def check_name(name) -> str:
@@ -118,8 +144,8 @@ class SharedMemory:
                 raise ServiceError(f"this server holds at most {self.max_regions} shared-memory regions "
                                    "(LOSSD_MAX_SHM_REGIONS); unregister one first", "too_many_regions",
                                    field="name")
-            mm, inode = self._map(key, offset, byte_size)
-            self.regions[name] = Region(name, key, offset, byte_size, mm, inode)
+            fd, mm, inode = self._open(key, offset, byte_size)
+            self.regions[name] = Region(name, key, offset, byte_size, fd, mm, inode)
 
     def _evict_stale(self) -> None:
         """Drop regions whose shared-memory object is gone (removed by its owner, e.g. a client that exited
@@ -136,7 +162,7 @@ class SharedMemory:
                 region.close()
 
     @staticmethod
-    def _map(key: str, offset: int, byte_size: int) -> tuple[mmap.mmap, tuple[int, int]]:
+    def _open(key: str, offset: int, byte_size: int) -> tuple[int, mmap.mmap | None, tuple[int, int]]:
         try:
             fd = os.open(_path(key), os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
@@ -148,11 +174,14 @@ class SharedMemory:
             if offset + byte_size > info.st_size:
                 raise ServiceError(f"region offset {offset} + byte_size {byte_size} runs past the end of "
                                    f"shared-memory key {quote(key)} ({info.st_size} bytes)", field="byte_size")
-            # mmap's own offset must be page aligned: map from the start and slice
-            mm = mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            return mm, (info.st_dev, info.st_ino)
-        finally:
+            mm = None
+            if only_ours(info):
+                # mmap's own offset must be page aligned: map from the start and slice
+                mm = mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            return fd, mm, (info.st_dev, info.st_ino)
+        except BaseException:
             os.close(fd)
+            raise
 
     def unregister(self, name: str = "") -> None:
         """One region, or every region when ``name`` is empty (Triton's semantics: an unknown name is an
@@ -218,15 +247,50 @@ class ShmCall:
             self.pinned[name] = region
         return region
 
-    def view(self, ref: tuple, what: str) -> memoryview:
-        """The bytes a tensor names: ``ref`` = (region, offset, byte_size), bounds checked."""
+    def check(self, ref: tuple, what: str) -> tuple[Region, int]:
+        """The region a tensor names and the tensor's start in its object: ``ref`` = (region, offset,
+        byte_size), bounds checked against the registered region."""
         name, offset, size = ref
         region = self._region(name, what)
         if offset + size > region.byte_size:
             raise ServiceError(f"{what}: shared_memory_offset {offset} + shared_memory_byte_size {size} runs past "
                                f"the end of region {name!r} ({region.byte_size} bytes)", field=what)
-        start = region.offset + offset
-        return memoryview(region.mm)[start:start + size]
+        return region, region.offset + offset
+
+    def read(self, ref: tuple, dtype: np.dtype, shape: list, what: str) -> np.ndarray:
+        """A tensor from a region: floating point from a mapped region is a view (read in place); anything
+        else is the server's own copy."""
+        region, start = self.check(ref, what)
+        size = ref[2]
+        if region.mm is not None:
+            view = np.frombuffer(memoryview(region.mm)[start:start + size], dtype=dtype).reshape(shape)
+            return view if dtype.kind == "f" else view.copy()
+        arr = np.empty(shape, dtype=dtype)
+        buf = memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(bytearray())
+        done = 0
+        while done < size:
+            got = os.preadv(region.fd, [buf[done:]], start + done)
+            if got <= 0:
+                raise ServiceError(f"{what}: region {ref[0]!r} ends after {start + done - region.offset} of its "
+                                   f"{region.byte_size} bytes: its shared-memory object {region.key!r} was "
+                                   "truncated", field=what)
+            done += got
+        return arr
+
+    def write(self, ref: tuple, arr: np.ndarray, what: str) -> None:
+        """Write an array into a region at ``ref``'s offset (``ref``'s byte_size already checked to hold it)."""
+        region, start = self.check((ref[0], ref[1], arr.nbytes), what)
+        src = np.ascontiguousarray(arr).reshape(-1)
+        if region.mm is not None:
+            np.frombuffer(memoryview(region.mm)[start:start + arr.nbytes], dtype=arr.dtype)[...] = src
+            return
+        if os.fstat(region.fd).st_size < start + arr.nbytes:
+            raise ServiceError(f"{what}: region {ref[0]!r} no longer holds {arr.nbytes} bytes at offset {ref[1]}: "
+                               f"its shared-memory object {region.key!r} was truncated", field=what)
+        buf = memoryview(src).cast("B") if arr.size else memoryview(bytearray())
+        done = 0
+        while done < arr.nbytes:
+            done += os.pwritev(region.fd, [buf[done:]], start + done)
 
     def check_registered(self, name: str, what: str) -> None:
         region = self.pinned.get(name)

@@ -306,10 +306,14 @@ def test_grpc_register_refusals_are_invalid_argument(server, region, clean):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_unregistered_mid_call_keeps_the_mapping_and_refuses_the_output(engine):
+@pytest.mark.parametrize("writable_by_others", [False, True])
+def test_unregistered_mid_call_keeps_the_region_and_refuses_the_output(engine, writable_by_others):
     """In-process: a region unregistered between a call's parse and its write is refused by name, and its
-    mapping outlives the unregistration until the call lets go."""
+    object stays open (and mapped) until the call lets go. An object only this user can write is mapped and
+    float inputs are read in place; one that others can write is copied out (pread), so the client's later
+    writes change nothing the call reads."""
     import gc
+    import os
 
     from lossd import oip
     from lossd.shm import SharedMemory
@@ -317,10 +321,13 @@ def test_unregistered_mid_call_keeps_the_mapping_and_refuses_the_output(engine):
     n = 4
     pred, target = boxes(n, 3)
     mem = shared_memory.SharedMemory("lossd_test_" + uuid.uuid4().hex[:12], create=True, size=2 * n * 16 + n * 4)
+    if writable_by_others:
+        os.chmod("/dev/shm/" + mem.name, 0o666)
     try:
         np.frombuffer(mem.buf, np.float32)[:8 * n] = np.concatenate([pred.ravel(), target.ravel()])
         table = SharedMemory(2)
         table.register("r", mem.name, 0, 2 * n * 16 + n * 4)
+        assert (table.regions["r"].mm is None) == writable_by_others
         req = {"inputs": [_shm_input("PRED", n, "r"), _shm_input("TARGET", n, "r", offset=n * 16)],
                "outputs": [{"name": "LOSS", "parameters": {"shared_memory_region": "r",
                                                           "shared_memory_offset": 2 * n * 16,
@@ -328,10 +335,14 @@ def test_unregistered_mid_call_keeps_the_mapping_and_refuses_the_output(engine):
         with table.call() as call_shm:
             call = oip.prepare_infer("ciou", req, memoryview(b""), shm=call_shm)
             assert call.shm_inputs == ("PRED", "TARGET") and oip.shm_input_bytes(call) == 2 * n * 16
-            oip.own_inputs(call)
-            # the server's copy: the client writing to the region now changes nothing that is checked or computed
-            np.frombuffer(mem.buf, np.float32)[:4] = -1
+            oip.read_shm_inputs(call)
             np.testing.assert_array_equal(call.kwargs["pred"], pred)
+            np.frombuffer(mem.buf, np.float32)[:4] = -1
+            if writable_by_others:  # the server's own copy
+                np.testing.assert_array_equal(call.kwargs["pred"], pred)
+            else:  # read in place
+                np.testing.assert_array_equal(call.kwargs["pred"][0], [-1, -1, -1, -1])
+                np.frombuffer(mem.buf, np.float32)[:4] = pred[0]
             table.unregister("r")
             assert table.status() == []
             region = call_shm.pinned["r"]
@@ -339,13 +350,55 @@ def test_unregistered_mid_call_keeps_the_mapping_and_refuses_the_output(engine):
             with pytest.raises(ServiceError) as err:
                 oip.finish_infer(call, out)
             assert "unregistered during the call" in err.value.message and err.value.field == "outputs.LOSS"
-            assert not region.mm.closed  # still mapped while the call holds it
+            assert not region.closed  # still open while the call holds it
             del call, out, err
             gc.collect()
-        assert region.mm.closed  # the call let go: the unregistered region's mapping is gone
+        assert region.closed  # the call let go: the unregistered region's object is closed
     finally:
         mem.close()
         mem.unlink()
+
+
+def test_an_object_others_can_truncate_gives_an_error_not_a_crash(server, clean):
+    """A local client that shrinks the object behind a registered region (ftruncate) while the server uses it
+    would kill a server that maps it (SIGBUS). An object that other users can write is never mapped: inputs are
+    read with pread, outputs written with pwrite, and a truncated object is a 400 naming the tensor."""
+    import os
+
+    n = 1000
+    pred, target = boxes(n, 5)
+    want_loss, _ = ciou_reference(pred, target)
+    name = "lossd_test_" + uuid.uuid4().hex[:12]
+    mem = shared_memory.SharedMemory(name, create=True, size=n * 36)
+    path = "/dev/shm/" + name
+    os.chmod(path, 0o666)
+    try:
+        np.frombuffer(mem.buf, np.float32)[:8 * n] = np.concatenate([pred.ravel(), target.ravel()])
+        mem.close()  # no mapping of our own: the object can be truncated now
+        assert _post(server, "/region/trunc/register", {"key": "/" + name, "offset": 0,
+                                                         "byte_size": n * 36}).status_code == 200
+        inputs = [_shm_input("PRED", n, "trunc"), _shm_input("TARGET", n, "trunc", offset=n * 16)]
+        out = [{"name": "LOSS", "parameters": {"shared_memory_region": "trunc", "shared_memory_offset": n * 32,
+                                                "shared_memory_byte_size": n * 4}}]
+        ok = _infer(server, inputs, out)
+        assert ok.status_code == 200, ok.text
+        with open(path, "rb") as f:
+            f.seek(n * 32)
+            np.testing.assert_allclose(np.frombuffer(f.read(n * 4), np.float32), want_loss, rtol=2e-5, atol=2e-6)
+        os.truncate(path, n * 20)  # PRED still whole, TARGET cut short
+        r = _infer(server, inputs, out)
+        assert r.status_code == 400, r.text
+        err = r.json()
+        assert "truncated" in err["error"] and "inputs.TARGET" in err["error"], err
+        os.truncate(path, n * 32)  # the inputs whole, no room left for LOSS
+        r = _infer(server, inputs, out)
+        assert r.status_code == 400 and "outputs.LOSS" in r.json()["error"] and "truncated" in r.json()["error"]
+        os.truncate(path, 0)
+        r = _infer(server, inputs, out)
+        assert r.status_code == 400 and "inputs.PRED" in r.json()["error"]
+        assert httpx.get(f"{server.http_url}/v2/health/live", timeout=10).status_code == 200
+    finally:
+        os.unlink(path)
 
 
 def test_remote_peers_are_refused_and_keys_are_required(engine):
