@@ -91,6 +91,8 @@ class BigJsonParser:
         return pool
 
     def close(self) -> None:
+        """Called after the in-flight calls drained: the worker is idle, so waiting for it is quick, and lets the
+        pool release its semaphores before the interpreter exits (else multiprocessing warns of leaked ones)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
