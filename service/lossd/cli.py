@@ -215,17 +215,20 @@ def _run(args: argparse.Namespace) -> int:
 
     from lossd_client import LossdError
 
-    from .engine import EngineError
-
     try:
         return args.func(args)
     except ValidationError as exc:  # LOSSD_* settings
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
         print(f"lossd {args.command}: error: LOSSD_{where.upper()}: {first.get('msg')}", file=sys.stderr)
-    except (EngineError, LossdError) as exc:
+    except (LossdError, OSError, ValueError) as exc:
         print(f"lossd {args.command}: error: {exc}", file=sys.stderr)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        # an EngineError can only come from a command that imported the engine; `lossd simulate --server`
+        # never does (no torch in that process)
+        engine_errors = sys.modules.get("lossd.engine.errors")
+        if engine_errors is None or not isinstance(exc, engine_errors.EngineError):
+            raise
         print(f"lossd {args.command}: error: {exc}", file=sys.stderr)
     return 2
 

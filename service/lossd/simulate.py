@@ -554,7 +554,13 @@ def run(*, losses: list[str] | None, cases: int | None, iterations: int, seed: i
     else:
         grad_fn = RemoteGradients(server, api_key) if server else LocalGradients(device)
     try:
-        names = losses or descendable(grad_fn.catalog())
+        can = descendable(grad_fn.catalog())
+        names = losses or can
+        unknown = [n for n in names if n not in can]
+        if unknown:  # before any work
+            raise ValueError(f"cannot descend {', '.join(map(repr, unknown))}: not a box or regression loss "
+                             f"{'of this server' if server and not paper_gradients else 'here'}; these can be: "
+                             f"{', '.join(can)}")
         cs = build_cases(cases, seed)
         config = {"cases": len(cs), "iterations": iterations, "seed": seed, "gradients": grad_fn.label.split(" (")[0]
                   if paper_gradients else "lossd"}

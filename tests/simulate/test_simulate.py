@@ -146,3 +146,23 @@ def test_ctrl_c_keeps_what_was_done(live_server, tmp_path):
     assert not rec["complete"] and rec["iterations_done"] > 0 and len(rec["error"]) == rec["iterations_done"] + 1
     assert not (out / "giou.json").exists()
     assert (out / "table.md").exists() and (out / "error_vs_iteration.png").exists()
+
+
+def test_names_it_cannot_descend_are_refused_before_any_work(tmp_path):
+    out = tmp_path / "sim"
+    r = _simulate(["--local", "--losses", "giou,focal,nope", "--cases", "50", "--iterations", "2"], out)
+    assert r.returncode == 2, r.stderr
+    assert "cannot descend 'focal', 'nope'" in r.stderr and "giou" in r.stderr.split("these can be:")[1]
+    assert "Traceback" not in r.stderr and not list(out.glob("*.json"))
+
+
+def test_a_server_run_does_not_load_torch(tmp_path):
+    """The client side of `lossd simulate --server` is numpy, numba and lossd_client: no torch (seconds of
+    start-up and hundreds of MB)."""
+    code = ("import sys\nfrom lossd.cli import main\n"
+            f"rc = main(['simulate', '--server', 'http://127.0.0.1:9', '--losses', 'giou', '--cases', '50', "
+            f"'--iterations', '2', '--out', {str(tmp_path / 'sim')!r}, '--no-progress'])\n"
+            "print(rc, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["2", "False"], (r.stdout, r.stderr)
+    assert "unavailable" in r.stderr and "Traceback" not in r.stderr
