@@ -281,8 +281,11 @@ def test_side_by_side_giou_grows_then_shrinks_while_diou_closes_in(page, live_se
         dg, dd = (centre_distance(s["path"][k]["box"], target) for s in (giou, diou))
         assert dd < dg, (k, dd, dg)
 
-    # the page's steps against the API's gradients, redone here: at lr 0.1, and after the drop to 0.01 (t > 160)
-    for side, k in ((giou, 0), (giou, 7), (diou, 30), (giou, 170)):
+    # the page's steps against the API's gradients, redone here: at lr 0.1, after the drop to 0.01 (t > 160) and
+    # to 0.001 (t > 180)
+    for side in (giou, diou):
+        assert [r["lr"] for r in side["path"][:-1]] == [paper_lr(t, 200) for t in range(1, len(side["path"]))]
+    for side, k in ((giou, 0), (giou, 7), (diou, 30), (giou, 165), (giou, 182)):
         box = side["path"][k]["box"]
         nxt, grad, iou = api_step(live_server.http_url, side["loss"], box, target, k + 1, 200)
         assert side["path"][k]["grad"] == pytest.approx(grad, rel=1e-12, abs=1e-15)
@@ -296,6 +299,7 @@ def test_side_by_side_giou_grows_then_shrinks_while_diou_closes_in(page, live_se
     assert c["requests"] == 3 * both + 2 * one
     shot = os.environ.get("LOSSD_PLAYGROUND_SCREENSHOT")
     if shot:  # LOSSD_PLAYGROUND_SCREENSHOT=docs/img/playground.png refreshes the docs' picture
+        page.set_viewport_size({"width": 1180, "height": 950})
         page.screenshot(path=shot, full_page=True)
 
 

@@ -483,7 +483,8 @@
     g.fillStyle = "#444"; g.font = "11px system-ui, sans-serif";
     g.fillText(title, L, 12);
     g.fillText(top.toPrecision(2), 2, T + 4); g.fillText(String(lo), 2, h - B);
-    g.fillText("step", w - 32, h - 4); g.fillText(String(n), X(n) - 20, h - B + 12);
+    g.fillText("0", L - 3, h - 4); g.fillText("step", (L + w) / 2 - 10, h - 4);
+    g.textAlign = "right"; g.fillText(String(n), w - 6, h - 4); g.textAlign = "left";
     series.forEach((pts, i) => {
       g.strokeStyle = CMP_COLORS[i]; g.lineWidth = 1.5; g.beginPath();
       pts.forEach(([k, v], j) => (j ? g.lineTo(X(k), Y(v)) : g.moveTo(X(k), Y(v))));
