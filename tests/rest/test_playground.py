@@ -335,3 +335,21 @@ def test_side_by_side_same_loss_is_one_request(page, live_server):
     assert left["path"] == right["path"] and len(left["path"]) == 31
     assert c["requests"] == 2 * 31
     assert left["path"][-1]["iou"] > left["path"][0]["iou"] + 0.1
+
+
+@in_browser
+def test_side_by_side_changing_a_loss_mid_descent_starts_over(page, live_server):
+    """Picking another loss while the sides descend stops the descent and resets both; the interrupted one does
+    not carry on beside the next (one round of requests per step, every box finite)."""
+    page.fill("#cmp-delay", "1000")  # the interrupted descent sleeps through the start of the next one
+    page.click("#cmp-descend")
+    page.wait_for_function("() => window.lossdPlayground.compare.sides[0].path.length > 1", timeout=30_000)
+    page.select_option("#cmp-loss-0", "ciou")
+    c = page.evaluate(COMPARE_JS)
+    assert not c["running"] and [len(s["path"]) for s in c["sides"]] == [1, 1]
+    assert page.locator("#cmp-descend").is_enabled() and not page.locator("#cmp-stop").is_enabled()
+    c = descend_both(page, 60)
+    left, right = c["sides"]
+    assert (left["loss"], right["loss"]) == ("ciou", "diou")
+    assert len(left["path"]) == len(right["path"]) == 61 and c["requests"] == 3 * 61
+    assert all(v == v and abs(v) < 100 for s in (left, right) for r in s["path"] for v in r["box"])

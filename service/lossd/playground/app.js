@@ -320,7 +320,7 @@
     canvas: { label: "the two boxes on the canvas above" },
   };
   const cmp = {
-    running: false, start: null, target: null, steps: 0, lr: 0, requests: 0, stepsDone: 0, error: "", view: null,
+    running: false, run: 0, start: null, target: null, steps: 0, lr: 0, requests: 0, stepsDone: 0, error: "", view: null,
     sides: [0, 1].map((i) => ({ loss: null, color: CMP_COLORS[i], path: [], done: false, reached: null })),
   };
   state.compare = cmp;
@@ -341,6 +341,8 @@
 
   function cmpReset() {
     cmp.running = false;
+    cmp.run += 1; // a descent still waiting on the server sees this and drops its answer
+    $("cmp-descend").disabled = false; $("cmp-stop").disabled = true;
     const { pred, target } = cmpStartBoxes();
     cmp.start = pred; cmp.target = target; cmp.stepsDone = 0; cmp.requests = 0; cmp.view = null;
     cmp.error = ""; $("cmp-error").textContent = "";
@@ -377,16 +379,18 @@
   async function cmpDescend() {
     if (cmp.running) return;
     cmpReset();
+    const run = cmp.run;
     cmp.running = true;
     $("cmp-descend").disabled = true; $("cmp-stop").disabled = false;
     cmp.steps = Math.max(1, Math.floor(Number($("cmp-steps").value) || 1));
     cmp.lr = Number($("cmp-lr").value);
     const delay = Math.max(0, Number($("cmp-delay").value) || 0);
     try {
-      for (let t = 1; cmp.running; t++) {
+      for (let t = 1; cmp.running && cmp.run === run; t++) {
         const active = cmp.sides.filter((s) => !s.done);
         if (!active.length) break;
         await cmpEvaluate(active);
+        if (cmp.run !== run) return;
         for (const s of active) {
           const last = s.path[s.path.length - 1];
           if (last.iou > 0.99) { s.done = true; s.reached = s.path.length - 1; continue; }
@@ -402,12 +406,15 @@
         if (delay) await pause(delay);
       }
     } catch (e) {
+      if (cmp.run !== run) return;
       cmp.error = e.message;
       $("cmp-error").textContent = e.message;
     } finally {
-      cmp.running = false;
-      $("cmp-descend").disabled = false; $("cmp-stop").disabled = true;
-      cmpDraw();
+      if (cmp.run === run) {
+        cmp.running = false;
+        $("cmp-descend").disabled = false; $("cmp-stop").disabled = true;
+        cmpDraw();
+      }
     }
   }
 
