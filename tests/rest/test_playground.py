@@ -197,7 +197,8 @@ def test_cross_origin_api(browser, live_server):
 # ----------------------------------------------------------------------------------------------- side by side
 COMPARE_JS = """() => { const c = window.lossdPlayground.compare;
   return {running: c.running, steps: c.steps, lr: c.lr, target: c.target, start: c.start, requests: c.requests,
-          error: c.error, sides: c.sides.map((s) => ({loss: s.loss, path: s.path, done: s.done, reached: s.reached}))}; }"""
+          error: c.error,
+          sides: c.sides.map((s) => ({loss: s.loss, path: s.path, done: s.done, reached: s.reached}))}; }"""
 COMPARE_DONE = ("() => { const c = window.lossdPlayground.compare; "
                 "return c.error !== '' || (!c.running && c.sides.every((s) => s.done)); }")
 
