@@ -306,6 +306,214 @@
     }
   }
 
+  // ------------------------------------------------------------------------------------------- side by side
+  // Two predictions descend from the same start, each on its own loss, with the step of `lossd simulate`:
+  // box -= lr(t) * (2 - IoU) * d loss / d (x, y, w, h), lr(t) = lr for t <= 80% of the steps, lr / 10 to 90%,
+  // then lr / 100. Boxes are in cxcywh, in units of the target's size (the target has area 1 and its centre at
+  // the origin, y down as in an image), sent as float64 so the page's steps can be redone exactly from the API.
+  const CMP_COLORS = ["#e07000", "#7b2cbf"];
+  const CMP_MIN_SIZE = 1e-6; // simulate's floor for a width or height a step would take to zero or below
+  const CMP_STARTS = {
+    flat: { label: "a wide, flat box across the target's top edge", pred: [-1, -0.5, 3, 0.25], target: [0, 0, 1, 1] },
+    apart: { label: "apart: a small box up and to the left", pred: [-2, -2, 0.5, 0.25], target: [0, 0, 1, 1] },
+    inside: { label: "the target inside a wider box", pred: [-0.5, 0, 3, 1.2], target: [0, 0, 1, 1] },
+    canvas: { label: "the two boxes on the canvas above" },
+  };
+  const cmp = {
+    running: false, run: 0, start: null, target: null, steps: 0, lr: 0, requests: 0, stepsDone: 0, error: "", view: null,
+    sides: [0, 1].map((i) => ({ loss: null, color: CMP_COLORS[i], path: [], done: false, reached: null })),
+  };
+  state.compare = cmp;
+
+  function cmpLearningRate(lr, t, steps) { // t from 1, as simulate.learning_rate
+    if (t <= Math.round(0.8 * steps)) return lr;
+    if (t <= Math.round(0.9 * steps)) return lr / 10;
+    return lr / 100;
+  }
+
+  function cmpStartBoxes() {
+    const key = $("cmp-start").value;
+    if (key !== "canvas") return { pred: CMP_STARTS[key].pred.slice(), target: CMP_STARTS[key].target.slice() };
+    const t = fmt.cxcywh(state.target), p = fmt.cxcywh(state.pred), size = Math.sqrt(t[2] * t[3]);
+    return { pred: [(p[0] - t[0]) / size, (p[1] - t[1]) / size, p[2] / size, p[3] / size],
+             target: [0, 0, t[2] / size, t[3] / size] };
+  }
+
+  function cmpReset() {
+    cmp.running = false;
+    cmp.run += 1; // a descent still waiting on the server sees this and drops its answer
+    $("cmp-descend").disabled = false; $("cmp-stop").disabled = true;
+    const { pred, target } = cmpStartBoxes();
+    cmp.start = pred; cmp.target = target; cmp.stepsDone = 0; cmp.requests = 0; cmp.view = null;
+    cmp.error = ""; $("cmp-error").textContent = "";
+    cmp.sides.forEach((s, i) => {
+      s.loss = $(`cmp-loss-${i}`).value;
+      s.path = [{ box: pred.slice(), iou: null, loss: null, grad: null, lr: null }];
+      s.done = false; s.reached = null;
+    });
+    cmpDraw();
+  }
+
+  // one IoU request for both sides, one loss request per distinct loss (both rows in it when the losses agree)
+  async function cmpEvaluate(active) {
+    const last = active.map((s) => s.path[s.path.length - 1]);
+    const byLoss = new Map();
+    active.forEach((s, i) => { if (!byLoss.has(s.loss)) byLoss.set(s.loss, []); byLoss.get(s.loss).push(i); });
+    const losses = [...byLoss.entries()];
+    const calls = [api("/v1/metrics/iou", { boxes1: last.map((r) => r.box), boxes2: last.map(() => cmp.target),
+                                            box_format: "cxcywh", dtype: "float64" })];
+    for (const [name, rows] of losses) {
+      calls.push(api(`/v1/losses/${name}`, { pred: rows.map((i) => last[i].box), target: rows.map(() => cmp.target),
+                                             box_format: "cxcywh", dtype: "float64", return_grad: true }));
+    }
+    cmp.requests += calls.length;
+    const [iou, ...results] = await Promise.all(calls);
+    last.forEach((r, i) => { r.iou = iou.values[i]; });
+    losses.forEach(([, rows], j) => rows.forEach((i, k) => {
+      last[i].loss = results[j].loss[k]; last[i].grad = results[j].grad[k];
+    }));
+  }
+
+  const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+  async function cmpDescend() {
+    if (cmp.running) return;
+    cmpReset();
+    const run = cmp.run;
+    cmp.running = true;
+    $("cmp-descend").disabled = true; $("cmp-stop").disabled = false;
+    cmp.steps = Math.max(1, Math.floor(Number($("cmp-steps").value) || 1));
+    cmp.lr = Number($("cmp-lr").value);
+    const delay = Math.max(0, Number($("cmp-delay").value) || 0);
+    try {
+      for (let t = 1; cmp.running && cmp.run === run; t++) {
+        const active = cmp.sides.filter((s) => !s.done);
+        if (!active.length) break;
+        await cmpEvaluate(active);
+        if (cmp.run !== run) return;
+        for (const s of active) {
+          const last = s.path[s.path.length - 1];
+          if (last.iou > 0.99) { s.done = true; s.reached = s.path.length - 1; continue; }
+          if (t > cmp.steps) { s.done = true; continue; }
+          last.lr = cmpLearningRate(cmp.lr, t, cmp.steps);
+          const f = last.lr * (2 - last.iou);
+          const next = last.box.map((v, k) => v - f * last.grad[k]);
+          next[2] = Math.max(next[2], CMP_MIN_SIZE); next[3] = Math.max(next[3], CMP_MIN_SIZE);
+          s.path.push({ box: next, iou: null, loss: null, grad: null, lr: null });
+        }
+        cmp.stepsDone = t - 1;
+        cmpDraw();
+        if (delay) await pause(delay);
+      }
+    } catch (e) {
+      if (cmp.run !== run) return;
+      cmp.error = e.message;
+      $("cmp-error").textContent = e.message;
+    } finally {
+      if (cmp.run === run) {
+        cmp.running = false;
+        $("cmp-descend").disabled = false; $("cmp-stop").disabled = true;
+        cmpDraw();
+      }
+    }
+  }
+
+  const centreDistance = (b, t) => Math.hypot(b[0] - t[0], b[1] - t[1]);
+
+  function cmpStatus(s) {
+    const i = s.path.length - 1, last = s.path[i], b = last.box;
+    const where = `step ${i}: IoU ${last.iou === null ? "–" : last.iou.toFixed(4)}, loss ${last.loss === null ? "–" : num(last.loss)}`;
+    const shape = `centre distance ${centreDistance(b, cmp.target).toFixed(3)}, area ${(b[2] * b[3]).toFixed(3)}`;
+    let end = "";
+    if (s.reached !== null) end = `IoU > 0.99 after ${s.reached} steps`;
+    else if (s.done) end = `stopped after ${i} steps, IoU ${last.iou.toFixed(4)}`;
+    return `${where}\n${shape}${end ? "\n" + end : ""}`;
+  }
+
+  // both panels share one view (the same scale), which only grows during a run so nothing jumps
+  function cmpView(w, h) {
+    let [x1, y1, x2, y2] = fromCxcywh(cmp.target);
+    const cover = (b) => { const c = fromCxcywh(b); x1 = Math.min(x1, c[0]); y1 = Math.min(y1, c[1]);
+                           x2 = Math.max(x2, c[2]); y2 = Math.max(y2, c[3]); };
+    for (const s of cmp.sides) for (const r of s.path) cover(r.box);
+    const v = cmp.view;
+    if (v) { x1 = Math.min(x1, v.x1); y1 = Math.min(y1, v.y1); x2 = Math.max(x2, v.x2); y2 = Math.max(y2, v.y2); }
+    cmp.view = { x1, y1, x2, y2 };
+    const pad = 0.12 * Math.max(x2 - x1, y2 - y1);
+    const k = Math.min(w / (x2 - x1 + 2 * pad), h / (y2 - y1 + 2 * pad));
+    const ox = (w - k * (x2 - x1)) / 2 - k * x1, oy = (h - k * (y2 - y1)) / 2 - k * y1;
+    return (b) => { const c = fromCxcywh(b); return [ox + k * c[0], oy + k * c[1], ox + k * c[2], oy + k * c[3]]; };
+  }
+
+  function cmpDraw() {
+    if (!cmp.start) return;
+    cmp.view = cmp.running || cmp.sides.some((s) => s.path.length > 1) ? cmp.view : null;
+    const c0 = $("cmp-canvas-0"), toPx = cmpView(c0.width, c0.height);
+    cmp.sides.forEach((s, i) => {
+      const cv = $(`cmp-canvas-${i}`), g = cv.getContext("2d");
+      g.clearRect(0, 0, cv.width, cv.height);
+      const t = toPx(cmp.target);
+      g.fillStyle = "rgba(20, 150, 60, 0.18)"; g.fillRect(t[0], t[1], t[2] - t[0], t[3] - t[1]);
+      g.strokeStyle = "#149640"; g.lineWidth = 2; g.strokeRect(t[0], t[1], t[2] - t[0], t[3] - t[1]);
+      const st = toPx(cmp.start);
+      g.setLineDash([4, 4]); g.strokeStyle = "#999"; g.lineWidth = 1;
+      g.strokeRect(st[0], st[1], st[2] - st[0], st[3] - st[1]); g.setLineDash([]);
+      g.strokeStyle = s.color; g.globalAlpha = 0.25;
+      s.path.forEach((r, k) => { if (k % 5 === 0) { const b = toPx(r.box); g.strokeRect(b[0], b[1], b[2] - b[0], b[3] - b[1]); } });
+      g.globalAlpha = 1;
+      g.beginPath(); // the trail of the centres
+      s.path.forEach((r, k) => { const b = toPx(r.box), x = (b[0] + b[2]) / 2, y = (b[1] + b[3]) / 2;
+                                  if (k) g.lineTo(x, y); else g.moveTo(x, y); });
+      g.lineWidth = 1.5; g.stroke();
+      const b = toPx(s.path[s.path.length - 1].box);
+      g.fillStyle = s.color + "2e"; g.fillRect(b[0], b[1], b[2] - b[0], b[3] - b[1]);
+      g.lineWidth = 2; g.strokeRect(b[0], b[1], b[2] - b[0], b[3] - b[1]);
+      g.fillStyle = "#222"; g.font = "13px system-ui, sans-serif";
+      g.fillText(`${s.loss}  ·  step ${s.path.length - 1}`, 8, 18);
+      $(`cmp-status-${i}`).textContent = cmpStatus(s);
+    });
+    chart("cmp-chart-iou", "IoU", (r) => r.iou, [0, 1]);
+    chart("cmp-chart-area", "area ÷ target area", (r) => r.box[2] * r.box[3] / (cmp.target[2] * cmp.target[3]), [0, null]);
+    chart("cmp-chart-dist", "centre distance ÷ target size", (r) => centreDistance(r.box, cmp.target), [0, null]);
+  }
+
+  function chart(id, title, value, [lo, hi]) {
+    const cv = $(id), g = cv.getContext("2d"), w = cv.width, h = cv.height, L = 34, B = 18, T = 20;
+    g.clearRect(0, 0, w, h);
+    const series = cmp.sides.map((s) => s.path.map(value).map((v, k) => [k, v]).filter(([, v]) => v !== null && isFinite(v)));
+    const n = Math.max(cmp.steps || Number($("cmp-steps").value) || 1, ...series.map((p) => p.length - 1), 1);
+    let top = hi;
+    if (top === null) top = Math.max(1e-9, ...series.flat().map(([, v]) => v)) * 1.08;
+    const X = (k) => L + (w - L - 6) * k / n, Y = (v) => T + (h - T - B) * (1 - (v - lo) / (top - lo));
+    g.strokeStyle = "#bbb"; g.lineWidth = 1;
+    g.beginPath(); g.moveTo(L, T); g.lineTo(L, h - B); g.lineTo(w - 6, h - B); g.stroke();
+    g.fillStyle = "#444"; g.font = "11px system-ui, sans-serif";
+    g.fillText(title, L, 12);
+    g.fillText(top.toPrecision(2), 2, T + 4); g.fillText(String(lo), 2, h - B);
+    g.fillText("0", L - 3, h - 4); g.fillText("step", (L + w) / 2 - 10, h - 4);
+    g.textAlign = "right"; g.fillText(String(n), w - 6, h - 4); g.textAlign = "left";
+    series.forEach((pts, i) => {
+      g.strokeStyle = CMP_COLORS[i]; g.lineWidth = 1.5; g.beginPath();
+      pts.forEach(([k, v], j) => (j ? g.lineTo(X(k), Y(v)) : g.moveTo(X(k), Y(v))));
+      g.stroke();
+    });
+  }
+
+  function cmpSetup(q) {
+    const start = $("cmp-start");
+    for (const [key, s] of Object.entries(CMP_STARTS)) start.add(new Option(s.label, key, false, key === (q.get("start") || "flat")));
+    ["giou", "diou"].forEach((fallback, i) => {
+      const select = $(`cmp-loss-${i}`), want = q.get(i ? "right" : "left") || fallback;
+      for (const name of Object.keys(state.losses)) select.add(new Option(name, name, false, name === want));
+      select.addEventListener("change", cmpReset);
+    });
+    start.addEventListener("change", cmpReset);
+    $("cmp-descend").addEventListener("click", cmpDescend);
+    $("cmp-stop").addEventListener("click", () => { cmp.running = false; });
+    $("cmp-reset").addEventListener("click", cmpReset);
+    cmpReset();
+  }
+
   // ------------------------------------------------------------------------------------------- start
   async function start() {
     const q = new URLSearchParams(location.search);
@@ -319,6 +527,7 @@
       const select = $("loss");
       for (const name of Object.keys(state.losses)) select.add(new Option(name, name, false, name === (q.get("loss") || "ciou")));
       buildForm();
+      cmpSetup(q);
     } catch (e) {
       $("error").textContent = `cannot reach the lossd API: ${e.message}`;
       state.error = e.message;
