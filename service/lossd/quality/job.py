@@ -287,10 +287,10 @@ def _run_ray(inp: Inputs, shards, paths, todo, th, cal, address, device, bar) ->
 
 # ------------------------------------------------------------------------------------------------ images
 # How often a flag of each type is right. A flag backed by a reference box that contradicts the label (a confident
-# same-class box elsewhere, a confident other-class box on it) is rarely wrong; a flag that rests on an absence (no
-# reference on the label; no label on a confident reference) is as often the reference model's own miss or false
-# positive, which box data cannot tell apart. Chosen on the benchmark's synthetic seed 0 (flat between 0.8-0.95
-# and 0.3-0.6), confirmed on seed 1 and on the real COCO boxes: bench/label_quality/results/results.md.
+# same-class box offset from it, a confident other-class box on it) is rarely wrong; a flag that rests on an absence
+# (no reference on the label; no label on a confident reference) is as often the reference model's own miss or
+# false positive, which box data cannot tell apart. Chosen on the benchmark's synthetic seed 0, confirmed on seed 1
+# and on the real COCO boxes; the image AUROC over a grid of these values: bench/label_quality/results/results.md.
 FLAG_RELIABILITY = {"badly_located": 0.9, "wrong_class": 0.9, "spurious": 0.5, "missing": 0.5}
 FLAG_SHARE = 0.9  # of a box's chance: its flag; the rest comes from its score's rank, so doubtful boxes count too
 IMAGE_POWER = 10  # the rank term (1 - r) ** IMAGE_POWER: only the lowest-ranked boxes of a type weigh on their image
