@@ -296,10 +296,68 @@ def measure(ds: dict, ours, theirs: dict | None) -> dict:
     for name, sel in (("few_boxes", n_boxes <= cuts[0]), ("many_boxes", n_boxes > cuts[1])):
         im[f"lossd_auroc_{name}"] = auroc(1 - img_score[sel], has_err[sel])
         im[f"with_errors_share_{name}"] = float(has_err[sel].mean())
+    im["lossd_auroc_true_box_chances"] = true_box_chances(boxes, rows, kinds, refs, rrows, is_missing, has_err)
     if theirs is not None:
         im["cleanlab_auroc"] = auroc(1 - theirs["image"], has_err)
         im["cleanlab_precision_at_k"] = precision_at_k(1 - theirs["image"], has_err)
     out["image"] = im
+    return out
+
+
+def true_box_chances(boxes, rows, kinds, refs, rrows, is_missing, has_err) -> float:
+    """Image AUROC of prod(1 - p) with p each box's true chance of each issue given its per-type score, fitted to
+    the injected truth of this very set (isotonic, per type). A yardstick for the image score's rule (how well
+    the per-type scores alone rank images when turned into exact chances), not a score a user could compute: it
+    needs the truth. Not a ceiling: the flags carry evidence beyond the per-type scores."""
+    try:
+        from sklearn.isotonic import IsotonicRegression
+    except ImportError:
+        return float("nan")
+    n = len(has_err)
+    log_clean = np.zeros(n)
+    lab_img = np.array([int(k) for k in boxes.column("image_id").to_pylist()])[rows]
+    ref_img = np.array([int(k) for k in refs.column("image_id").to_pylist()])[rrows]
+    parts = [(lab_img, boxes.column(col).to_numpy()[rows], kinds == inj) for inj, col, _ in TYPES.values()]
+    parts.append((ref_img, refs.column("score_missing").to_numpy()[rrows], is_missing))
+    for img, score, positive in parts:
+        p = IsotonicRegression(increasing=False, out_of_bounds="clip").fit(score, positive.astype(float))
+        np.add.at(log_clean, img, np.log1p(-np.clip(p.predict(score), 0.0, 1.0 - 1e-9)))
+    return auroc(-log_clean, has_err)
+
+
+def image_sensitivity(ds: dict, ours) -> dict:
+    """Image AUROC of the synthetic set over a grid of the image score's constants (reliability of the flags that
+    a reference contradicts, reliability of the flags that rest on an absence; the flag share), the other
+    constants as shipped."""
+    from lossd.quality import job
+
+    lab = ds["labels"]
+    has_err = np.zeros(ds["n_images"], dtype=bool)
+    has_err[lab["image"][lab["kind"] != "clean"]] = True
+    has_err[ds["_truth_image"][ds["truth_kind"] == "drop"]] = True
+    ids = [im.key for im in ds["_boxset_images"]]
+    saved = dict(job.FLAG_RELIABILITY), job.FLAG_SHARE
+
+    def image_auroc() -> float:
+        t = job.image_table(ids, ids, ours.boxes, ours.references)
+        score = np.empty(ds["n_images"])
+        score[np.array([int(k) for k in t.column("image_id").to_pylist()])] = t.column("score").to_numpy()
+        return auroc(1 - score, has_err)
+
+    out = {"reliability": [], "flag_share": []}
+    try:
+        for contradicted in (0.8, 0.9, 0.95):
+            for absent in (0.3, 0.4, 0.5, 0.6, 0.7):
+                job.FLAG_RELIABILITY.update(badly_located=contradicted, wrong_class=contradicted, spurious=absent,
+                                            missing=absent)
+                out["reliability"].append([contradicted, absent, round(image_auroc(), 4)])
+        job.FLAG_RELIABILITY.update(saved[0])
+        for share in (0.5, 0.7, 0.9, 0.99, 1.0):
+            job.FLAG_SHARE = share
+            out["flag_share"].append([share, round(image_auroc(), 4)])
+    finally:
+        job.FLAG_RELIABILITY.update(saved[0])
+        job.FLAG_SHARE = saved[1]
     return out
 
 
@@ -309,6 +367,7 @@ def run_lossd(ds: dict, timed: bool = False) -> tuple[object, dict]:
 
     lab, ref = from_cleanlab(ds["_cl"]["labels"], ds["_cl"]["predictions"],
                              image_sizes=[tuple(s) for s in ds["sizes"]])
+    ds["_boxset_images"] = lab.images
     out = evaluate_all(lab, ref)  # the engine's kernels compiled/loaded once, as in a running job
     walls, cpus = [], []
     for _ in range(5 if timed else 0):  # best of 5: the machine may be shared
@@ -419,6 +478,7 @@ def main() -> int:
     ours, our_t = run_lossd(syn, timed=True)
     theirs, their_t = run_cleanlab(syn)
     res_syn = measure(syn, ours, theirs)
+    grid = image_sensitivity(syn, ours)
     print("coco ...", flush=True)
     truth = coco_truth()
     coco_runs = []
@@ -439,6 +499,7 @@ def main() -> int:
            "speed": {**{k: round(v, 3) for k, v in our_t.items()},
                      **{f"cleanlab_{k}": round(v, 3) for k, v in their_t.items()},
                      "job_wall_s": None if wall is None else round(wall, 2)},
+           "image_score_sensitivity": grid,
            "thresholds_pooled": ours.thresholds["calibration"]["pooled"]}
     sp = res["speed"]
     lines = [f"# Label-quality benchmark: injected errors, lossd beside cleanlab", "",
@@ -467,6 +528,13 @@ def main() -> int:
               f"{im['lossd_auroc_few_boxes']:.3f} on the third with fewest boxes "
               f"({im['with_errors_share_few_boxes']:.0%} hold an error), {im['lossd_auroc_many_boxes']:.3f} on the "
               f"third with most ({im['with_errors_share_many_boxes']:.0%} hold an error).",
+              "", f"Yardstick for the image score: prod(1 - p) with p each box's true chance of each issue given its "
+              f"per-type score (isotonic fit to the injected truth of the same set; no user can compute it) ranks "
+              f"images at AUROC {im['lossd_auroc_true_box_chances']:.3f} (synthetic), "
+              f"{res_coco['image']['lossd_auroc_true_box_chances']:.3f} (COCO).",
+              "", "Image score's constants (synthetic image AUROC; shipped: reliabilities 0.9 / 0.5, flag share "
+              "0.9): " + ", ".join(f"{a} / {b}: {v:.3f}" for a, b, v in grid["reliability"]) + "; flag share "
+              + ", ".join(f"{a}: {v:.3f}" for a, v in grid["flag_share"]) + ".",
               "", f"Images whose only error is a dropped label ({im['drop_only_share']:.0%} of the images with an error) "
               f"are found only through a reference no label explains: without them, lossd's image AUROC is "
               f"{im['lossd_auroc_without_drop_only']:.3f}"

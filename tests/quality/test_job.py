@@ -10,12 +10,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
 from lossd.cli import main
 from lossd.quality import evaluate, evaluate_all, read_coco, run
+from lossd.quality.job import image_table
 from lossd.quality.readers import read_coco_reference
 from lossd.quality.score import ISSUES, SEVERITY, Thresholds
 
@@ -88,6 +90,43 @@ def test_image_score_counts_every_box(tmp_path):
     images = s.images.to_pydict()
     assert images["image_id"][:2] == ["2", "1"] and images["n_flagged"][:2] == [2, 1]
     assert images["score"][0] < images["score"][1]
+
+
+def test_image_score_by_hand():
+    """The image score on hand-made tables, each chance written out: p = reliability * (0.9 * flagged + 0.1 *
+    (1 - r) ** 10), r the rank of the box's score among that type's scores; image score = prod(1 - p)."""
+    boxes = pa.table({"image_id": ["wc", "sp", "ok"], "issue": ["wrong_class", "spurious", "ok"],
+                      "score_badly_located": [0.7, 0.7, 0.9], "score_wrong_class": [0.1, 0.5, 0.9],
+                      "score_spurious": [0.9, 0.0, 0.9]})
+    refs = pa.table({"image_id": ["mi", "ok"], "issue": ["missing", "matched"], "score_missing": [0.2, 1.0]})
+    got = image_table(["ok", "mi", "sp", "wc"], ["o.png", "m.png", "s.png", "w.png"], boxes, refs).to_pydict()
+    # ranks among three: 1/6 (lowest), 1/2, 5/6 (highest); two tied lowest 1/3, two tied highest 2/3
+    low, mid, top, tie_low, tie_top = (5 / 6) ** 10, (1 / 2) ** 10, (1 / 6) ** 10, (2 / 3) ** 10, (1 / 3) ** 10
+    expected = {
+        # the wrong-class flag (reliability 0.9), its tied badly-located and spurious ranks
+        "wc": (1 - 0.9 * (0.9 + 0.1 * low)) * (1 - 0.9 * 0.1 * tie_low) * (1 - 0.5 * 0.1 * tie_top),
+        # the spurious flag weighs only 0.5: no reference on a box is as often the model's own miss
+        "sp": (1 - 0.5 * (0.9 + 0.1 * low)) * (1 - 0.9 * 0.1 * tie_low) * (1 - 0.9 * 0.1 * mid),
+        "mi": 1 - 0.5 * (0.9 + 0.1 * (3 / 4) ** 10),  # a flagged missing reference, ranked 1/4 of two
+        "ok": (1 - 0.9 * 0.1 * top) ** 2 * (1 - 0.5 * 0.1 * tie_top) * (1 - 0.5 * 0.1 * (1 / 4) ** 10),
+    }
+    assert got["image_id"] == ["wc", "sp", "mi", "ok"] and got["rank"] == [1, 2, 3, 4]
+    np.testing.assert_allclose(got["score"], [expected[k] for k in got["image_id"]], rtol=1e-12)
+    assert got["file"] == ["w.png", "s.png", "m.png", "o.png"] and got["n_flagged"] == [1, 1, 1, 0]
+    assert got["worst_issue"] == ["wrong_class", "spurious", "missing", "ok"]
+
+
+def test_images_alike_are_ordered_without_ties():
+    """Images with the same score are ordered by the worst issue's severity, then by image id."""
+    boxes = pa.table({"image_id": ["e", "b", "a", "c"], "issue": ["ok", "unconfirmed", "badly_located", "ok"],
+                      "score_badly_located": [0.9] * 4, "score_wrong_class": [0.9] * 4, "score_spurious": [0.9] * 4})
+    refs = pa.table({"image_id": pa.array([], pa.string()), "issue": pa.array([], pa.string()),
+                     "score_missing": pa.array([], pa.float64())})
+    got = image_table(["e", "c", "b", "a"], ["e", "c", "b", "a"], boxes, refs).to_pydict()
+    # a's flag lowers its score; b, c and e score alike (an unconfirmed label is not an error), b's issue is worse
+    assert got["image_id"] == ["a", "b", "c", "e"] and got["rank"] == [1, 2, 3, 4]
+    assert got["score"][0] < got["score"][1] == got["score"][2] == got["score"][3]
+    assert got["worst_issue"] == ["badly_located", "unconfirmed", "ok", "ok"]
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(coco, reference_run, tmp_path):
