@@ -158,8 +158,8 @@ def _tensor(entry: Any, raw: memoryview, offset: int, shm: ShmCall | None = None
         if ref[2] != count * dt.itemsize:
             raise ProtocolError(f"input {name}: shared_memory_byte_size {ref[2]} does not match shape {shape} of "
                                 f"{datatype} ({count * dt.itemsize} bytes)", field=f"inputs.{name}")
-        shm.check(ref, f"inputs.{name}")  # read later, by read_shm_inputs (in a thread when big)
-        return name, ShmTensor(ref, dt, shape), offset
+        region, _ = shm.check(ref, f"inputs.{name}")  # read later, by read_shm_inputs (in a thread when it copies)
+        return name, ShmTensor(ref, dt, shape, copies=region.mm is None or dt.kind != "f"), offset
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -207,6 +207,7 @@ class ShmTensor:
     ref: tuple  # (region, offset, byte_size)
     dtype: np.dtype
     shape: list
+    copies: bool  # read as a copy (else a view of a mapped region: no work)
 
     @property
     def nbytes(self) -> int:
@@ -297,7 +298,8 @@ KWARG = {"PRED": "pred", "TARGET": "target", "WEIGHTS": "weights"}
 
 
 def shm_input_bytes(call: InferCall) -> int:
-    return sum(call.kwargs[KWARG[n]].nbytes for n in call.shm_inputs)
+    """The bytes read_shm_inputs copies (views of a mapped region cost nothing)."""
+    return sum(t.nbytes for t in (call.kwargs[KWARG[n]] for n in call.shm_inputs) if t.copies)
 
 
 def read_shm_inputs(call: InferCall) -> None:
