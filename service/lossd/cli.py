@@ -264,11 +264,16 @@ def main(argv: list[str] | None = None) -> int:
                                     "it are read)")
     q.add_argument("--classes", help="YOLO: class names, one per line (default <folder>/classes.txt)")
     q.add_argument("--sizes", help="YOLO: image sizes as CSV image,width,height (default <folder>/sizes.csv)")
-    q.add_argument("--server", help="score on a running lossd, e.g. grpc://127.0.0.1:50051 (streaming call)")
-    q.add_argument("--api-key", help="API key for --server (or LOSSD_API_KEY)")
+    q.add_argument("--server", help="score on running lossd servers instead of an engine in this process, e.g. "
+                                    "grpc://127.0.0.1:50051 (streaming call); several, comma-separated, or "
+                                    "dns:///host:port spread the shards over them with failover; with --ray the "
+                                    "Ray workers call them")
+    q.add_argument("--api-key", help="API key for --server (or LOSSD_API_KEY); with --ray it goes to the workers")
     q.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help='distribute shards over Ray (a local Ray when no address is given; pip install "lossd[ray]")')
-    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="in-process engine device")
+                   help="distribute shards over Ray (a local Ray when no address is given; pip install "
+                        '"lossd[ray]"); each worker loads an engine, or calls the --server servers when given')
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="engine device (in this process, or on each Ray worker; unused with --server)")
     q.add_argument("--shard-size", type=_positive_int, default=500, help="images per shard (the unit of resumption)")
     from .quality.score import Thresholds
 

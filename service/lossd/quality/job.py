@@ -4,7 +4,8 @@ writes the results.
 Shards (contiguous runs of images) are written atomically (a temporary file, then a rename) under
 ``<out>/shards/``; a re-run with the same inputs and settings skips the shards already there, so a crashed job
 resumes where it stopped. The shard results do not depend on where they were computed: in-process, on a server
-(``--server URL``, over the streaming call), or on Ray workers (``--ray [ADDRESS]``).
+(``--server URL``, over the streaming call), or on Ray workers (``--ray [ADDRESS]``), each with an engine of its
+own or, with ``--server`` too, each calling the servers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -209,7 +210,8 @@ def run(labels_path: str | Path, reference_path: str | Path, out_dir: str | Path
     out = Path(out_dir)
     shard_dir = out / "shards"
     inp = load(labels_path, reference_path, classes=classes, sizes=sizes, th=th, shard_size=shard_size)
-    evaluator = make_evaluator(server, api_key, device) if not use_ray else EngineEvaluator(device)
+    # with --ray and --server the driver calibrates on the servers too: no process of the job loads an engine
+    evaluator = make_evaluator(server, api_key, device)
     try:
         t_cal = time.perf_counter()
         cal = calibrate_all(inp.labels, inp.reference, th, evaluator, inp.groups)
@@ -227,10 +229,10 @@ def run(labels_path: str | Path, reference_path: str | Path, out_dir: str | Path
             todo = todo[:stop_after]
         n_done = len(inp.labels.images) - sum(len(shards[i]) for i in todo)
         bar = _progress(len(inp.labels.images), n_done, "scoring") if progress else None
-        mode = "ray" if use_ray else ("server" if server else "in-process")
+        mode = ("ray+server" if server else "ray") if use_ray else ("server" if server else "in-process")
         t_score = time.perf_counter()
         if use_ray:
-            _run_ray(inp, shards, paths, todo, th, cal, ray_address, device, bar)
+            _run_ray(inp, shards, paths, todo, th, cal, ray_address, Scorer(server, api_key, device), bar)
         else:
             for i in todo:
                 _write_shard(score_shard(inp, shards[i], th, cal, evaluator), paths[i])
@@ -248,18 +250,42 @@ def run(labels_path: str | Path, reference_path: str | Path, out_dir: str | Path
 
 
 # ------------------------------------------------------------------------------------------------ ray
-def _ray_shard(inp: Inputs, images: np.ndarray, th: Thresholds, cal: Calibration, device: str) -> tuple[bytes, bytes]:
-    evaluator = EngineEvaluator(device)
+@dataclass(frozen=True)
+class Scorer:
+    """What a Ray task scores its shard with: the servers (``--server``, with their API key) when given, else an
+    engine of the worker's own on ``device``."""
+    server: str | None
+    api_key: str | None = field(repr=False)  # travels to the workers inside the task, never in a log line
+    device: str = "auto"
+
+
+_worker_evaluator: tuple[Scorer, Evaluator] | None = None
+
+
+def _evaluator_for(scorer: Scorer) -> Evaluator:
+    """The worker process's evaluator, kept for its later tasks: a client keeps its connections (and what it
+    learnt about replicas that went away), an engine its compiled kernels."""
+    global _worker_evaluator
+    if _worker_evaluator is None or _worker_evaluator[0] != scorer:
+        if _worker_evaluator is not None:
+            _worker_evaluator[1].close()
+        _worker_evaluator = (scorer, make_evaluator(scorer.server, scorer.api_key, scorer.device))
+    return _worker_evaluator[1]
+
+
+def _ray_shard(inp: Inputs, images: np.ndarray, th: Thresholds, cal: Calibration,
+               scorer: Scorer) -> tuple[bytes, bytes]:
     out = []
-    for table in score_shard(inp, images, th, cal, evaluator):
+    for table in score_shard(inp, images, th, cal, _evaluator_for(scorer)):
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         out.append(sink.getvalue().to_pybytes())
     return out[0], out[1]
 
 
-def _run_ray(inp: Inputs, shards, paths, todo, th, cal, address, device, bar) -> None:
+def _run_ray(inp: Inputs, shards, paths, todo, th, cal, address, scorer: Scorer, bar) -> None:
     import ray
+    from ray.exceptions import RayTaskError
 
     started = not ray.is_initialized()
     if started:
@@ -267,13 +293,22 @@ def _run_ray(inp: Inputs, shards, paths, todo, th, cal, address, device, bar) ->
                  **({} if address else {"num_cpus": os.cpu_count() or 2}))
     try:
         remote = ray.remote(_ray_shard)
-        inp_ref = ray.put(inp)
-        pending = {remote.remote(inp_ref, shards[i], th, cal, device): i for i in todo}
+        inp_ref, scorer_ref = ray.put(inp), ray.put(scorer)
+        pending = {remote.remote(inp_ref, shards[i], th, cal, scorer_ref): i for i in todo}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 i = pending.pop(ref)
-                lab_bytes, ref_bytes = ray.get(ref)
+                try:
+                    lab_bytes, ref_bytes = ray.get(ref)
+                except RayTaskError as exc:
+                    # the worker's own error (a server that refused the key, every replica gone), not Ray's
+                    # wrapper with the worker's traceback: the CLI prints it on one line
+                    for other in pending:
+                        ray.cancel(other)
+                    if isinstance(exc.cause, Exception):
+                        raise exc.cause from None
+                    raise
                 for data, path in ((ref_bytes, _refs_path(paths[i])), (lab_bytes, paths[i])):
                     tmp = path.with_suffix(".tmp")
                     tmp.write_bytes(data)
