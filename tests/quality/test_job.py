@@ -22,6 +22,7 @@ from lossd.quality.readers import read_coco_reference
 from lossd.quality.score import ISSUES, SEVERITY, Thresholds
 
 from .conftest import write_json
+from .ray_workers import ray_workers
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +180,15 @@ def test_python_api_equals_the_job_and_reads_cleanlab_inputs(coco, reference_run
 
 
 def test_ray_mode_gives_identical_results(coco, reference_run, tmp_path):
-    pytest.importorskip("ray", reason="Ray comes with the test extra")
-    run(*coco, tmp_path, shard_size=30, progress=False, use_ray=True)
+    ray = pytest.importorskip("ray", reason="Ray comes with the test extra")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # run() uses it, and leaves it running
+    try:
+        summary = run(*coco, tmp_path, shard_size=30, progress=False, use_ray=True)
+        workers = ray_workers(os.getpid())
+    finally:
+        ray.shutdown()
+    # each worker loaded an engine of its own (with --server too, none does: test_ray_server.py)
+    assert summary["mode"] == "ray" and workers and all(w["torch"] for w in workers.values()), workers
     ref_out, _ = reference_run
     assert (tmp_path / "boxes.csv").read_bytes() == (ref_out / "boxes.csv").read_bytes()
 
