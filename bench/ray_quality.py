@@ -1,10 +1,11 @@
 """`lossd quality --ray` with an engine in every worker against `--ray --server`, the workers calling servers: images/s
 and the workers' memory, same data, same run.
 
-    python bench/ray_quality.py [--copies 10] [--servers 2] [--reps 2] [--shard-size 50] [--out bench/results]
+    python bench/ray_quality.py [--copies 50] [--servers 2] [--reps 3] [--shard-size 50] [--out bench/results]
 
 The data is the 100-image COCO sample in shared/data, repeated --copies times under new image and box ids
-(1,000 images, 8,300 labels by default). Each repetition runs, in this order, the job in-process, with --server
+(5,000 images, 41,500 labels by default). After a warm-up (the sample once in-process and once on the servers,
+not counted), each repetition runs, in this order, the job in-process, with --server
 (no Ray), with --ray (a fresh local Ray with as many CPUs as the machine has, an engine per worker) and with
 --ray --server (a fresh local Ray, the workers calling the --servers local `lossd serve` processes, CPU engine).
 A Ray mode runs twice in its Ray session: "cold" (the workers import lossd, and torch when they load an engine)
@@ -121,9 +122,9 @@ def ray_mode(args, d: Path, name: str, **kw) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--copies", type=int, default=10, help="copies of the 100-image sample")
+    ap.add_argument("--copies", type=int, default=50, help="copies of the 100-image sample")
     ap.add_argument("--servers", type=int, default=2, help="local lossd serve processes for the server modes")
-    ap.add_argument("--reps", type=int, default=2, help="repetitions of the four modes")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of the four modes")
     ap.add_argument("--shard-size", type=int, default=50, help="images per shard (a Ray task)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args()
@@ -139,6 +140,9 @@ def main() -> int:
             d = Path(tmp)
             args = repeated(d, a.copies)
             res["images"] = 100 * a.copies
+            sample = (COCO / "instances_val2014_100.json", COCO / "fakebbox100_results.json")
+            job(sample, d / "warm-up-in-process", shard_size=a.shard_size)
+            job(sample, d / "warm-up-server", shard_size=a.shard_size, server=urls)
             for rep in range(a.reps):
                 log(f"repetition {rep + 1}:")
                 r = {"in-process": job(args, d / f"in-process-{rep}", shard_size=a.shard_size),

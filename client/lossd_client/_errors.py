@@ -21,6 +21,10 @@ class LossdError(Exception):
         self.status = status
         self.details = details or {}
 
+    def __reduce__(self):
+        # pickled by its fields, so that it crosses a process boundary (multiprocessing, a Ray task) intact
+        return self.__class__, (self.code, self.message, self.status, self.details)
+
     @property
     def field(self) -> str | None:
         return self.details.get("field")

@@ -4,6 +4,7 @@ each replica's /metrics shows its share, and no worker (nor the driver) loads to
 
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -96,3 +97,43 @@ def test_ray_workers_call_the_servers(keyed_replicas, coco_dir, tmp_path):
     assert json.loads((out / "summary.json").read_text())["mode"] == "ray+server"
     for name in OUTPUTS:
         assert (out / name).read_bytes() == (tmp_path / "in-process" / name).read_bytes(), name
+
+
+def test_every_server_gone_is_one_line_error(keyed_replicas, coco_dir, tmp_path):
+    """Kills the replicas still up (so it comes after the test above). The workers' error, not Ray's wrapper
+    around it, reaches the user."""
+    labels, preds = coco_dir / "instances_val2014_100.json", coco_dir / "fakebbox100_results.json"
+    alive = [s for s in keyed_replicas if s.proc.poll() is None]
+    out = tmp_path / "ray"
+    job = subprocess.Popen([sys.executable, "-m", "lossd.cli", "quality", str(labels), str(preds), "--out", str(out),
+                            "--ray", "--server", ",".join(s.grpc_url for s in alive), "--api-key", KEY,
+                            "--shard-size", str(SHARD), "--no-progress"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list((out / "shards").glob("shard-*[0-9].parquet")):
+            assert job.poll() is None, job.communicate()
+            assert time.monotonic() < deadline, "the Ray job wrote no shard in 180 s"
+            time.sleep(0.02)
+        for s in alive:
+            s.proc.send_signal(signal.SIGKILL)
+            s.proc.wait(timeout=10)
+        _, err = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 2, err
+    assert "Traceback" not in err and "RayTaskError" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("lossd quality: error: server grpc://") and "unavailable" in line, err
+
+
+def test_client_errors_cross_a_process_boundary():
+    """A worker's error reaches the driver pickled: every field survives."""
+    from lossd_client import InvalidInputError, UnavailableError
+
+    e = pickle.loads(pickle.dumps(InvalidInputError("invalid_shape", "pred: rows [3]", 422,
+                                                    {"field": "pred", "rows": [3]})))
+    assert type(e) is InvalidInputError and str(e) == "invalid_shape: pred: rows [3]"
+    assert (e.code, e.message, e.status, e.field, e.rows) == ("invalid_shape", "pred: rows [3]", 422, "pred", [3])
+    assert type(pickle.loads(pickle.dumps(UnavailableError("unavailable", "gone")))) is UnavailableError
