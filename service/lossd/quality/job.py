@@ -263,8 +263,8 @@ _worker_evaluator: tuple[Scorer, Evaluator] | None = None
 
 
 def _evaluator_for(scorer: Scorer) -> Evaluator:
-    """The worker process's evaluator, kept for its later tasks: a client keeps its connections (and what it
-    learnt about replicas that went away), an engine its compiled kernels."""
+    """The worker process's evaluator, kept for its later tasks: a client keeps its connections and what it
+    learnt about replicas that went away; an engine is built once."""
     global _worker_evaluator
     if _worker_evaluator is None or _worker_evaluator[0] != scorer:
         if _worker_evaluator is not None:
