@@ -302,6 +302,13 @@ def shm_input_bytes(call: InferCall) -> int:
     return sum(t.nbytes for t in (call.kwargs[KWARG[n]] for n in call.shm_inputs) if t.copies)
 
 
+def shm_output_bytes(call: InferCall, out: Result) -> int:
+    """The bytes finish_infer copies into shared memory."""
+    sizes = {"LOSS": out.loss.numel() * out.loss.element_size(),
+             "GRAD": 0 if out.grad is None else out.grad.numel() * out.grad.element_size()}
+    return sum(sizes[name] for name in (call.shm_outputs or {}) if name in sizes)
+
+
 def read_shm_inputs(call: InferCall) -> None:
     """Read the inputs that lie in shared memory (see lossd.shm for when that is in place and when a copy)."""
     for name in call.shm_inputs:

@@ -38,6 +38,9 @@ from .shm import SharedMemory, is_local, not_local
 INLINE_MAX_METRIC_VALUES = 1024
 # Request bodies (or header JSON) above this size are parsed in a thread so health and gRPC stay responsive.
 INLINE_PARSE_BYTES = 256 * 1024
+# Outputs of up to this many bytes are written into shared memory on the event loop (a copy of a few ms):
+# handing them to a thread costs a scheduling round trip, more than the copy on a busy machine.
+INLINE_SHM_WRITE_BYTES = 32 * 2**20
 UNKNOWN = "unknown"  # the one metrics label for every name that is not in the catalog
 MODEL_ENDPOINTS = frozenset({"v1_loss", "v2_infer", "grpc_evaluate", "grpc_infer", "grpc_stream"})
 
@@ -265,8 +268,8 @@ class Service:
                                                   dtype=opts.dtype, deadline=deadline)
             t.batch_size = rows_of(kw["pred"])
             # outputs written into shared memory are copied in a thread when big
-            return await self.parse(oip.finish_infer, call, out,
-                                    size=rows_of(kw["pred"]) * 16 if call.shm_outputs else 0)
+            size = oip.shm_output_bytes(call, out)
+            return await self.parse(oip.finish_infer, call, out, size=0 if size <= INLINE_SHM_WRITE_BYTES else size)
 
     def model_metadata(self, name: Any, version: Any = "1") -> dict:
         oip.check_version(_name(name, "loss"), version)
