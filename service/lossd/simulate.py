@@ -382,10 +382,10 @@ def simulate_loss(name: str, cases: Cases, grad_fn: GradFn, *, iterations: int =
 
     t0, c0 = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=run, args=(s,), daemon=True) for s in range(shards)]
-    for th in threads:
-        th.start()
     last = time.monotonic()
     try:
+        for th in threads:
+            th.start()
         for th in threads:
             while th.is_alive():
                 th.join(0.2)
@@ -395,7 +395,8 @@ def simulate_loss(name: str, cases: Cases, grad_fn: GradFn, *, iterations: int =
     except KeyboardInterrupt:
         stop.set()
         for th in threads:
-            th.join()
+            if th.is_alive():
+                th.join()
         raise _Interrupted(_partial(name, params, errors, done, final, time.perf_counter() - t0, clamped)) from None
     if failures:
         raise failures[0]

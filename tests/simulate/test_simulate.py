@@ -127,20 +127,28 @@ def test_through_the_server_as_in_process(live_server, tmp_path):
 
 def test_ctrl_c_keeps_what_was_done(live_server, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "lossd.cli", "simulate", "--server", live_server.http_url,
-                             "--losses", "iou,giou", "--cases", "343", "--iterations", "100000", "--out", str(out),
-                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
+    # -X faulthandler: if it hangs, SIGABRT below makes it print every thread's stack before it dies
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "lossd.cli", "simulate", "--server",
+                             live_server.http_url, "--losses", "iou,giou", "--cases", "343", "--iterations", "100000",
+                             "--out", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
     # iou runs first; its curve so far is written every 2 s: interrupt once some of it is on disk
-    while time.monotonic() < deadline and proc.poll() is None:
+    started = False
+    while time.monotonic() < deadline and proc.poll() is None and not started:
         try:
-            if json.loads((out / "iou.json").read_text())["iterations_done"] > 0:
-                break
+            started = json.loads((out / "iou.json").read_text())["iterations_done"] > 0
         except (OSError, ValueError):
             pass
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"no exit 120 s after Ctrl-C (a curve was on disk: {started}); its threads:\n{err[-6000:]}")
+    assert started, err
     assert proc.returncode == 130, err
     rec = json.loads((out / "iou.json").read_text())
     assert not rec["complete"] and rec["iterations_done"] > 0 and len(rec["error"]) == rec["iterations_done"] + 1
