@@ -67,6 +67,8 @@ TABLE: dict[str, Row] = {
     "unauthorized": Row(401, 401, "UNAUTHENTICATED", False),
     "forbidden": Row(403, 403, "PERMISSION_DENIED", False),         # shared memory from a client on another host
     "too_many_regions": Row(429, 429, "RESOURCE_EXHAUSTED", False),  # LOSSD_MAX_SHM_REGIONS are registered
+    "unknown_region": Row(400, 400, "INVALID_ARGUMENT", False),     # no shared-memory region by that name
+    "region_truncated": Row(400, 400, "INVALID_ARGUMENT", False),   # its object shrank below the region
     "not_found": Row(404, 404, "UNIMPLEMENTED", False),
     "method_not_allowed": Row(405, 405, "UNIMPLEMENTED", False),
     "request_timeout": Row(408, 408, "DEADLINE_EXCEEDED", True),    # the body did not arrive in time

@@ -30,6 +30,7 @@ import os
 import re
 import stat
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -80,6 +81,7 @@ class Region:
     inode: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the object opened
     users: int = 0
     registered: bool = True
+    last_used: float = field(default_factory=time.monotonic)
 
     def status(self) -> dict:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
@@ -120,10 +122,17 @@ def check_name(name) -> str:
 class SharedMemory:
     """The server's registered regions (one table for both transports)."""
 
+    # a region whose object is gone (a client killed before it unregistered) is dropped once it has not been
+    # used for this long, so its memory is not held until the table fills; one whose client unlinked the object
+    # early but still uses it is kept
+    GONE_IDLE_S = 60.0
+    SWEEP_EVERY_S = 10.0
+
     def __init__(self, max_regions: int) -> None:
         self.max_regions = max_regions
         self.regions: dict[str, Region] = {}
         self.lock = threading.Lock()
+        self._swept = time.monotonic()
 
     # ------------------------------------------------------------------------------------------- management
     def register(self, name, key, offset=0, byte_size=0) -> None:
@@ -138,6 +147,7 @@ class SharedMemory:
             if name in self.regions:
                 raise ServiceError(f"shared-memory region {quote(name)} is already registered; unregister it "
                                    "first", field="name")
+            self._evict_stale(idle=self.GONE_IDLE_S)
             if len(self.regions) >= self.max_regions:
                 self._evict_stale()
             if len(self.regions) >= self.max_regions:
@@ -147,10 +157,14 @@ class SharedMemory:
             fd, mm, inode = self._open(key, offset, byte_size)
             self.regions[name] = Region(name, key, offset, byte_size, fd, mm, inode)
 
-    def _evict_stale(self) -> None:
+    def _evict_stale(self, idle: float = 0.0) -> None:
         """Drop regions whose shared-memory object is gone (removed by its owner, e.g. a client that exited
-        without unregistering): they could never be used again, and they would hold the limit forever."""
+        without unregistering) and that no call used for ``idle`` seconds: they hold memory and a place in the
+        table. Called with the lock held."""
+        self._swept = now = time.monotonic()
         for name, region in list(self.regions.items()):
+            if now - region.last_used < idle:
+                continue
             try:
                 info = os.stat(_path(region.key), follow_symlinks=False)
                 alive = (info.st_dev, info.st_ino) == region.inode
@@ -190,7 +204,8 @@ class SharedMemory:
             if name:
                 region = self.regions.pop(check_name(name), None)
                 if region is None:
-                    raise ServiceError(f"no shared-memory region named {quote(name)} is registered", field="name")
+                    raise ServiceError(f"no shared-memory region named {quote(name)} is registered", "unknown_region",
+                                       field="name")
                 gone = [region]
             else:
                 gone = list(self.regions.values())
@@ -202,11 +217,13 @@ class SharedMemory:
 
     def status(self, name: str = "") -> list[dict]:
         with self.lock:
+            self._evict_stale(idle=self.GONE_IDLE_S)
             if not name:
                 return [r.status() for r in self.regions.values()]
             region = self.regions.get(check_name(name))
             if region is None:
-                raise ServiceError(f"no shared-memory region named {quote(name)} is registered", field="name")
+                raise ServiceError(f"no shared-memory region named {quote(name)} is registered", "unknown_region",
+                                   field="name")
             return [region.status()]
 
     def close(self) -> None:
@@ -217,12 +234,16 @@ class SharedMemory:
     def call(self) -> Iterator["ShmCall"]:
         """One request's use of regions: the regions it touches stay mapped until it ends."""
         c = ShmCall(self)
+        if time.monotonic() - self._swept > self.SWEEP_EVERY_S:
+            with self.lock:
+                self._evict_stale(idle=self.GONE_IDLE_S)
         try:
             yield c
         finally:
             with self.lock:
                 for region in c.pinned.values():
                     region.users -= 1
+                    region.last_used = time.monotonic()
                     if region.users == 0 and not region.registered:
                         region.close()
 
@@ -242,8 +263,9 @@ class ShmCall:
             region = self.owner.regions.get(name)
             if region is None:
                 raise ServiceError(f"{what}: no shared-memory region named {quote(name)} is registered",
-                                   field=what)
+                                   "unknown_region", field=what)
             region.users += 1
+            region.last_used = time.monotonic()
             self.pinned[name] = region
         return region
 
@@ -263,6 +285,7 @@ class ShmCall:
         region, start = self.check(ref, what)
         size = ref[2]
         if region.mm is not None:
+            self._whole(region, ref[0], what)
             view = np.frombuffer(memoryview(region.mm)[start:start + size], dtype=dtype).reshape(shape)
             return view if dtype.kind == "f" else view.copy()
         arr = np.empty(shape, dtype=dtype)
@@ -273,7 +296,7 @@ class ShmCall:
             if got <= 0:
                 raise ServiceError(f"{what}: region {ref[0]!r} ends after {start + done - region.offset} of its "
                                    f"{region.byte_size} bytes: its shared-memory object {region.key!r} was "
-                                   "truncated", field=what)
+                                   "truncated", "region_truncated", field=what)
             done += got
         return arr
 
@@ -282,15 +305,24 @@ class ShmCall:
         region, start = self.check((ref[0], ref[1], arr.nbytes), what)
         src = np.ascontiguousarray(arr).reshape(-1)
         if region.mm is not None:
+            self._whole(region, ref[0], what)
             np.frombuffer(memoryview(region.mm)[start:start + arr.nbytes], dtype=arr.dtype)[...] = src
             return
-        if os.fstat(region.fd).st_size < start + arr.nbytes:
-            raise ServiceError(f"{what}: region {ref[0]!r} no longer holds {arr.nbytes} bytes at offset {ref[1]}: "
-                               f"its shared-memory object {region.key!r} was truncated", field=what)
+        self._whole(region, ref[0], what)
         buf = memoryview(src).cast("B") if arr.size else memoryview(bytearray())
         done = 0
         while done < arr.nbytes:
             done += os.pwritev(region.fd, [buf[done:]], start + done)
+
+    @staticmethod
+    def _whole(region: Region, name: str, what: str) -> None:
+        """The object behind a region still holds all of it. For a mapped region this is what keeps a client
+        that shrank its object since registering (or between calls) from killing the server with SIGBUS; a
+        shrink during the very read or write is only prevented for objects the server does not map."""
+        if os.fstat(region.fd).st_size < region.offset + region.byte_size:
+            raise ServiceError(f"{what}: region {name!r} no longer fits its shared-memory object {region.key!r}: "
+                               "the object was truncated; unregister the region and register it again",
+                               "region_truncated", field=what)
 
     def check_registered(self, name: str, what: str) -> None:
         region = self.pinned.get(name)

@@ -558,3 +558,60 @@ def test_regions_whose_object_is_gone_do_not_hold_the_limit():
         for m in (keep, new):
             m.close()
             m.unlink()
+
+
+def test_a_mapped_object_truncated_between_calls_is_an_error_not_a_crash(server, clean):
+    """An object only the server's user can write is mapped; a client that shrinks it after registering (here
+    between two calls) gets a 400 naming the tensor, instead of killing the server with SIGBUS."""
+    import os
+
+    n = 1000
+    pred, target = boxes(n, 6)
+    mem = shared_memory.SharedMemory("lossd_test_" + uuid.uuid4().hex[:12], create=True, size=n * 36)
+    path = "/dev/shm/" + mem.name
+    try:
+        assert (os.stat(path).st_mode & 0o777) == 0o600  # mapped by the server (its own user's, private)
+        np.frombuffer(mem.buf, np.float32)[:8 * n] = np.concatenate([pred.ravel(), target.ravel()])
+        mem.close()
+        assert _post(server, "/region/mapped/register", {"key": "/" + mem.name, "offset": 0,
+                                                          "byte_size": n * 36}).status_code == 200
+        inputs = [_shm_input("PRED", n, "mapped"), _shm_input("TARGET", n, "mapped", offset=n * 16)]
+        out = [{"name": "LOSS", "parameters": {"shared_memory_region": "mapped", "shared_memory_offset": n * 32,
+                                                "shared_memory_byte_size": n * 4}}]
+        assert _infer(server, inputs, out).status_code == 200
+        os.truncate(path, n * 8)
+        r = _infer(server, inputs, out)
+        assert r.status_code == 400, r.text
+        assert "truncated" in r.json()["error"] and "inputs.PRED" in r.json()["error"]
+        assert r.headers["lossd-error-code"] == "region_truncated"
+        assert httpx.get(f"{server.http_url}/v2/health/live", timeout=10).status_code == 200
+        unknown = _infer(server, [_shm_input("PRED", n, "nope"), _shm_input("TARGET", n, "nope")])
+        assert unknown.status_code == 400 and unknown.headers["lossd-error-code"] == "unknown_region"
+    finally:
+        os.unlink(path)
+
+
+def test_regions_of_a_killed_client_are_dropped_once_idle(monkeypatch):
+    """A client killed before it unregistered leaves a region whose object its owner's exit removed: after
+    GONE_IDLE_S without use it is dropped (its mapping freed) by the next register or status, even when the
+    table is far from full; a region whose object still exists is kept however long it is idle."""
+    from lossd import shm as shm_mod
+
+    table = shm_mod.SharedMemory(8)
+    live = shared_memory.SharedMemory("lossd_test_" + uuid.uuid4().hex[:12], create=True, size=64)
+    gone = shared_memory.SharedMemory("lossd_test_" + uuid.uuid4().hex[:12], create=True, size=64)
+    try:
+        table.register("live", live.name, 0, 64)
+        table.register("gone", gone.name, 0, 64)
+        region = table.regions["gone"]
+        gone.close()
+        gone.unlink()
+        assert sorted(r["name"] for r in table.status()) == ["gone", "live"]  # used just now: kept
+        clock = [shm_mod.time.monotonic() + table.GONE_IDLE_S + 1]
+        monkeypatch.setattr(shm_mod.time, "monotonic", lambda: clock[0])
+        assert [r["name"] for r in table.status()] == ["live"]
+        assert region.closed
+    finally:
+        table.close()
+        live.close()
+        live.unlink()
