@@ -46,7 +46,12 @@ class Settings(BaseSettings):
     grpc_max_connection_age_seconds: float = Field(1800.0, gt=0, description="gRPC connections are asked to "
                                                    "reconnect after this (spreads clients over replicas)")
     grpc_max_concurrent_streams: int = Field(256, gt=0, description="concurrent calls on one gRPC connection")
-    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; ['*'] for any")
+    cors_origins: list[str] = Field(default_factory=list, description="web-page origins allowed to call the API "
+                                    "(CORS); ['*'] for any. Requests from any other page (an Origin header) get 403")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host names (name, name:port, *.domain) "
+                                     "the server answers besides loopback ones; ['*'] for any. Bound to a loopback "
+                                     "address, other names get 403 (DNS rebinding); bound elsewhere, Host is "
+                                     "checked only when this is set")
     max_shm_regions: int = Field(64, ge=0, description="system shared-memory regions registered at once (each "
                                  "holds a mapping; 0 turns the extension off)")
     log_level: str = Field("info", description="logging level")
