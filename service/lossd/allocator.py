@@ -6,6 +6,10 @@ touches, for each buffer (the received message, the decoded arrays, the results,
 to ``retain_bytes`` of freed heap for reuse measured, for 1M box pairs over gRPC on 2 cores: server CPU 113 ->
 86 ms per call, wall time 95 -> 76 ms (bench/run.py, service section). The price is resident memory kept after
 a burst of large requests (after ten 1M-pair calls: 636 MiB instead of 531 MiB).
+
+What a burst of big answers leaves beyond that (freed blocks in the middle of the heaps, the worker threads'
+arenas, none of which glibc trims by itself) is handed back by ``give_back`` once the burst is over (the answer
+budget in lossd.service calls it when it goes idle after holding more than the retained amount).
 """
 
 from __future__ import annotations
@@ -18,6 +22,32 @@ M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+
+
+_libc = None
+
+
+def _load_libc():
+    global _libc
+    if _libc is None and sys.platform.startswith("linux"):
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:
+            _libc = False
+    return _libc or None
+
+
+def give_back(keep_bytes: int) -> bool:
+    """Return freed heap to the kernel (glibc ``malloc_trim``): every whole free page of every arena, keeping
+    ``keep_bytes`` at the top of the main heap for reuse; True when glibc released something. Walks the free
+    lists (milliseconds for a GiB), so call it off the event loop."""
+    libc = _load_libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is None:
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    return trim(max(0, keep_bytes)) == 1
 
 
 def tune_malloc(retain_bytes: int) -> bool:

@@ -9,13 +9,16 @@ by lossd.errors only. Here, once for every transport:
 - a request holds an admission slot only while it computes, never while its bytes are still arriving;
 - small fused CPU calls run on the event loop, everything else in a thread; big parses go to a thread too;
 - a device out-of-memory becomes ResourceExhausted for the one request that hit it;
-- pairwise answers are budgeted in bytes before anything is allocated.
+- pairwise answers are budgeted in bytes before anything is allocated: each against LOSSD_MAX_PAIRWISE_BYTES, and
+  all of them together, from compute until the transport has sent the last byte, against
+  LOSSD_MAX_ANSWER_BYTES_IN_FLIGHT (``AnswerBudget``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -25,11 +28,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from . import oip
 from .admission import Admission, is_out_of_memory
+from .allocator import give_back
 from .batching import Batcher
 from .engine import LOSSES, METRICS, Engine, EngineError, Result, get_loss, get_metric
-from .engine.engine import REDUCTIONS
+from .engine.engine import PAIRWISE_CHUNK_ELEMS, REDUCTIONS
 from .engine.inputs import FLOAT_DTYPES, check_box_format
-from .errors import TABLE, ResourceExhausted, ServiceError, quote
+from .errors import TABLE, Overloaded, ResourceExhausted, ServiceError, quote
 from .settings import Settings
 from .shm import SharedMemory, is_local, not_local
 
@@ -41,6 +45,12 @@ INLINE_PARSE_BYTES = 256 * 1024
 # Outputs of up to this many bytes are written into shared memory on the event loop (a copy of a few ms):
 # handing them to a thread costs a scheduling round trip, more than the copy on a busy machine.
 INLINE_SHM_WRITE_BYTES = 32 * 2**20
+# Pairwise answers up to this cost (bytes) are counted in the answer budget but never wait for room in it.
+SMALL_ANSWER_BYTES = 2**20
+# Host (or device) bytes a pairwise computation holds beside its answer, per element of the engine's chunk
+# (PAIRWISE_CHUNK_ELEMS): its temporaries. Measured as peak RSS during a 3000 x 3000 call minus the answer, the
+# largest over the catalog (SIoU): 19.0 values (float32) and 33.2 (float64) per chunk element; IoU takes 8.0.
+PAIRWISE_TEMPORARIES = {"float32": 20, "float64": 34}
 UNKNOWN = "unknown"  # the one metrics label for every name that is not in the catalog
 MODEL_ENDPOINTS = frozenset({"v1_loss", "v2_infer", "grpc_evaluate", "grpc_infer", "grpc_stream"})
 
@@ -148,6 +158,78 @@ class Options:
     dtype: str | None = None
 
 
+class AnswerBudget:
+    """Bytes of big answers alive at once, across requests: a request reserves its answer's cost before it
+    computes, shrinks the reservation to what its answer holds once computed, and returns it once the transport
+    has sent the answer (a slow reader keeps it). One that does not fit waits, first come first served, up to
+    ``wait`` seconds, then gets 429 ``overloaded`` with Retry-After: a burst of legitimate calls is served in turn
+    instead of failing, and nothing waits without bound (waiters hold admission slots, so LOSSD_MAX_IN_FLIGHT
+    bounds them too). Answers of at most ``small`` bytes are counted but never wait, so an annotation tool's few
+    boxes are not queued behind big answers. Runs on the event loop only: no lock."""
+
+    def __init__(self, total: int, wait: float, small: int = SMALL_ANSWER_BYTES,
+                 on_idle: Callable[[], None] | None = None, idle_after: int = 0) -> None:
+        self.total = total
+        self.wait = wait
+        self.small = small
+        self.used = 0
+        # on_idle runs when nothing is held any more after more than idle_after bytes were (a burst is over)
+        self.on_idle = on_idle
+        self.idle_after = idle_after
+        self.peak = 0
+        self._waiters: deque[list] = deque()  # [nbytes, future, granted]
+
+    async def reserve(self, nbytes: int) -> Reservation:
+        if nbytes <= self.small or (not self._waiters and self.used + nbytes <= self.total):
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+            return Reservation(self, nbytes)
+        entry = [nbytes, asyncio.get_running_loop().create_future(), False]
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait({entry[1]}, timeout=self.wait)
+        finally:
+            if not entry[2]:  # timed out or cancelled: leave the queue; whoever is next may fit now
+                self._waiters.remove(entry)
+                self._grant()
+        if not entry[2]:
+            raise Overloaded(f"answers of {self.used} bytes are being built or sent and this one needs {nbytes} "
+                             f"more, over the budget of {self.total} bytes (LOSSD_MAX_ANSWER_BYTES_IN_FLIGHT); "
+                             "retry after 1 s, or ask for fewer pairs", retry_after=1.0)
+        return Reservation(self, nbytes)
+
+    def _grant(self) -> None:
+        while self._waiters and self.used + self._waiters[0][0] <= self.total:
+            entry = self._waiters.popleft()
+            self.used += entry[0]
+            self.peak = max(self.peak, self.used)
+            entry[2] = True
+            if not entry[1].done():
+                entry[1].set_result(None)
+
+
+class Reservation:
+    """A request's share of an AnswerBudget; ``release()`` (idempotent) returns it, ``shrink`` a part of it."""
+
+    def __init__(self, budget: AnswerBudget | None, nbytes: int) -> None:
+        self.budget = budget
+        self.nbytes = nbytes
+
+    def shrink(self, nbytes: int) -> None:
+        if self.budget is not None and nbytes < self.nbytes:
+            budget = self.budget
+            budget.used -= self.nbytes - nbytes
+            self.nbytes = nbytes
+            budget._grant()
+            if budget.used == 0 and budget.peak > budget.idle_after:
+                budget.peak = 0
+                if budget.on_idle is not None:
+                    budget.on_idle()
+
+    def release(self) -> None:
+        self.shrink(0)
+
+
 class Service:
     """One per server process, shared by REST and gRPC."""
 
@@ -160,6 +242,18 @@ class Service:
                                max_delay=settings.batch_max_delay_ms / 1000, inline=settings.batch_inline)
         self.obs = obs or Observability()
         self.shm = SharedMemory(settings.max_shm_regions)
+        keep = settings.malloc_retain_mb * 2**20
+        self.answers = AnswerBudget(settings.max_answer_bytes_in_flight, settings.answer_wait_seconds,
+                                    on_idle=self._give_back_memory, idle_after=max(keep, 64 * 2**20))
+
+    def _give_back_memory(self) -> None:
+        """A burst of big answers is over: what it freed goes back to the kernel (in a thread: it walks the
+        heaps), beyond what LOSSD_MALLOC_RETAIN_MB keeps for reuse."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.run_in_executor(None, give_back, self.settings.malloc_retain_mb * 2**20)
 
     # ------------------------------------------------------------------------------------------------ catalog
     def catalog(self) -> dict:
@@ -209,31 +303,51 @@ class Service:
     # ------------------------------------------------------------------------------------------------- metric
     async def metric(self, name: Any, boxes1: Any, boxes2: Any, *, box_format: Any = "xyxy",
                      pairwise: bool = False, params: Any = None, dtype: Any = None, max_bytes: int | None = None,
-                     endpoint: str = "v1_metric") -> np.ndarray:
+                     endpoint: str = "v1_metric", answer: Callable | None = None,
+                     answer_bytes: Callable[[tuple, str], int] | None = None) -> Any:
         """IoU-family values, [N] or pairwise [N, M]. ``max_bytes``: the transport's own cap on the answer (a gRPC
-        message), on top of LOSSD_MAX_PAIRWISE_BYTES."""
+        message), on top of LOSSD_MAX_PAIRWISE_BYTES. ``answer``: the transport's encoder, awaited as
+        ``answer(values, release)`` while the answer's share of LOSSD_MAX_ANSWER_BYTES_IN_FLIGHT is held; it calls
+        ``release`` once its bytes are out, and its result is returned (without it, the values are, and the share
+        is returned at once). ``answer_bytes(shape, dtype)``: what the encoding holds at once beyond the values."""
         with self.obs.track(endpoint, name) as t:
             spec = get_metric(_name(name, "metric"))
             opts = self.options(spec, box_format, "none", params, dtype)
             n, m = rows_of(boxes1), rows_of(boxes2)
+            cost = held = 0
             if pairwise and n is not None and m is not None:
-                self._check_pairwise(n, m, opts.dtype or _dtype_of(boxes1), max_bytes)
+                cost, held = self._check_pairwise(n, m, opts.dtype or _dtype_of(boxes1), max_bytes, answer_bytes)
             call = (lambda: self.engine.metric(spec.name, boxes1, boxes2, box_format=opts.box_format,
                                                pairwise=pairwise, params=opts.params, dtype=opts.dtype))
             with self.admission.admit():
-                inline = (self.engine.runs_fused_on_cpu(spec.name) and n is not None and m is not None
-                          and (n * m if pairwise else max(n, m)) <= INLINE_MAX_METRIC_VALUES)
+                share = await self.answers.reserve(cost) if cost else Reservation(None, 0)
                 try:
-                    values = call() if inline else await asyncio.to_thread(call)
-                except RuntimeError as exc:
-                    if not is_out_of_memory(exc):
-                        raise
-                    raise ResourceExhausted(f"the {self.engine.device} device ran out of memory; ask for fewer "
-                                            "pairs") from None
-            t.batch_size = int(values.numel())
-            return values.numpy()
+                    inline = (self.engine.runs_fused_on_cpu(spec.name) and n is not None and m is not None
+                              and (n * m if pairwise else max(n, m)) <= INLINE_MAX_METRIC_VALUES)
+                    try:
+                        values = call() if inline else await asyncio.to_thread(call)
+                    except RuntimeError as exc:
+                        if not is_out_of_memory(exc):
+                            raise
+                        raise ResourceExhausted(f"the {self.engine.device} device ran out of memory; ask for "
+                                                "fewer pairs") from None
+                    t.batch_size = int(values.numel())
+                    if answer is None:
+                        return values.numpy()
+                    share.shrink(held)  # the temporaries are gone; the answer is held until sent
+                    return await answer(values.numpy(), share.release)
+                except BaseException:
+                    share.release()
+                    raise
+                finally:
+                    if answer is None:
+                        share.release()
 
-    def _check_pairwise(self, n: int, m: int, dtype: str, max_bytes: int | None) -> None:
+    def _check_pairwise(self, n: int, m: int, dtype: str, max_bytes: int | None,
+                        answer_bytes: Callable[[tuple, str], int] | None = None) -> tuple[int, int]:
+        """(bytes while computing, bytes held until sent): the values and the engine's temporaries, then the
+        values and what the transport's encoding holds at once; too_large when one request alone is over a
+        budget."""
         itemsize = 8 if dtype == "float64" else 4
         budget = self.settings.max_pairwise_bytes
         if max_bytes is not None:
@@ -243,6 +357,15 @@ class Service:
                               f"{dtype}) exceeds this server's budget of {budget} bytes "
                               "(LOSSD_MAX_PAIRWISE_BYTES, and the gRPC message cap); split boxes1",
                               field="boxes2")
+        held = n * m * itemsize + (answer_bytes((n, m), dtype) if answer_bytes is not None else 0)
+        chunk = min(n, max(1, PAIRWISE_CHUNK_ELEMS // max(m, 1))) * m
+        cost = n * m * itemsize + chunk * itemsize * PAIRWISE_TEMPORARIES.get(dtype, 34)
+        cost = max(cost, held)
+        if cost > self.answers.total:
+            raise EngineError("too_large", f"pairwise {n} x {m} = {n * m} values needs {cost} bytes to compute "
+                              f"as {dtype}, over this server's budget of {self.answers.total} bytes for answers "
+                              "at once (LOSSD_MAX_ANSWER_BYTES_IN_FLIGHT); split boxes1", field="boxes2")
+        return cost, held
 
     # -------------------------------------------------------------------------------------------------- OIP
     async def infer(self, model: Any, request: Callable[[], tuple[dict, memoryview]], *, size: int,

@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     max_pairwise_bytes: int = Field(64 * 2**20, gt=0, description="largest pairwise answer in bytes (N x M x 4 "
                                     "for float32, x 8 for float64), refused before anything is allocated; over "
                                     "gRPC also capped by the message size")
+    max_answer_bytes_in_flight: int = Field(768 * 2**20, gt=0, description="bytes of pairwise answers alive at "
+                                            "once across requests: the values and the engine's temporaries while "
+                                            "computing, then the values and their encoding until the last byte is "
+                                            "sent; a request that does not fit waits up to answer_wait_seconds, "
+                                            "then gets 429 overloaded; one larger than this alone gets 413")
+    answer_wait_seconds: float = Field(10.0, ge=0, description="how long a big answer may wait for room under "
+                                       "max_answer_bytes_in_flight before 429")
     body_timeout_seconds: float = Field(30.0, gt=0, description="a request body must arrive whole within this "
                                         "time of its headers (slow senders get 408 and are dropped)")
     header_timeout_seconds: float = Field(10.0, gt=0, description="a request's headers must arrive whole within "

@@ -8,6 +8,7 @@ run (measured ~110 ms for 960k values on a loaded 2-core machine).
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 import numpy as np
 import orjson
@@ -46,3 +47,65 @@ def json_response(payload, status_code: int = 200) -> Response:
 
 async def json_response_yielding(payload: dict, status_code: int = 200) -> Response:
     return Response(await dumps_yielding(payload), status_code=status_code, media_type="application/json")
+
+
+# The most bytes one value takes in orjson's text, its comma included: measured over negative values of every
+# binary exponent with random mantissas ('-0.0000010830308,' 17 for float32, '-1.3498094062947883e-308,' 25 for
+# float64; tests/rest/test_answer_budget.py checks it); IoU values in [0, 1] take ~10.6 on average (float32).
+JSON_MAX_BYTES_PER_VALUE = {"float32": 17, "float64": 25}
+
+
+def sliced_json_bytes(shape: tuple[int, ...], dtype: str) -> int:
+    """The most JSON text a SlicedJsonResponse of an array of ``shape`` holds at once: a slice's text, its copy
+    without brackets and the server's chunk framing of it."""
+    rows = shape[0] if shape else 1
+    per_row = 1
+    for d in shape[1:]:
+        per_row *= d
+    rows_at_once = min(rows, max(1, SLICE_VALUES // max(1, per_row)))
+    return 3 * (rows_at_once * per_row * JSON_MAX_BYTES_PER_VALUE.get(dtype, 25) + 3 * rows_at_once + 64)
+
+
+class SlicedJsonResponse(Response):
+    """A ``{"key": array}`` answer written slice by slice as the client reads it (chunked transfer, no
+    Content-Length): its JSON text (~2.7x the float32 array) is never whole in memory, and a slow reader holds the
+    array and one slice, not the text. ``on_done`` runs once, when the last byte is handed over or the answer is
+    abandoned."""
+
+    media_type = "application/json"
+
+    def __init__(self, payload: dict, on_done=None, status_code: int = 200) -> None:
+        super().__init__(None, status_code=status_code)
+        del self.headers["content-length"]
+        self.payload = payload
+        self.on_done = on_done
+        # on_done also runs if the answer is dropped unsent (collected), on the event loop that made it
+        loop = asyncio.get_running_loop()
+        self._done = weakref.finalize(self, loop.call_soon_threadsafe, on_done) if on_done is not None else None
+
+    def _pieces(self):
+        yield b"{"
+        for i, (key, value) in enumerate(self.payload.items()):
+            yield (b"," if i else b"") + orjson.dumps(key) + b":"
+            if not isinstance(value, np.ndarray) or value.ndim == 0 or value.size <= SLICE_VALUES:
+                yield dumps(value)
+                continue
+            rows = max(1, SLICE_VALUES // max(1, value.size // max(1, value.shape[0])))
+            yield b"["
+            for start in range(0, value.shape[0], rows):
+                if start:
+                    yield b","
+                yield dumps(value[start:start + rows])[1:-1]  # the slice's elements, without its brackets
+            yield b"]"
+        yield b"}"
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            for piece in self._pieces():
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+                await asyncio.sleep(0)  # a send that does not wait on the client still gives the loop a turn
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if self._done is not None and self._done.detach() is not None:
+                self.on_done()

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from ..service import Service
 from .body import body_schema, read_model
 from .deps import get_service
-from .jsonio import json_response_yielding
+from .jsonio import SLICE_VALUES, SlicedJsonResponse, json_response_yielding, sliced_json_bytes
 from .openapi import V1_ERRORS
 
 router = APIRouter(prefix="/v1/metrics", tags=["metrics"])
@@ -43,6 +43,15 @@ def list_metrics(service: Service = Depends(get_service)) -> dict:
 async def metric(name: str, request: Request, service: Service = Depends(get_service)) -> Response:
     """IoU, GIoU, DIoU, CIoU, EIoU, SIoU or NWD of boxes1 vs boxes2."""
     req = await read_model(request, MetricRequest)
-    values = await service.metric(name, req.boxes1, req.boxes2, box_format=req.box_format, pairwise=req.pairwise,
-                                  params=req.params, dtype=req.dtype)
-    return await json_response_yielding({"values": values})
+    return await service.metric(name, req.boxes1, req.boxes2, box_format=req.box_format, pairwise=req.pairwise,
+                                params=req.params, dtype=req.dtype, answer=_answer, answer_bytes=sliced_json_bytes)
+
+
+async def _answer(values, release) -> Response:
+    """Big answers are sent slice by slice as the client reads them, holding their budget until sent."""
+    if values.size <= SLICE_VALUES:
+        try:
+            return await json_response_yielding({"values": values})
+        finally:
+            release()
+    return SlicedJsonResponse({"values": values}, on_done=release)
