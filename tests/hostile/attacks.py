@@ -220,7 +220,7 @@ def raw_http(host: str, port: int, payload: bytes, timeout: float = 5.0) -> byte
 def fuzz_raw_request(rng: random.Random) -> bytes:
     """A request line and head with random damage: framing the HTTP parser itself must refuse."""
     body = json.dumps({"pred": PRED, "target": TARGET}).encode()
-    lines = [b"POST /v1/losses/ciou HTTP/1.1", b"host: x", b"content-type: application/json",
+    lines = [b"POST /v1/losses/ciou HTTP/1.1", b"host: localhost", b"content-type: application/json",
              b"content-length: %d" % len(body)]
     roll = rng.random()
     if roll < 0.3:
@@ -325,7 +325,7 @@ async def slow_sender(host: str, port: int, stop: asyncio.Event, interval: float
         outcome["refused"] = outcome.get("refused", 0) + 1
         return
     try:
-        writer.write(b"POST /v2/models/ciou/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        writer.write(b"POST /v2/models/ciou/infer HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
                      b"content-length: 100000\r\n\r\n")
         await writer.drain()
         while not stop.is_set():
@@ -357,7 +357,7 @@ async def header_bomb(host: str, port: int, total_bytes: int, chunk: int = 16384
     sent = 0
     answer = b""
     try:
-        writer.write(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nx-bomb: ")
+        writer.write(b"GET /v2/health/live HTTP/1.1\r\nhost: localhost\r\nx-bomb: ")
         while sent < total_bytes:
             writer.write(b"a" * chunk)
             sent += chunk

@@ -301,7 +301,7 @@ def test_idle_connections_beyond_the_cap_cannot_lock_others_out():
         socks = []
         for _ in range(250):
             s = socket.create_connection(("127.0.0.1", port))
-            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nx-slow: ")
+            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: localhost\r\nx-slow: ")
             socks.append(s)
         with httpx.Client(base_url=srv.http_url, timeout=30) as client:
             for _ in range(10):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import threading
 import uuid
 from multiprocessing import shared_memory

@@ -27,6 +27,7 @@ from ..errors import ServiceError, quote
 from ..settings import Settings
 from .errors import error_response
 
+GOOD_HOSTS_KEPT = 64
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -124,6 +125,9 @@ class OriginGuard:
         origins = [o.strip() for o in cors_origins]
         self.any_origin = "*" in origins
         self.origins = {key for key in map(_origin_key, origins) if key is not None}
+        # Host values already found allowed, as sent (a few: '127.0.0.1:8000', 'localhost:8000'), so most
+        # requests are checked with one lookup; only allowed values are kept, at most GOOD_HOSTS_KEPT
+        self._good_hosts: set[bytes] = set()
 
     def host_allowed(self, host: tuple[str, int | None]) -> bool:
         name, port = host
@@ -136,19 +140,24 @@ class OriginGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        host_header = origin = None
+        host_raw = origin = None
         for name, value in scope.get("headers") or ():
             if name == b"host":
-                host_header = value.decode("latin-1")
+                host_raw = value
             elif name == b"origin":
                 origin = value.decode("latin-1")
+        if origin is None and (not self.check_host or host_raw is None or host_raw in self._good_hosts):
+            return await self.app(scope, receive, send)  # the common case: a client that is not a browser
+        host_header = host_raw.decode("latin-1") if host_raw is not None else None
         host = split_host(host_header) if host_header is not None else None
-        if self.check_host and host_header is not None and _on_socket(scope) \
-                and (host is None or not self.host_allowed(host)):
-            return await self._refuse(send, scope, ServiceError(
-                f"Host {quote(host_header)} is not a name of this server, which is bound to {self.bind_host}; "
-                "a web page may have pointed its own name at this address (DNS rebinding). To allow the name, "
-                "add it to LOSSD_ALLOWED_HOSTS (a JSON list; '*' allows any)", "forbidden", field="host"))
+        if self.check_host and host_header is not None and host_raw not in self._good_hosts and _on_socket(scope):
+            if host is None or not self.host_allowed(host):
+                return await self._refuse(send, scope, ServiceError(
+                    f"Host {quote(host_header)} is not a name of this server, which is bound to {self.bind_host}; "
+                    "a web page may have pointed its own name at this address (DNS rebinding). To allow the "
+                    "name, add it to LOSSD_ALLOWED_HOSTS (a JSON list; '*' allows any)", "forbidden", field="host"))
+            if len(self._good_hosts) < GOOD_HOSTS_KEPT:
+                self._good_hosts.add(host_raw)
         if origin is not None and not self.origin_allowed(origin, scope, host):
             return await self._refuse(send, scope, ServiceError(
                 f"requests from web pages at origin {quote(origin)} are refused (a page must not drive this "
