@@ -39,6 +39,9 @@ class Settings(BaseSettings):
                                             "then gets 429 overloaded; one larger than this alone gets 413")
     answer_wait_seconds: float = Field(10.0, ge=0, description="how long a big answer may wait for room under "
                                        "max_answer_bytes_in_flight before 429")
+    send_stall_seconds: float = Field(30.0, gt=0, description="a big answer sent in slices is dropped (connection "
+                                      "closed, its memory and budget freed) when the client takes none of it for "
+                                      "this long")
     body_timeout_seconds: float = Field(30.0, gt=0, description="a request body must arrive whole within this "
                                         "time of its headers (slow senders get 408 and are dropped)")
     header_timeout_seconds: float = Field(10.0, gt=0, description="a request's headers must arrive whole within "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -177,7 +178,7 @@ def server():
     # does not while the first is still being sent (~12 MB: its values and a slice of text)
     compute, held = costs(1500)
     srv = start_server({"LOSSD_MAX_ANSWER_BYTES_IN_FLIGHT": str(compute + held - 1),
-                        "LOSSD_ANSWER_WAIT_SECONDS": "0.5"})
+                        "LOSSD_ANSWER_WAIT_SECONDS": "0.5", "LOSSD_SEND_STALL_SECONDS": "3"})
     yield srv
     srv.proc.terminate()
     try:
@@ -240,3 +241,25 @@ def test_no_room_in_time_is_429_and_room_again_once_read(server):
     assert first["status"] == 200 and first["bytes"] > 20 * 2**20
     resp = httpx.post(url, content=payload, timeout=60)
     assert resp.status_code == 200
+
+
+def test_a_reader_that_stops_is_dropped_and_its_room_freed(server):
+    a = boxes(1500, 5)
+    payload = json.dumps({"boxes1": a.tolist(), "boxes2": a.tolist(), "pairwise": True}).encode()
+    url = f"{server.http_url}/v1/metrics/iou"
+    with httpx.Client(timeout=60) as c, c.stream("POST", url, content=payload) as r:
+        chunks = r.iter_bytes(1 << 16)
+        next(chunks)
+        t0 = time.monotonic()
+        # while this reader sleeps, its answer holds the room a second one needs ...
+        assert httpx.post(url, content=payload, timeout=60).status_code == 429
+        # ... until LOSSD_SEND_STALL_SECONDS (3 s) pass without it taking anything: then it is dropped
+        while time.monotonic() - t0 < 30:
+            resp = httpx.post(url, content=payload, timeout=60)
+            if resp.status_code == 200:
+                break
+        assert resp.status_code == 200 and time.monotonic() - t0 >= 3
+        with pytest.raises(httpx.HTTPError):  # what was left of the stalled answer never comes
+            for _ in chunks:
+                pass
+    assert "LOSSD_SEND_STALL_SECONDS" in server.log()

@@ -8,11 +8,14 @@ run (measured ~110 ms for 960k values on a loaded 2-core machine).
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 
 import numpy as np
 import orjson
 from fastapi.responses import Response
+
+log = logging.getLogger("lossd.rest")
 
 OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 SLICE_VALUES = 65536  # values per slice: a few milliseconds of serializing
@@ -74,14 +77,18 @@ class SlicedJsonResponse(Response):
 
     media_type = "application/json"
 
-    def __init__(self, payload: dict, on_done=None, status_code: int = 200) -> None:
+    def __init__(self, payload: dict, on_done=None, status_code: int = 200, stall_seconds: float | None = None) -> None:
         super().__init__(None, status_code=status_code)
+        self.stall_seconds = stall_seconds
         del self.headers["content-length"]
         self.payload = payload
         self.on_done = on_done
         # on_done also runs if the answer is dropped unsent (collected), on the event loop that made it
         loop = asyncio.get_running_loop()
         self._done = weakref.finalize(self, loop.call_soon_threadsafe, on_done) if on_done is not None else None
+
+    def size_hint(self) -> int:
+        return sum(v.nbytes for v in self.payload.values() if isinstance(v, np.ndarray))
 
     def _pieces(self):
         yield b"{"
@@ -103,7 +110,15 @@ class SlicedJsonResponse(Response):
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             for piece in self._pieces():
-                await send({"type": "http.response.body", "body": piece, "more_body": True})
+                try:
+                    await asyncio.wait_for(send({"type": "http.response.body", "body": piece, "more_body": True}),
+                                           self.stall_seconds)
+                except asyncio.TimeoutError:
+                    # the client stopped reading: the answer is dropped unfinished, so the server closes the
+                    # connection, and what it held is freed
+                    log.warning("a client took no part of a %d-byte answer for %g s (LOSSD_SEND_STALL_SECONDS); "
+                                "connection closed", self.size_hint(), self.stall_seconds)
+                    return
                 await asyncio.sleep(0)  # a send that does not wait on the client still gives the loop a turn
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:

@@ -44,14 +44,17 @@ async def metric(name: str, request: Request, service: Service = Depends(get_ser
     """IoU, GIoU, DIoU, CIoU, EIoU, SIoU or NWD of boxes1 vs boxes2."""
     req = await read_model(request, MetricRequest)
     return await service.metric(name, req.boxes1, req.boxes2, box_format=req.box_format, pairwise=req.pairwise,
-                                params=req.params, dtype=req.dtype, answer=_answer, answer_bytes=sliced_json_bytes)
+                                params=req.params, dtype=req.dtype, answer=_answer(service.settings.send_stall_seconds),
+                                answer_bytes=sliced_json_bytes)
 
 
-async def _answer(values, release) -> Response:
-    """Big answers are sent slice by slice as the client reads them, holding their budget until sent."""
-    if values.size <= SLICE_VALUES:
-        try:
-            return await json_response_yielding({"values": values})
-        finally:
-            release()
-    return SlicedJsonResponse({"values": values}, on_done=release)
+def _answer(stall_seconds: float):
+    async def answer(values, release) -> Response:
+        """Big answers are sent slice by slice as the client reads them, holding their budget until sent."""
+        if values.size <= SLICE_VALUES:
+            try:
+                return await json_response_yielding({"values": values})
+            finally:
+                release()
+        return SlicedJsonResponse({"values": values}, on_done=release, stall_seconds=stall_seconds)
+    return answer
