@@ -78,9 +78,14 @@ class EngineEvaluator:
         pass
 
 
+SHM_MIN_BYTES = 256 * 1024  # lossd_client's threshold for shared memory (inputs of a call)
+
+
 class ServerEvaluator:
-    """Pair losses from a running lossd: one streaming call per request carries every loss asked for. The URL
-    goes to ``LossClient`` as given."""
+    """Pair losses from a running lossd. The URL goes to ``LossClient`` as given. On this host the client hands
+    big calls over in shared memory, which is faster than the wire: then each chunk is one ``loss()`` call (about
+    twice as fast on 5k images); otherwise one streaming call carries every chunk of every loss asked for (the
+    requests stay in flight together, which is what a remote server wants)."""
 
     CHUNK = 50_000  # pairs per item, well inside the server's message cap
 
@@ -88,12 +93,29 @@ class ServerEvaluator:
         from lossd_client import LossClient
 
         self.client = LossClient(url, api_key=api_key)
+        self.shared: bool | None = None  # whether loss() goes through shared memory (learnt on the first call)
 
     def losses(self, pred: np.ndarray, target: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
         spans = [(a, min(a + self.CHUNK, len(pred))) for a in range(0, len(pred), self.CHUNK)]
-        calls = [dict(name=n, pred=pred[a:b], target=target[a:b], return_grad=False) for n in names for a, b in spans]
-        results = iter(self.client.stream(calls))
-        return {n: np.concatenate([np.asarray(next(results).loss, dtype=np.float64) for _ in spans]) for n in names}
+        out: dict[str, list] = {n: [] for n in names}
+        todo = [(n, a, b) for n in names for a, b in spans]
+        if self.shared is None and todo and (todo[0][2] - todo[0][1]) * 32 >= SHM_MIN_BYTES:
+            # a call big enough for shared memory tells whether this client uses it
+            n, a, b = todo.pop(0)
+            before = self.client.shared_memory_calls
+            out[n].append(self.client.loss(n, pred[a:b], target[a:b], return_grad=False).loss)
+            self.shared = self.client.shared_memory_calls > before
+        if self.shared:
+            for n, a, b in todo:
+                out[n].append(self.client.loss(n, pred[a:b], target[a:b], return_grad=False).loss)
+            todo = []
+        if todo:
+            results = iter(self.client.stream([dict(name=n, pred=pred[a:b], target=target[a:b], return_grad=False)
+                                               for n, a, b in todo]))
+            for n, _, _ in todo:
+                out[n].append(next(results).loss)
+        return {n: np.concatenate([np.asarray(x, dtype=np.float64).reshape(-1) for x in out[n]]) if out[n]
+                else np.zeros(0) for n in names}
 
     def close(self) -> None:
         self.client.close()
