@@ -22,7 +22,7 @@ import numpy as np
 from ._bulk import BulkHTTP
 from ._bulk import usable as bulk_usable
 from . import _shm
-from ._errors import LossdError, UnavailableError, from_grpc, from_http
+from ._errors import DeadlineExceededError, LossdError, UnavailableError, from_grpc, from_http
 from .wire import (SMALL_MESSAGE, WithTensors, decode_with_tensors, encode_evaluate_request, from_param,
                    from_tensor, oip_binary_request, oip_binary_response, passthrough, pb, pb_grpc, to_param, to_tensor,
                    wrap_field)
@@ -140,7 +140,38 @@ def _checked(resp: httpx.Response) -> httpx.Response:
     return resp
 
 
-def _unreachable(exc: Exception) -> UnavailableError:
+def not_http(target: str) -> UnavailableError:
+    """What a URL whose server answers with something other than HTTP/1.1 gets (its bytes are not quoted)."""
+    return UnavailableError("not_http", f"the server at {target} did not answer HTTP; if this is lossd's gRPC "
+                            "port, use a grpc:// URL")
+
+
+def no_answer(timeout: float) -> DeadlineExceededError:
+    return DeadlineExceededError("deadline_exceeded", f"no answer within timeout={timeout:g} s; the server may "
+                                 "still be computing it (not retried; raise timeout for larger calls)")
+
+
+def _speaks_other(exc: Exception) -> bool:
+    """Whether httpx failed because the answer was not HTTP/1.1 (not because the connection closed)."""
+    return isinstance(exc, httpx.RemoteProtocolError) and "disconnected" not in str(exc).lower()
+
+
+# a connection broken while a request was sent: the server may have answered something that is not HTTP and
+# closed (a gRPC port does); a small GET tells
+_PROBE_AFTER = (httpx.ReadError, httpx.WriteError)
+PROBE_PATH = "/v2/health/live"
+
+
+def _unreachable(exc: Exception, target: str, timeout: float, probe: Exception | None = None) -> LossdError:
+    """A network failure as a typed error: no answer in time once connected is a deadline (not retried: the
+    server may be computing the call); bytes that are not HTTP say so (``probe``: what a small GET raised after
+    a broken connection); anything else is unavailable."""
+    if isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout)):
+        return no_answer(timeout)
+    if _speaks_other(exc) or _speaks_other(probe):
+        return not_http(target)
+    if isinstance(exc, httpx.ConnectTimeout):
+        return UnavailableError("unavailable", f"could not connect to {target} in time: {exc}")
     return UnavailableError("unavailable", f"{type(exc).__name__}: {exc}")
 
 
@@ -259,10 +290,11 @@ def _verify(ca_cert: str | None) -> ssl.SSLContext | bool:
 
 
 class _Options(NamedTuple):
-    timeout: float
+    timeout: float          # the wait for an answer once connected (a gRPC call's deadline)
     api_key: str | None
     ca_cert: str | None
     tls: bool
+    connect_timeout: float = 10.0  # TCP connect plus the TLS / HTTP/2 handshake
 
     @property
     def headers(self) -> dict:
@@ -270,7 +302,8 @@ class _Options(NamedTuple):
 
     def httpx(self, base_url: str) -> dict:
         """httpx.Client / AsyncClient arguments: the same trust, key and timeout."""
-        return {"base_url": base_url, "timeout": self.timeout, "headers": self.headers,
+        return {"base_url": base_url, "timeout": httpx.Timeout(self.timeout, connect=self.connect_timeout),
+                "headers": self.headers,
                 "verify": _verify(self.ca_cert)}
 
 
@@ -281,7 +314,9 @@ class HTTPTransport:
         self.target = base_url
         self._http = httpx.Client(**opts.httpx(base_url))
         # binary inference requests, the large ones, go through http.client: a third of httpx's CPU (_bulk.py)
-        self._bulk = (BulkHTTP(base_url, timeout=opts.timeout, headers=opts.headers, ca_cert=opts.ca_cert)
+        self._timeout = opts.timeout
+        self._bulk = (BulkHTTP(base_url, timeout=opts.timeout, connect_timeout=opts.connect_timeout,
+                               headers=opts.headers, ca_cert=opts.ca_cert)
                       if bulk_usable(base_url) else None)
 
     def send(self, request: tuple) -> httpx.Response:
@@ -293,7 +328,16 @@ class HTTPTransport:
         try:
             return _checked(self._http.request(method, path, **kw))
         except httpx.TransportError as exc:
-            raise _unreachable(exc) from exc
+            raise _unreachable(exc, self.target, self._timeout, self._probe(exc)) from exc
+
+    def _probe(self, exc: Exception) -> Exception | None:
+        if not isinstance(exc, _PROBE_AFTER):
+            return None
+        try:
+            self._http.get(PROBE_PATH, timeout=min(self._timeout, 5.0))
+        except httpx.TransportError as probe:
+            return probe
+        return None
 
     # Triton's system shared memory (lossd_client._shm): the region's management and the small infer request
     def shm_register(self, name: str, key: str, byte_size: int) -> None:
@@ -319,6 +363,7 @@ class AsyncHTTPTransport:
 
     def __init__(self, base_url: str, opts: _Options) -> None:
         self.target = base_url
+        self._timeout = opts.timeout
         self._http = httpx.AsyncClient(**opts.httpx(base_url))
 
     async def send(self, request: tuple) -> httpx.Response:
@@ -328,7 +373,16 @@ class AsyncHTTPTransport:
         try:
             return _checked(await self._http.request(method, path, **kw))
         except httpx.TransportError as exc:
-            raise _unreachable(exc) from exc
+            raise _unreachable(exc, self.target, self._timeout, await self._probe(exc)) from exc
+
+    async def _probe(self, exc: Exception) -> Exception | None:
+        if not isinstance(exc, _PROBE_AFTER):
+            return None
+        try:
+            await self._http.get(PROBE_PATH, timeout=min(self._timeout, 5.0))
+        except httpx.TransportError as probe:
+            return probe
+        return None
 
     async def shm_register(self, name: str, key: str, byte_size: int) -> None:
         await self.send(("POST", f"/v2/systemsharedmemory/region/{name}/register",
@@ -349,7 +403,9 @@ class AsyncHTTPTransport:
 def _channel(api, target: str, opts: _Options):
     """A channel from ``api`` (grpc or grpc.aio): TLS when asked (trusting ``ca_cert``, else the system's roots)."""
     options = [("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
-               ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)]
+               ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
+               # gRPC's connect timeout (TCP, TLS and the HTTP/2 handshake): 20 s unless set
+               ("grpc.min_reconnect_backoff_ms", max(int(opts.connect_timeout * 1000), 100))]
     if target.startswith("dns:"):
         options.append(("grpc.lb_policy_name", "round_robin"))
     if opts.tls:
