@@ -15,8 +15,9 @@ every region (Triton's example clients do at start), the region's name was unreg
 someone else's object (the server then reads and writes that object, not ours), or our object was truncated.
 Before each call the output areas are filled with a per-call sentinel (a signalling NaN with a random payload,
 which arithmetic on finite inputs never produces); an answer whose outputs still hold it was written somewhere
-else. A lost region (``unknown_region``, ``region_truncated``, unregistered during the call, or the sentinel still
-there) is replaced by a fresh object under a fresh name and the call retried once; if that fails too, shared
+else, and an input refused through shared memory is checked against the server's status of our region (does it
+still name our object?). A lost region (``unknown_region``, ``region_truncated``, unregistered during the call, the
+sentinel still there, or another object under our name) is replaced by a fresh object under a fresh name and the call retried once; if that fails too, shared
 memory is turned off for this client and the call goes over the wire. An answer is only ever taken from our own
 region, once.
 """
@@ -37,7 +38,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from ._errors import RETRYABLE, LossdError
+from ._errors import RETRYABLE, InvalidInputError, LossdError
 from .wire import NP_OF_OIP, OIP_OF
 
 # below this many input bytes a call goes over the wire: registering a region and the extra request cost more
@@ -239,7 +240,7 @@ class ShmPath:
         unless the failure was transient); the caller then goes over the wire."""
         with self.lock:
             layout, outputs, size = self._layout(call)
-            for attempt in range(2):
+            for _ in range(2):
                 try:
                     self._ensure(size)
                 except LossdError as exc:
@@ -252,7 +253,8 @@ class ShmPath:
                 except RETRYABLE:
                     return None  # overloaded or unavailable: the wire path retries with backoff and failover
                 except LossdError as exc:
-                    if not _lost(exc, outputs):
+                    if not (_lost(exc, outputs)
+                            or isinstance(exc, InvalidInputError) and self._taken(self._key_of())):
                         raise
                     self._replace()
                     continue
@@ -260,6 +262,22 @@ class ShmPath:
                     return self._read(call, answer, outputs)
                 self._replace()  # answered, but not into our object: the region's name was taken over
             return self._give_up()
+
+    def _key_of(self) -> str | Exception:
+        try:
+            return self.endpoint.shm_key(self.name)
+        except Exception as exc:  # noqa: BLE001 (judged by _taken)
+            return exc
+
+    def _taken(self, key: str | Exception) -> bool:
+        """Whether a refused input came from someone else's object: the server's region under our name no longer
+        names our object, so it read another process's tensors. ``key``: what the server says it holds under our
+        name (or what asking raised)."""
+        if isinstance(key, LossdError):
+            return key.code in LOST
+        if isinstance(key, Exception) or self.mem is None:
+            return False  # cannot tell (an older server): the error stands
+        return key.lstrip("/") != self.mem.name
 
     def _give_up(self) -> None:
         """The region was lost twice in one call: shared memory is off for this client, the call goes over the
@@ -300,7 +318,7 @@ class AsyncShmPath(ShmPath):
             self.alock = asyncio.Lock()
         async with self.alock:
             layout, outputs, size = self._layout(call)
-            for attempt in range(2):
+            for _ in range(2):
                 try:
                     await self._aensure(size)
                 except LossdError as exc:
@@ -313,7 +331,8 @@ class AsyncShmPath(ShmPath):
                 except RETRYABLE:
                     return None
                 except LossdError as exc:
-                    if not _lost(exc, outputs):
+                    if not (_lost(exc, outputs) or isinstance(exc, InvalidInputError)
+                            and self._taken(await self._akey_of())):
                         raise
                     self._replace()
                     continue
@@ -321,6 +340,12 @@ class AsyncShmPath(ShmPath):
                     return self._read(call, answer, outputs)
                 self._replace()
             return self._give_up()
+
+    async def _akey_of(self) -> str | Exception:
+        try:
+            return await self.endpoint.shm_key(self.name)
+        except Exception as exc:  # noqa: BLE001
+            return exc
 
 
 # ------------------------------------------------------------------------- the requests, per transport

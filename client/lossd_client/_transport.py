@@ -352,6 +352,10 @@ class HTTPTransport:
         resp = self.send(("POST", f"/v2/models/{model}/infer", {"json_bytes": body}))
         return _shm.http_outputs(resp.json())
 
+    def shm_key(self, name: str) -> str:
+        """The key (shared-memory object) the server holds for region ``name``."""
+        return self.send(("GET", f"/v2/systemsharedmemory/region/{name}/status", {})).json()[0]["key"]
+
     def close(self) -> None:
         self._http.close()
         if self._bulk is not None:
@@ -395,6 +399,9 @@ class AsyncHTTPTransport:
         body = _shm.http_infer_body(model, region, tensors, outputs, params)
         resp = await self.send(("POST", f"/v2/models/{model}/infer", {"json_bytes": body}))
         return _shm.http_outputs(resp.json())
+
+    async def shm_key(self, name: str) -> str:
+        return (await self.send(("GET", f"/v2/systemsharedmemory/region/{name}/status", {}))).json()[0]["key"]
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -472,6 +479,11 @@ class GRPCTransport:
                            _shm.grpc_infer_request(oip_pb, model, region, tensors, outputs, params))
         return [(o.name, o.datatype, list(o.shape)) for o in resp.outputs]
 
+    def shm_key(self, name: str) -> str:
+        from .wire import oip_pb
+        resp = self._unary(self._oip().SystemSharedMemoryStatus, oip_pb.SystemSharedMemoryStatusRequest(name=name))
+        return resp.regions[name].key
+
     def close(self) -> None:
         self._channel.close()
 
@@ -517,6 +529,12 @@ class AsyncGRPCTransport:
         resp = await self._unary(self._oip().ModelInfer,
                                  _shm.grpc_infer_request(oip_pb, model, region, tensors, outputs, params))
         return [(o.name, o.datatype, list(o.shape)) for o in resp.outputs]
+
+    async def shm_key(self, name: str) -> str:
+        from .wire import oip_pb
+        resp = await self._unary(self._oip().SystemSharedMemoryStatus,
+                                 oip_pb.SystemSharedMemoryStatusRequest(name=name))
+        return resp.regions[name].key
 
     async def close(self) -> None:
         await self._channel.close()

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from lossd_client import AsyncLossClient, LossClient
+from lossd_client import AsyncLossClient, InvalidInputError, LossClient
 from tests.conftest import free_port
 
 
@@ -129,6 +129,30 @@ def test_a_region_taken_over_never_gives_a_stale_answer(client, wire, live_serve
         # the retry went through a fresh region under a fresh name, not the one taken over
         assert client.shm.calls == 2 and client.shm.replaced == 1
         assert client.shm.name != theirs.name and client.shm.name in [r["name"] for r in status(live_server)]
+    finally:
+        theirs.close()
+        theirs.unlink()
+        httpx.post(f"{live_server.http_url}/v2/systemsharedmemory/unregister")
+
+
+def test_a_region_taken_over_with_bad_boxes_gives_the_callers_answer_not_their_error(client, wire, live_server):
+    """The other object holds inverted boxes: the server refuses *their* tensors. The client sees that the region
+    under its name is not its own, and retries through a fresh one; a genuine input error still stands."""
+    p, t = boxes(N, 9)
+    client.loss("ciou", p, t)
+    theirs = hijack(live_server, client.shm.name)
+    try:
+        junk = np.frombuffer(theirs.buf, dtype=np.float32)
+        junk[:] = np.tile(np.float32([10, 10, 0, 0]), junk.size // 4)  # x2 < x1 in every row
+        same(client.loss("ciou", p, t), wire.loss("ciou", p, t))
+        assert client.shm.calls == 2 and client.shm.replaced == 1
+        del junk
+        bad = p.copy()
+        bad[7] = [10, 10, 0, 0]
+        with pytest.raises(InvalidInputError) as err:
+            client.loss("ciou", bad, t)
+        assert err.value.code == "inverted_box" and err.value.rows == [7] and client.shm.replaced == 1
+        assert client.shm.enabled
     finally:
         theirs.close()
         theirs.unlink()
