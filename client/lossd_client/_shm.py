@@ -195,9 +195,9 @@ class ShmPath:
         return layout, outputs, size
 
     @staticmethod
-    def _marks(call, outputs: dict) -> list[tuple[int, bytes]]:
-        """Where the server must write (the first and last element of each output) and a fresh sentinel for
-        each place."""
+    def _marks(call, outputs: dict) -> list[tuple[str, int, bytes]]:
+        """Where the server must write (the first and last element of each output it will write) and a fresh
+        sentinel for each place: (output, byte offset in the region, sentinel)."""
         itemsize = max(call.pred.itemsize, 4)
         n = call.pred.shape[0] if call.pred.ndim else 1
         counts = {"LOSS": n if call.reduction == "none" else 1, "GRAD": call.pred.size}
@@ -205,19 +205,23 @@ class ShmPath:
         for oname, (offset, _) in outputs.items():
             last = max(counts[oname], 1) - 1
             for at in sorted({0, last}):
-                marks.append((offset + at * itemsize, _sentinel(itemsize)))
+                marks.append((oname, offset + at * itemsize, _sentinel(itemsize)))
         return marks
 
-    def _written(self, marks: list) -> bool:
+    def _written(self, marks: list, answer: list, outputs: dict) -> bool:
+        """Whether the server wrote its answer into our object: no sentinel left inside what it says it wrote."""
+        ends = {oname: outputs[oname][0] + int(np.prod(shape)) * NP_OF_OIP[datatype].itemsize
+                for oname, datatype, shape in answer if oname in outputs}
         buf = self.mem.buf
-        return all(bytes(buf[at:at + len(mark)]) != mark for at, mark in marks)
+        return all(bytes(buf[at:at + len(mark)]) != mark for oname, at, mark in marks
+                   if at + len(mark) <= ends.get(oname, 0))
 
     def _write(self, call, layout: list, marks: list) -> tuple[list, dict]:
         tensors = []
         for name, arr, offset in layout:
             np.frombuffer(self.mem.buf, dtype=arr.dtype, count=arr.size, offset=offset)[...] = arr.reshape(-1)
             tensors.append((name, OIP_OF[arr.dtype], list(arr.shape), offset, arr.nbytes))
-        for at, mark in marks:
+        for _, at, mark in marks:
             self.mem.buf[at:at + len(mark)] = mark
         params = {"box_format": call.box_format, "reduction": call.reduction, "return_grad": call.return_grad,
                   **call.params}
@@ -258,7 +262,7 @@ class ShmPath:
                         raise
                     self._replace()
                     continue
-                if self._written(marks):
+                if self._written(marks, answer, outputs):
                     return self._read(call, answer, outputs)
                 self._replace()  # answered, but not into our object: the region's name was taken over
             return self._give_up()
@@ -336,7 +340,7 @@ class AsyncShmPath(ShmPath):
                         raise
                     self._replace()
                     continue
-                if self._written(marks):
+                if self._written(marks, answer, outputs):
                     return self._read(call, answer, outputs)
                 self._replace()
             return self._give_up()
