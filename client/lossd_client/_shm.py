@@ -17,9 +17,9 @@ Before each call the output areas are filled with a per-call sentinel (a signall
 which arithmetic on finite inputs never produces); an answer whose outputs still hold it was written somewhere
 else, and an input refused through shared memory is checked against the server's status of our region (does it
 still name our object?). A lost region (``unknown_region``, ``region_truncated``, unregistered during the call, the
-sentinel still there, or another object under our name) is replaced by a fresh object under a fresh name and the call retried once; if that fails too, shared
-memory is turned off for this client and the call goes over the wire. An answer is only ever taken from our own
-region, once.
+sentinel still there, or another object under our name) is replaced by a fresh object under a fresh name and the
+call retried once; if that fails too, shared memory is turned off for this client and the call goes over the
+wire. An answer is only ever taken from our own region, once.
 """
 
 from __future__ import annotations
