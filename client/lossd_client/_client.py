@@ -110,14 +110,6 @@ def _at(start: int, fn: Callable[[], Any]) -> Any:
         raise
 
 
-async def _aat(start: int, coro) -> Any:
-    try:
-        return await coro
-    except LossdError as exc:
-        _shift_rows(exc, start)
-        raise
-
-
 def _check_split(call: Call, parts: int, weighted: frozenset) -> None:
     if parts > 1 and call.reduction == "mean" and call.name in weighted:
         raise ValueError(f"{call.name} with reduction='mean' weights its mean on the server and cannot be split "
@@ -353,7 +345,11 @@ class AsyncLossClient(_Base):
 
         async def one(start, item):
             async with gate:
-                return await _aat(start, self._run(build(item)))
+                try:
+                    return await self._run(build(item))
+                except LossdError as exc:
+                    _shift_rows(exc, start)
+                    raise
 
         return list(await asyncio.gather(*(one(s, i) for s, i in zip(starts, items))))
 

@@ -22,7 +22,7 @@ import numpy as np
 from ._bulk import BulkHTTP
 from ._bulk import usable as bulk_usable
 from . import _shm
-from ._errors import DeadlineExceededError, LossdError, UnavailableError, from_grpc, from_http
+from ._errors import DeadlineExceededError, InvalidInputError, LossdError, UnavailableError, from_grpc, from_http
 from .wire import (SMALL_MESSAGE, WithTensors, decode_with_tensors, encode_evaluate_request, from_param,
                    from_tensor, oip_binary_request, oip_binary_response, passthrough, pb, pb_grpc, to_param, to_tensor,
                    wrap_field)
@@ -222,6 +222,18 @@ def _pb_request(call: Call) -> bytes:
                                    reduction=call.reduction, params=call.params, return_grad=call.return_grad)
 
 
+def _json_finite(arr: np.ndarray, field: str) -> None:
+    """JSON has no NaN or inf: refuse them here as the server would (non_finite, naming the rows), not with
+    json's ValueError."""
+    if arr.size == 0 or np.isfinite(arr).all():
+        return
+    rows = np.flatnonzero(~np.isfinite(arr.reshape(arr.shape[0] if arr.ndim else 1, -1)).all(1)).tolist()
+    shown = ", ".join(str(r) for r in rows[:10])
+    phrase = f"{'row' if len(rows) == 1 else 'rows'} {shown}" + (f", ... ({len(rows)} rows)" if len(rows) > 10 else "")
+    raise InvalidInputError("non_finite", f"{field}: NaN or inf at {phrase}", None,
+                            {"field": field, "rows": rows[:10], "n_rows": len(rows)})
+
+
 class HTTPWire:
     """lossd over REST: losses as OIP binary-tensor inference (the compact form), metrics and catalog as JSON."""
 
@@ -244,6 +256,8 @@ class HTTPWire:
     @staticmethod
     def metric(name: str, a: np.ndarray, b: np.ndarray, box_format: str, pairwise: bool, params: dict | None
                ) -> Exchange:
+        _json_finite(a, "boxes1")
+        _json_finite(b, "boxes2")
         body = {"boxes1": a.tolist(), "boxes2": b.tolist(), "box_format": box_format, "pairwise": pairwise,
                 "params": params or {}}
         shape = (a.shape[0], b.shape[0]) if pairwise else (-1,)

@@ -293,11 +293,14 @@ def test_errors_of_split_calls_name_the_callers_rows(url, asynchronous):
     inverted[[7_000, 7_005], 2] = -1
     nan_boxes = pred[:2_000].copy()
     nan_boxes[1_500, 2] = -1
+    inf_boxes = pred[:2_000].copy()
+    inf_boxes[[1_700, 1_705], 1] = np.inf  # JSON cannot carry it: refused as the server would, not a ValueError
 
     async def calls(c):
         out = []
         for fn in (lambda: c.loss("ciou", bad, target), lambda: c.loss("giou", inverted, target, reduction="sum"),
-                   lambda: c.metric("iou", nan_boxes, target[:2_000])):
+                   lambda: c.metric("iou", nan_boxes, target[:2_000]),
+                   lambda: c.metric("giou", target[:2_000], inf_boxes)):
             with pytest.raises(InvalidInputError) as err:
                 res = fn()
                 if asyncio.iscoroutine(res):
@@ -314,7 +317,9 @@ def test_errors_of_split_calls_name_the_callers_rows(url, asynchronous):
     else:
         with LossClient(url, **kw) as c:
             errors = asyncio.run(calls(c))
-    nan, inv, metric = errors
+    nan, inv, metric, inf = errors
+    assert (inf.code, inf.field, inf.rows) == ("non_finite", "boxes2", [1_700, 1_705])
+    assert "rows 1700, 1705" in str(inf)
     assert (nan.code, nan.field, nan.rows) == ("non_finite", "pred", [9_001])
     assert "row 9001" in str(nan) and "row 9001" in nan.message
     assert (inv.code, inv.rows) == ("inverted_box", [7_000, 7_005])
