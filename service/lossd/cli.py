@@ -155,7 +155,10 @@ def _quality(args: argparse.Namespace) -> int:
         print(f"lossd quality: error: server {args.server}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("images", "labels", "references", "by_issue", "seconds")}, indent=2))
-    print(f"wrote {args.out}/report.html, boxes, references and images (.parquet, .csv), problems.csv, summary.json")
+    print(f"wrote {os.path.join(args.out, 'report.html')}, boxes, references and images (.parquet, .csv), "
+          "problems.csv, summary.json")
+    for note in summary.get("notes", ()):
+        print(f"lossd quality: note: {note}", file=sys.stderr)
     for w in summary["warnings"]:
         print(f"lossd quality: warning: {w}", file=sys.stderr)
     return 3 if summary["warnings"] else 0
@@ -175,11 +178,21 @@ def _simulate(args: argparse.Namespace) -> int:
         from .simulate import PAPER_LOSSES
 
         losses = list(PAPER_LOSSES) if args.losses == "paper" else [x for x in args.losses.split(",") if x]
-    summary = run(losses=losses, cases=args.cases, iterations=args.iterations, seed=args.seed, out=args.out,
-                  server=None if args.local else args.server, api_key=args.api_key or os.environ.get("LOSSD_API_KEY"),
-                  device=args.device or "cpu", shards=args.shards,
-                  map_losses=args.map.split(",") if args.map else None, progress=not args.no_progress,
-                  force=args.force, paper_gradients=args.paper_gradients)
+    server = None if args.local else args.server
+    try:
+        summary = run(losses=losses, cases=args.cases, iterations=args.iterations, seed=args.seed, out=args.out,
+                      server=server, api_key=args.api_key or os.environ.get("LOSSD_API_KEY"),
+                      device=args.device or "cpu", shards=args.shards,
+                      map_losses=args.map.split(",") if args.map else None, progress=not args.no_progress,
+                      force=args.force, paper_gradients=args.paper_gradients)
+    except Exception as exc:
+        from lossd_client import UnavailableError
+
+        if server is None or not isinstance(exc, UnavailableError):
+            raise
+        print(f"lossd simulate: error: cannot reach the server at {server} ({exc.message}); start one with "
+              "`lossd serve`, name another with --server URL, or run in this process with --local", file=sys.stderr)
+        return 2
     for row in summary["losses"]:
         print(json.dumps(row))
     if summary["paper_losses_seconds"] is not None:
@@ -189,10 +202,42 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number > 0, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a whole number > 0, got {text}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
+    return value
+
+
+def _bounded_int(high: int, why: str):
+    """A whole number in [1, high]; `why` says where the bound comes from."""
+
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:,} ({why}), got {value:,}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
+    return parse
+
+
+# each shard is a thread with one request in flight: beyond a few per server core nothing runs faster, and a server
+# answers more than LOSSD_MAX_IN_FLIGHT (512 by default) requests at once with `overloaded`
+MAX_SHARDS = 64
+PAPER_CASES = 1_715_000  # simulate.POINTS * simulate.CASES_PER_POINT (not imported here: numba loads slowly)
 
 
 def _fraction(text: str) -> float:
@@ -217,6 +262,11 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        hint = {"quality": f"; the shards done are kept in {os.path.join(args.out, 'shards')}: run the same command "
+                           "again to go on", "simulate": ""}.get(args.command, "")
+        print(f"lossd {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
     except ValidationError as exc:  # LOSSD_* settings
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
@@ -303,11 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--losses", default="all",
                      help="comma-separated names, 'paper' (iou,giou,diou,ciou) or 'all' (the paper's four, then "
                           "every other box and regression loss in the catalog; default)")
-    sim.add_argument("--cases", type=_positive_int, help="only the first N of the 1,715,000 cases (quick runs)")
+    sim.add_argument("--cases", type=_bounded_int(PAPER_CASES, "the paper's cases; N selects a prefix of them"),
+                     help=f"only the first N of the {PAPER_CASES:,} cases (quick runs)")
     sim.add_argument("--iterations", type=_positive_int, default=200, help="gradient steps (the learning "
                      "rate drops at 80%% and 90%%)")
-    sim.add_argument("--seed", type=int, default=0, help="seed of the 5,000 anchor centres")
-    sim.add_argument("--shards", type=_positive_int, default=2, help="case groups stepped concurrently")
+    sim.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the 5,000 anchor centres")
+    sim.add_argument("--shards", type=_bounded_int(MAX_SHARDS, "each is a thread with a request in flight; more "
+                                                   "only load the server"),
+                     default=2, help=f"case groups stepped concurrently (at most {MAX_SHARDS})")
     sim.add_argument("--map", help="losses drawn in the final-error map (default: the paper's four that ran)")
     sim.add_argument("--out", default="simulation", help="output folder")
     sim.add_argument("--force", action="store_true", help="rerun losses whose results are already in --out")
