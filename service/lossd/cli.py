@@ -31,6 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port,
                                    "device": args.device}.items() if v is not None}
     settings = Settings(**overrides)
+    _check_serve_settings(settings)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tune_malloc(settings.malloc_retain_mb * 2**20)
     app = create_app(settings=settings, start_grpc=True)
@@ -49,8 +50,62 @@ def _serve(args: argparse.Namespace) -> int:
                             timeout_keep_alive=settings.keep_alive_seconds,
                             timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None, **tls)
     server = _DrainingServer(config, app, settings.drain_seconds)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        # uvicorn re-raises the Ctrl-C it caught once the graceful shutdown is done (asyncio turns it into
+        # KeyboardInterrupt); the shutdown has been logged ("lossd stopped"), so exit as an interrupted command
+        if not server.should_exit:
+            raise
+        return 130
     return 0
+
+
+class _StartupError(ValueError):
+    """A setting `lossd serve` cannot start with; the message names it (printed on one line, exit 2)."""
+
+
+def _check_serve_settings(settings: Settings) -> None:
+    """What would otherwise fail inside the server's start-up as a traceback: TLS files, the device, the ports."""
+    for name, path in (("LOSSD_TLS_CERT", settings.tls_cert), ("LOSSD_TLS_KEY", settings.tls_key)):
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise _StartupError(f"{name}={path}: cannot read it: {exc.strerror or exc}") from None
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise _StartupError("LOSSD_TLS_CERT and LOSSD_TLS_KEY go together: set both or neither")
+    if settings.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _StartupError(f"LOSSD_DEVICE / --device {settings.device}: torch sees no CUDA GPU here; use cpu "
+                                "or auto")
+    for name, flag, port in (("LOSSD_HTTP_PORT", "--http-port", settings.http_port),
+                             ("LOSSD_GRPC_PORT", "--grpc-port", settings.grpc_port)):
+        _check_port_free(settings.host, port, f"{name} / {flag} {port}")  # port 0 checks the host
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise _StartupError(f"LOSSD_HOST / --host {host}: not an address to bind: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        # as the servers bind: an earlier server's connections in TIME_WAIT do not count as the port in use
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise _StartupError(f"{what}: {host}:{port} is already in use (another lossd serve?); pick a free "
+                                    "port, or 0 for any") from None
+            raise _StartupError(f"{what}: cannot bind {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _raise_open_files(wanted: int) -> None:
@@ -263,8 +318,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        hint = {"quality": f"; the shards done are kept in {os.path.join(args.out, 'shards')}: run the same command "
-                           "again to go on", "simulate": ""}.get(args.command, "")
+        hint = ""
+        if args.command == "quality":
+            hint = (f"; the shards done are kept in {os.path.join(args.out, 'shards')}: run the same command again "
+                    "to go on")
         print(f"lossd {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except ValidationError as exc:  # LOSSD_* settings
