@@ -245,7 +245,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
         if server is None or not isinstance(exc, UnavailableError):
             raise
-        print(f"lossd simulate: error: cannot reach the server at {server} ({exc.message}); start one with "
+        print(f"lossd simulate: error: cannot reach the server at {server} ({exc}); start one with "
               "`lossd serve`, name another with --server URL, or run in this process with --local", file=sys.stderr)
         return 2
     for row in summary["losses"]:
