@@ -82,6 +82,9 @@ def _check_serve_settings(settings: Settings) -> None:
         if not torch.cuda.is_available():
             raise _StartupError(f"LOSSD_DEVICE / --device {settings.device}: torch sees no CUDA GPU here; use cpu "
                                 "or auto")
+    if settings.http_port and settings.http_port == settings.grpc_port:
+        raise _StartupError(f"LOSSD_HTTP_PORT / --http-port and LOSSD_GRPC_PORT / --grpc-port are both "
+                            f"{settings.http_port}: REST and gRPC need a port each")
     for name, flag, port in (("LOSSD_HTTP_PORT", "--http-port", settings.http_port),
                              ("LOSSD_GRPC_PORT", "--grpc-port", settings.grpc_port)):
         _check_port_free(settings.host, port, f"{name} / {flag} {port}")  # port 0 checks the host
@@ -429,7 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--no-progress", action="store_true", help="no progress bars")
     sim.set_defaults(func=_simulate)
     args = parser.parse_args(argv)
-    return _run(args)
+    rc = _run(args)
+    if argv is None:
+        # run as the program: its work is done and reported, so a Ctrl-C while the interpreter shuts down (joining
+        # library threads) must not turn the exit status into "killed by SIGINT"
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return rc
 
 
 if __name__ == "__main__":

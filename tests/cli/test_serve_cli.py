@@ -41,6 +41,12 @@ def test_a_port_in_use_is_named(flag, setting):
     assert f"{setting} / {flag} {port}" in line and "already in use" in line
 
 
+def test_one_port_for_both_transports_is_named():
+    port = str(free_port())
+    line = _one_error_line(_serve("--http-port", port, "--grpc-port", port))
+    assert "--http-port" in line and "--grpc-port" in line and "a port each" in line
+
+
 def test_unreadable_tls_files_are_named(tmp_path):
     line = _one_error_line(_serve("--http-port", "0", "--grpc-port", "0",
                                   env={"LOSSD_TLS_CERT": str(tmp_path / "nope.pem"),

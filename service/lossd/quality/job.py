@@ -260,6 +260,7 @@ def run(labels_path: str | Path, reference_path: str | Path, out_dir: str | Path
         raise InputError(f"--images {image_dir}: no such folder")
     # with --ray and --server the driver calibrates on the servers too: no process of the job loads an engine
     evaluator = make_evaluator(server, api_key, device)
+    bar = None
     try:
         check_loss(evaluator.catalog(), th.loss)  # before any input is read or output written
         inp = load(labels_path, reference_path, classes=classes, sizes=sizes, th=th, shard_size=shard_size)
@@ -289,10 +290,10 @@ def run(labels_path: str | Path, reference_path: str | Path, out_dir: str | Path
                 _write_shard(score_shard(inp, shards[i], th, cal, evaluator), paths[i])
                 if bar is not None:
                     bar.update(len(shards[i]))
-        if bar is not None:
-            bar.close()
         scored_s = time.perf_counter() - t_score
     finally:
+        if bar is not None:
+            bar.close()  # also when interrupted: what follows starts on a line of its own
         evaluator.close()
     if stop_after is not None and any(not p.exists() for p in paths):
         return {"complete": False, "shards_done": sum(p.exists() for p in paths), "shards": len(paths)}
