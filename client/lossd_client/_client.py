@@ -12,7 +12,14 @@ Large arrays are split into requests under ``max_request_bytes`` (several in fli
 in turn) and stitched back in order. A request that finds its replica gone (connection refused, UNAVAILABLE, 503)
 or overloaded (429) goes at once to the next replica it has not tried; once every replica has been tried it is
 retried with exponential backoff (honouring Retry-After). Each chunk's answer is taken once, from the one request
-that succeeded, so no row is lost or counted twice. The two classes share everything but the waiting.
+that succeeded, so no row is lost or counted twice. An error about some rows of a chunk names the caller's rows
+(the chunk's start added). The two classes share everything but the waiting.
+
+Timeouts: ``connect_timeout`` (10 s) bounds reaching a replica (TCP, plus the TLS and HTTP/2 handshakes); a
+replica that cannot be reached in time counts as unavailable and the request is retried or goes to another one.
+``timeout`` (60 s) bounds the wait for each request's answer once connected (the gRPC deadline); a request that
+runs past it raises DeadlineExceededError and is not retried, since the server may still be computing it. A large
+call is split into requests of ``max_request_bytes``, so ``timeout`` applies to one chunk, not to the whole call.
 """
 
 from __future__ import annotations
@@ -60,14 +67,47 @@ def _slices(n: int, row_bytes: int, max_bytes: int) -> list[slice]:
     return [slice(i, min(i + rows, n)) for i in range(0, n, rows)] or [slice(0, 0)]
 
 
-def _plan(call: Call, max_bytes: int) -> list[Call]:
+def _plan(call: Call, max_bytes: int) -> list[tuple[int, Call]]:
+    """The requests of one loss call: (first row, the chunk's call)."""
     n = call.pred.shape[0] if call.pred.ndim else 1
     row_bytes = sum(a[:1].nbytes for a in (call.pred, call.target, call.weights) if a is not None and a.ndim)
     parts = _slices(n, row_bytes, max_bytes)
     if len(parts) == 1:
-        return [call]
-    return [call._replace(pred=call.pred[s], target=call.target[s], reduction="none",
-                          weights=None if call.weights is None else call.weights[s]) for s in parts]
+        return [(0, call)]
+    return [(s.start, call._replace(pred=call.pred[s], target=call.target[s], reduction="none",
+                                    weights=None if call.weights is None else call.weights[s])) for s in parts]
+
+
+def _rows_phrase(rows: list[int], n_rows: int | None) -> str:
+    """The server's 'row 3' / 'rows 3, 7, 9' (lossd.engine.errors.rows_phrase) for these rows."""
+    word = "row" if (n_rows or len(rows)) == 1 else "rows"
+    return f"{word} {', '.join(str(r) for r in rows)}"
+
+
+def _shift_rows(exc: LossdError, start: int) -> None:
+    """An error about rows of a chunk that starts at row ``start`` of the caller's arrays: its rows (attribute and
+    message) become the caller's."""
+    rows = exc.details.get("rows")
+    if not start or not rows:
+        return
+    shifted = [int(r) + start for r in rows]
+    n_rows = exc.details.get("n_rows")
+    old, new = _rows_phrase(rows, n_rows), _rows_phrase(shifted, n_rows)
+    if old in exc.message:
+        message = exc.message.replace(old, new, 1)
+    else:
+        message = f"{exc.message} (rows of the request starting at row {start}; the call's {new})"
+    exc.details["rows"] = shifted
+    exc.message = message
+    exc.args = (f"{exc.code}: {message}",)
+
+
+def _at(start: int, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except LossdError as exc:
+        _shift_rows(exc, start)
+        raise
 
 
 def _check_split(call: Call, parts: int, weighted: frozenset) -> None:
@@ -148,17 +188,21 @@ class _Base:
 
     def __init__(self, url: str | Sequence[str], *, timeout: float = 60.0, retries: int = 3, backoff: float = 0.2,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, api_key: str | None = None,
-                 ca_cert: str | None = None, tls: bool = False, shared_memory: bool = True) -> None:
+                 ca_cert: str | None = None, tls: bool = False, shared_memory: bool = True,
+                 connect_timeout: float = 10.0) -> None:
         """url: one endpoint, several (a list or a comma-separated string), or ``dns:///host:port`` (gRPC
         round_robin over every address of the name); api_key: sent as x-api-key; ca_cert: a PEM file to trust for
         https://, grpcs:// and TLS dns:/// targets (a private CA); tls: TLS for dns:/// targets;
         shared_memory: with one endpoint on this host (a loopback URL), large loss calls pass their tensors
         through POSIX shared memory instead of the socket (Triton's system shared-memory extension), falling back
-        to the wire when the server cannot share memory with this process."""
+        to the wire when the server cannot share memory with this process (or loses the region twice in one call);
+        timeout: seconds to wait for each request's answer once connected (not retried when it passes);
+        connect_timeout: seconds to reach a replica (TCP, TLS and HTTP/2 handshakes; retried when it passes)."""
         ep = parse_endpoints(url, tls=tls or False)
         self.transport = ep.kind
         self.timeout, self.retries, self.backoff, self.max_request_bytes = timeout, retries, backoff, max_request_bytes
-        opts = _Options(timeout, api_key, ca_cert, ep.tls)
+        self.connect_timeout = connect_timeout
+        opts = _Options(timeout, api_key, ca_cert, ep.tls, connect_timeout)
         self._endpoints = [self._transports[ep.kind](t, opts) for t in ep.targets]
         self._wire = self._endpoints[0].wire
         self._turn = itertools.count()
@@ -188,20 +232,20 @@ class _Base:
         up = [i for i in fresh if self._down.get(i, 0.0) <= now]
         return (up or fresh or [None])[0]
 
-    def _loss_plan(self, *args) -> tuple[Call, list[Call]]:
+    def _loss_plan(self, *args) -> tuple[Call, list[tuple[int, Call]]]:
         call = _prepare(*args)
         return call, _plan(call, self.max_request_bytes)
 
     def _metric_plan(self, name, boxes1, boxes2, box_format, pairwise, params) -> tuple[Callable, list]:
         a, b = wire_array(boxes1), wire_array(boxes2)
         build = lambda s: self._wire.metric(name, a[s], b if pairwise else b[s], box_format, pairwise, params)  # noqa: E731
-        return build, _metric_slices(a, b, pairwise, self.max_request_bytes)
+        return build, [(s.start, s) for s in _metric_slices(a, b, pairwise, self.max_request_bytes)]
 
     def _stream_plan(self, calls: list[dict]) -> tuple[Callable, list]:
         return self._wire.stream([_prepare(**c) for c in calls])
 
 
-def _needs_catalog(call: Call, parts: list[Call]) -> bool:
+def _needs_catalog(call: Call, parts: list) -> bool:
     return len(parts) > 1 and call.reduction == "mean"
 
 
@@ -220,11 +264,14 @@ class LossClient(_Base):
             except RETRYABLE as exc:
                 time.sleep(tries.after(exc))
 
-    def _map(self, build: Callable[[Any], Exchange], items: list) -> list:
+    def _map(self, build: Callable[[Any], Exchange], items: list, starts: list[int] | None = None) -> list:
+        """Each item's answer, in order; ``starts``: the first row of each item in the caller's arrays (errors
+        about rows name the caller's rows)."""
+        starts = starts or [0] * len(items)
         if len(items) <= 1:
-            return [self._run(build(i)) for i in items]
+            return [_at(s, lambda i=i: self._run(build(i))) for s, i in zip(starts, items)]
         with ThreadPoolExecutor(max_workers=min(self._in_flight, len(items))) as pool:
-            return list(pool.map(lambda item: self._run(build(item)), items))
+            return list(pool.map(lambda si: _at(si[0], lambda: self._run(build(si[1]))), zip(starts, items)))
 
     def _weighted_mean(self) -> frozenset:
         if self._weighted is None:
@@ -245,7 +292,8 @@ class LossClient(_Base):
                 return out
         if _needs_catalog(call, parts):
             _check_split(call, len(parts), self._weighted_mean())
-        return _combine(call, self._map(self._wire.evaluate, parts))
+        starts, calls = zip(*parts)
+        return _combine(call, self._map(self._wire.evaluate, list(calls), list(starts)))
 
     def stream(self, calls: list[dict]) -> list[LossResult]:
         """Several loss evaluations in order, each a dict of ``loss()``'s arguments (``name``, ``pred``, ``target``,
@@ -256,7 +304,8 @@ class LossClient(_Base):
     def metric(self, name: str, boxes1: Any, boxes2: Any, *, box_format: str = "xyxy", pairwise: bool = False,
                params: dict | None = None) -> np.ndarray:
         """IoU-family values: [N] row against row, or [N, M] with pairwise=True."""
-        out = self._map(*self._metric_plan(name, boxes1, boxes2, box_format, pairwise, params))
+        build, parts = self._metric_plan(name, boxes1, boxes2, box_format, pairwise, params)
+        out = self._map(build, [s for _, s in parts], [start for start, _ in parts])
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def losses(self) -> list[dict]:
@@ -290,14 +339,19 @@ class AsyncLossClient(_Base):
             except RETRYABLE as exc:
                 await asyncio.sleep(tries.after(exc))
 
-    async def _map(self, build: Callable[[Any], Exchange], items: list) -> list:
+    async def _map(self, build: Callable[[Any], Exchange], items: list, starts: list[int] | None = None) -> list:
         gate = asyncio.Semaphore(self._in_flight)
+        starts = starts or [0] * len(items)
 
-        async def one(item):
+        async def one(start, item):
             async with gate:
-                return await self._run(build(item))
+                try:
+                    return await self._run(build(item))
+                except LossdError as exc:
+                    _shift_rows(exc, start)
+                    raise
 
-        return list(await asyncio.gather(*(one(i) for i in items)))
+        return list(await asyncio.gather(*(one(s, i) for s, i in zip(starts, items))))
 
     async def _weighted_mean(self) -> frozenset:
         if self._weighted is None:
@@ -316,14 +370,16 @@ class AsyncLossClient(_Base):
                 return out
         if _needs_catalog(call, parts):
             _check_split(call, len(parts), await self._weighted_mean())
-        return _combine(call, await self._map(self._wire.evaluate, parts))
+        starts, calls = zip(*parts)
+        return _combine(call, await self._map(self._wire.evaluate, list(calls), list(starts)))
 
     async def stream(self, calls: list[dict]) -> list[LossResult]:
         return _flatten(await self._map(*self._stream_plan(calls)))
 
     async def metric(self, name: str, boxes1: Any, boxes2: Any, *, box_format: str = "xyxy", pairwise: bool = False,
                      params: dict | None = None) -> np.ndarray:
-        out = await self._map(*self._metric_plan(name, boxes1, boxes2, box_format, pairwise, params))
+        build, parts = self._metric_plan(name, boxes1, boxes2, box_format, pairwise, params)
+        out = await self._map(build, [s for _, s in parts], [start for start, _ in parts])
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     async def losses(self) -> list[dict]:

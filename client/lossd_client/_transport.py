@@ -22,7 +22,7 @@ import numpy as np
 from ._bulk import BulkHTTP
 from ._bulk import usable as bulk_usable
 from . import _shm
-from ._errors import LossdError, UnavailableError, from_grpc, from_http
+from ._errors import DeadlineExceededError, InvalidInputError, LossdError, UnavailableError, from_grpc, from_http
 from .wire import (SMALL_MESSAGE, WithTensors, decode_with_tensors, encode_evaluate_request, from_param,
                    from_tensor, oip_binary_request, oip_binary_response, passthrough, pb, pb_grpc, to_param, to_tensor,
                    wrap_field)
@@ -140,7 +140,38 @@ def _checked(resp: httpx.Response) -> httpx.Response:
     return resp
 
 
-def _unreachable(exc: Exception) -> UnavailableError:
+def not_http(target: str) -> UnavailableError:
+    """What a URL whose server answers with something other than HTTP/1.1 gets (its bytes are not quoted)."""
+    return UnavailableError("not_http", f"the server at {target} did not answer HTTP; if this is lossd's gRPC "
+                            "port, use a grpc:// URL")
+
+
+def no_answer(timeout: float) -> DeadlineExceededError:
+    return DeadlineExceededError("deadline_exceeded", f"no answer within timeout={timeout:g} s; the server may "
+                                 "still be computing it (not retried; raise timeout for larger calls)")
+
+
+def _speaks_other(exc: Exception) -> bool:
+    """Whether httpx failed because the answer was not HTTP/1.1 (not because the connection closed)."""
+    return isinstance(exc, httpx.RemoteProtocolError) and "disconnected" not in str(exc).lower()
+
+
+# a connection broken while a request was sent: the server may have answered something that is not HTTP and
+# closed (a gRPC port does); a small GET tells
+_PROBE_AFTER = (httpx.ReadError, httpx.WriteError)
+PROBE_PATH = "/v2/health/live"
+
+
+def _unreachable(exc: Exception, target: str, timeout: float, probe: Exception | None = None) -> LossdError:
+    """A network failure as a typed error: no answer in time once connected is a deadline (not retried: the
+    server may be computing the call); bytes that are not HTTP say so (``probe``: what a small GET raised after
+    a broken connection); anything else is unavailable."""
+    if isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout)):
+        return no_answer(timeout)
+    if _speaks_other(exc) or _speaks_other(probe):
+        return not_http(target)
+    if isinstance(exc, httpx.ConnectTimeout):
+        return UnavailableError("unavailable", f"could not connect to {target} in time: {exc}")
     return UnavailableError("unavailable", f"{type(exc).__name__}: {exc}")
 
 
@@ -191,6 +222,18 @@ def _pb_request(call: Call) -> bytes:
                                    reduction=call.reduction, params=call.params, return_grad=call.return_grad)
 
 
+def _json_finite(arr: np.ndarray, field: str) -> None:
+    """JSON has no NaN or inf: refuse them here as the server would (non_finite, naming the rows), not with
+    json's ValueError."""
+    if arr.size == 0 or np.isfinite(arr).all():
+        return
+    rows = np.flatnonzero(~np.isfinite(arr.reshape(arr.shape[0] if arr.ndim else 1, -1)).all(1)).tolist()
+    shown = ", ".join(str(r) for r in rows[:10])
+    phrase = f"{'row' if len(rows) == 1 else 'rows'} {shown}" + (f", ... ({len(rows)} rows)" if len(rows) > 10 else "")
+    raise InvalidInputError("non_finite", f"{field}: NaN or inf at {phrase}", None,
+                            {"field": field, "rows": rows[:10], "n_rows": len(rows)})
+
+
 class HTTPWire:
     """lossd over REST: losses as OIP binary-tensor inference (the compact form), metrics and catalog as JSON."""
 
@@ -213,6 +256,8 @@ class HTTPWire:
     @staticmethod
     def metric(name: str, a: np.ndarray, b: np.ndarray, box_format: str, pairwise: bool, params: dict | None
                ) -> Exchange:
+        _json_finite(a, "boxes1")
+        _json_finite(b, "boxes2")
         body = {"boxes1": a.tolist(), "boxes2": b.tolist(), "box_format": box_format, "pairwise": pairwise,
                 "params": params or {}}
         shape = (a.shape[0], b.shape[0]) if pairwise else (-1,)
@@ -259,10 +304,11 @@ def _verify(ca_cert: str | None) -> ssl.SSLContext | bool:
 
 
 class _Options(NamedTuple):
-    timeout: float
+    timeout: float          # the wait for an answer once connected (a gRPC call's deadline)
     api_key: str | None
     ca_cert: str | None
     tls: bool
+    connect_timeout: float = 10.0  # TCP connect plus the TLS / HTTP/2 handshake
 
     @property
     def headers(self) -> dict:
@@ -270,7 +316,8 @@ class _Options(NamedTuple):
 
     def httpx(self, base_url: str) -> dict:
         """httpx.Client / AsyncClient arguments: the same trust, key and timeout."""
-        return {"base_url": base_url, "timeout": self.timeout, "headers": self.headers,
+        return {"base_url": base_url, "timeout": httpx.Timeout(self.timeout, connect=self.connect_timeout),
+                "headers": self.headers,
                 "verify": _verify(self.ca_cert)}
 
 
@@ -281,7 +328,9 @@ class HTTPTransport:
         self.target = base_url
         self._http = httpx.Client(**opts.httpx(base_url))
         # binary inference requests, the large ones, go through http.client: a third of httpx's CPU (_bulk.py)
-        self._bulk = (BulkHTTP(base_url, timeout=opts.timeout, headers=opts.headers, ca_cert=opts.ca_cert)
+        self._timeout = opts.timeout
+        self._bulk = (BulkHTTP(base_url, timeout=opts.timeout, connect_timeout=opts.connect_timeout,
+                               headers=opts.headers, ca_cert=opts.ca_cert)
                       if bulk_usable(base_url) else None)
 
     def send(self, request: tuple) -> httpx.Response:
@@ -293,7 +342,16 @@ class HTTPTransport:
         try:
             return _checked(self._http.request(method, path, **kw))
         except httpx.TransportError as exc:
-            raise _unreachable(exc) from exc
+            raise _unreachable(exc, self.target, self._timeout, self._probe(exc)) from exc
+
+    def _probe(self, exc: Exception) -> Exception | None:
+        if not isinstance(exc, _PROBE_AFTER):
+            return None
+        try:
+            self._http.get(PROBE_PATH, timeout=min(self._timeout, 5.0))
+        except httpx.TransportError as probe:
+            return probe
+        return None
 
     # Triton's system shared memory (lossd_client._shm): the region's management and the small infer request
     def shm_register(self, name: str, key: str, byte_size: int) -> None:
@@ -308,6 +366,10 @@ class HTTPTransport:
         resp = self.send(("POST", f"/v2/models/{model}/infer", {"json_bytes": body}))
         return _shm.http_outputs(resp.json())
 
+    def shm_key(self, name: str) -> str:
+        """The key (shared-memory object) the server holds for region ``name``."""
+        return self.send(("GET", f"/v2/systemsharedmemory/region/{name}/status", {})).json()[0]["key"]
+
     def close(self) -> None:
         self._http.close()
         if self._bulk is not None:
@@ -319,6 +381,7 @@ class AsyncHTTPTransport:
 
     def __init__(self, base_url: str, opts: _Options) -> None:
         self.target = base_url
+        self._timeout = opts.timeout
         self._http = httpx.AsyncClient(**opts.httpx(base_url))
 
     async def send(self, request: tuple) -> httpx.Response:
@@ -328,7 +391,16 @@ class AsyncHTTPTransport:
         try:
             return _checked(await self._http.request(method, path, **kw))
         except httpx.TransportError as exc:
-            raise _unreachable(exc) from exc
+            raise _unreachable(exc, self.target, self._timeout, await self._probe(exc)) from exc
+
+    async def _probe(self, exc: Exception) -> Exception | None:
+        if not isinstance(exc, _PROBE_AFTER):
+            return None
+        try:
+            await self._http.get(PROBE_PATH, timeout=min(self._timeout, 5.0))
+        except httpx.TransportError as probe:
+            return probe
+        return None
 
     async def shm_register(self, name: str, key: str, byte_size: int) -> None:
         await self.send(("POST", f"/v2/systemsharedmemory/region/{name}/register",
@@ -342,6 +414,9 @@ class AsyncHTTPTransport:
         resp = await self.send(("POST", f"/v2/models/{model}/infer", {"json_bytes": body}))
         return _shm.http_outputs(resp.json())
 
+    async def shm_key(self, name: str) -> str:
+        return (await self.send(("GET", f"/v2/systemsharedmemory/region/{name}/status", {}))).json()[0]["key"]
+
     async def close(self) -> None:
         await self._http.aclose()
 
@@ -349,7 +424,9 @@ class AsyncHTTPTransport:
 def _channel(api, target: str, opts: _Options):
     """A channel from ``api`` (grpc or grpc.aio): TLS when asked (trusting ``ca_cert``, else the system's roots)."""
     options = [("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
-               ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)]
+               ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
+               # gRPC's connect timeout (TCP, TLS and the HTTP/2 handshake): 20 s unless set
+               ("grpc.min_reconnect_backoff_ms", max(int(opts.connect_timeout * 1000), 100))]
     if target.startswith("dns:"):
         options.append(("grpc.lb_policy_name", "round_robin"))
     if opts.tls:
@@ -416,6 +493,11 @@ class GRPCTransport:
                            _shm.grpc_infer_request(oip_pb, model, region, tensors, outputs, params))
         return [(o.name, o.datatype, list(o.shape)) for o in resp.outputs]
 
+    def shm_key(self, name: str) -> str:
+        from .wire import oip_pb
+        resp = self._unary(self._oip().SystemSharedMemoryStatus, oip_pb.SystemSharedMemoryStatusRequest(name=name))
+        return resp.regions[name].key
+
     def close(self) -> None:
         self._channel.close()
 
@@ -461,6 +543,12 @@ class AsyncGRPCTransport:
         resp = await self._unary(self._oip().ModelInfer,
                                  _shm.grpc_infer_request(oip_pb, model, region, tensors, outputs, params))
         return [(o.name, o.datatype, list(o.shape)) for o in resp.outputs]
+
+    async def shm_key(self, name: str) -> str:
+        from .wire import oip_pb
+        resp = await self._unary(self._oip().SystemSharedMemoryStatus,
+                                 oip_pb.SystemSharedMemoryStatusRequest(name=name))
+        return resp.regions[name].key
 
     async def close(self) -> None:
         await self._channel.close()

@@ -7,6 +7,12 @@ from __future__ import annotations
 import hmac
 
 
+def one_key(values: list) -> bytes | str | None:
+    """The key a request gives: its only x-api-key value. A request with several is refused on both transports
+    (which one a proxy or a framework would pick differs)."""
+    return values[0] if len(values) == 1 else None
+
+
 def key_matches(given: bytes | str | None, keys: list[str]) -> bool:
     if given is None:
         return False

@@ -12,6 +12,7 @@ import asyncio
 import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,10 @@ V1_ARRAYS = ("pred", "target", "weights", "boxes1", "boxes2")
 
 class BodyError(ValueError):
     """The body is not JSON (code invalid_json), or nested too deeply."""
+
+
+class ParserLost(RuntimeError):
+    """The worker died twice on this body (out of memory, most likely)."""
 
 
 def loads(data: bytes | memoryview, what: str) -> Any:
@@ -70,11 +75,26 @@ def parse(data: bytes, kind: str) -> Any:
 class BigJsonParser:
     """One worker process, started on first use (most servers never see a body this big)."""
 
-    def __init__(self, workers: int = 1) -> None:
+    def __init__(self, workers: int = 1, target=None) -> None:
         self.workers = workers
+        self.target = target or parse  # what the worker runs (tests give one that dies)
         self._pool: ProcessPoolExecutor | None = None
 
     async def parse(self, data: bytes, kind: str) -> Any:
+        """The parsed body. A worker that dies (killed, or out of memory) is replaced and the body tried once
+        more in the new one; a second death is ParserLost, and the server carries on with a fresh worker."""
+        for attempt in (1, 2):
+            pool = await self._ready()
+            try:
+                return await asyncio.get_running_loop().run_in_executor(pool, self.target, data, kind)
+            except BrokenProcessPool:
+                if self._pool is pool:  # the first of the calls that saw it die replaces it
+                    self._pool = None
+                    pool.shutdown(wait=False, cancel_futures=True)
+        raise ParserLost(f"the JSON parser process died twice reading this {len(data)}-byte body (out of "
+                         "memory?); send it in smaller requests, or as binary tensors (/v2 or gRPC)")
+
+    async def _ready(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # starting a worker blocks its caller until the new interpreter has read its start-up data (~0.5 s):
             # done in a thread, so the event loop goes on meanwhile
@@ -83,7 +103,7 @@ class BigJsonParser:
                 self._pool = pool
             else:
                 pool.shutdown(wait=False)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, parse, data, kind)
+        return self._pool
 
     def _start(self) -> ProcessPoolExecutor:
         pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))

@@ -31,6 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port,
                                    "device": args.device}.items() if v is not None}
     settings = Settings(**overrides)
+    _check_serve_settings(settings)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tune_malloc(settings.malloc_retain_mb * 2**20)
     app = create_app(settings=settings, start_grpc=True)
@@ -49,8 +50,65 @@ def _serve(args: argparse.Namespace) -> int:
                             timeout_keep_alive=settings.keep_alive_seconds,
                             timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None, **tls)
     server = _DrainingServer(config, app, settings.drain_seconds)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        # uvicorn re-raises the Ctrl-C it caught once the graceful shutdown is done (asyncio turns it into
+        # KeyboardInterrupt); the shutdown has been logged ("lossd stopped"), so exit as an interrupted command
+        if not server.should_exit:
+            raise
+        return 130
     return 0
+
+
+class _StartupError(ValueError):
+    """A setting `lossd serve` cannot start with; the message names it (printed on one line, exit 2)."""
+
+
+def _check_serve_settings(settings: Settings) -> None:
+    """What would otherwise fail inside the server's start-up as a traceback: TLS files, the device, the ports."""
+    for name, path in (("LOSSD_TLS_CERT", settings.tls_cert), ("LOSSD_TLS_KEY", settings.tls_key)):
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise _StartupError(f"{name}={path}: cannot read it: {exc.strerror or exc}") from None
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise _StartupError("LOSSD_TLS_CERT and LOSSD_TLS_KEY go together: set both or neither")
+    if settings.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _StartupError(f"LOSSD_DEVICE / --device {settings.device}: torch sees no CUDA GPU here; use cpu "
+                                "or auto")
+    if settings.http_port and settings.http_port == settings.grpc_port:
+        raise _StartupError(f"LOSSD_HTTP_PORT / --http-port and LOSSD_GRPC_PORT / --grpc-port are both "
+                            f"{settings.http_port}: REST and gRPC need a port each")
+    for name, flag, port in (("LOSSD_HTTP_PORT", "--http-port", settings.http_port),
+                             ("LOSSD_GRPC_PORT", "--grpc-port", settings.grpc_port)):
+        _check_port_free(settings.host, port, f"{name} / {flag} {port}")  # port 0 checks the host
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise _StartupError(f"LOSSD_HOST / --host {host}: not an address to bind: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        # as the servers bind: an earlier server's connections in TIME_WAIT do not count as the port in use
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise _StartupError(f"{what}: {host}:{port} is already in use (another lossd serve?); pick a free "
+                                    "port, or 0 for any") from None
+            raise _StartupError(f"{what}: cannot bind {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _raise_open_files(wanted: int) -> None:
@@ -155,7 +213,10 @@ def _quality(args: argparse.Namespace) -> int:
         print(f"lossd quality: error: server {args.server}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("images", "labels", "references", "by_issue", "seconds")}, indent=2))
-    print(f"wrote {args.out}/report.html, boxes, references and images (.parquet, .csv), problems.csv, summary.json")
+    print(f"wrote {os.path.join(args.out, 'report.html')}, boxes, references and images (.parquet, .csv), "
+          "problems.csv, summary.json")
+    for note in summary.get("notes", ()):
+        print(f"lossd quality: note: {note}", file=sys.stderr)
     for w in summary["warnings"]:
         print(f"lossd quality: warning: {w}", file=sys.stderr)
     return 3 if summary["warnings"] else 0
@@ -175,11 +236,21 @@ def _simulate(args: argparse.Namespace) -> int:
         from .simulate import PAPER_LOSSES
 
         losses = list(PAPER_LOSSES) if args.losses == "paper" else [x for x in args.losses.split(",") if x]
-    summary = run(losses=losses, cases=args.cases, iterations=args.iterations, seed=args.seed, out=args.out,
-                  server=None if args.local else args.server, api_key=args.api_key or os.environ.get("LOSSD_API_KEY"),
-                  device=args.device or "cpu", shards=args.shards,
-                  map_losses=args.map.split(",") if args.map else None, progress=not args.no_progress,
-                  force=args.force, paper_gradients=args.paper_gradients)
+    server = None if args.local else args.server
+    try:
+        summary = run(losses=losses, cases=args.cases, iterations=args.iterations, seed=args.seed, out=args.out,
+                      server=server, api_key=args.api_key or os.environ.get("LOSSD_API_KEY"),
+                      device=args.device or "cpu", shards=args.shards,
+                      map_losses=args.map.split(",") if args.map else None, progress=not args.no_progress,
+                      force=args.force, paper_gradients=args.paper_gradients)
+    except Exception as exc:
+        from lossd_client import UnavailableError
+
+        if server is None or not isinstance(exc, UnavailableError):
+            raise
+        print(f"lossd simulate: error: cannot reach the server at {server} ({exc}); start one with "
+              "`lossd serve`, name another with --server URL, or run in this process with --local", file=sys.stderr)
+        return 2
     for row in summary["losses"]:
         print(json.dumps(row))
     if summary["paper_losses_seconds"] is not None:
@@ -189,10 +260,42 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number > 0, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a whole number > 0, got {text}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
+    return value
+
+
+def _bounded_int(high: int, why: str):
+    """A whole number in [1, high]; `why` says where the bound comes from."""
+
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:,} ({why}), got {value:,}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
+    return parse
+
+
+# each shard is a thread with one request in flight: beyond a few per server core nothing runs faster, and a server
+# answers more than LOSSD_MAX_IN_FLIGHT (512 by default) requests at once with `overloaded`
+MAX_SHARDS = 64
+PAPER_CASES = 1_715_000  # simulate.POINTS * simulate.CASES_PER_POINT (not imported here: numba loads slowly)
 
 
 def _fraction(text: str) -> float:
@@ -217,6 +320,13 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command == "quality":
+            hint = (f"; the shards done are kept in {os.path.join(args.out, 'shards')}: run the same command again "
+                    "to go on")
+        print(f"lossd {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
     except ValidationError as exc:  # LOSSD_* settings
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
@@ -303,11 +413,14 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--losses", default="all",
                      help="comma-separated names, 'paper' (iou,giou,diou,ciou) or 'all' (the paper's four, then "
                           "every other box and regression loss in the catalog; default)")
-    sim.add_argument("--cases", type=_positive_int, help="only the first N of the 1,715,000 cases (quick runs)")
+    sim.add_argument("--cases", type=_bounded_int(PAPER_CASES, "the paper's cases; N selects a prefix of them"),
+                     help=f"only the first N of the {PAPER_CASES:,} cases (quick runs)")
     sim.add_argument("--iterations", type=_positive_int, default=200, help="gradient steps (the learning "
                      "rate drops at 80%% and 90%%)")
-    sim.add_argument("--seed", type=int, default=0, help="seed of the 5,000 anchor centres")
-    sim.add_argument("--shards", type=_positive_int, default=2, help="case groups stepped concurrently")
+    sim.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the 5,000 anchor centres")
+    sim.add_argument("--shards", type=_bounded_int(MAX_SHARDS, "each is a thread with a request in flight; more "
+                                                   "only load the server"),
+                     default=2, help=f"case groups stepped concurrently (at most {MAX_SHARDS})")
     sim.add_argument("--map", help="losses drawn in the final-error map (default: the paper's four that ran)")
     sim.add_argument("--out", default="simulation", help="output folder")
     sim.add_argument("--force", action="store_true", help="rerun losses whose results are already in --out")
@@ -319,7 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--no-progress", action="store_true", help="no progress bars")
     sim.set_defaults(func=_simulate)
     args = parser.parse_args(argv)
-    return _run(args)
+    rc = _run(args)
+    if argv is None:
+        # run as the program: its work is done and reported, so a Ctrl-C while the interpreter shuts down (joining
+        # library threads) must not turn the exit status into "killed by SIGINT"
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return rc
 
 
 if __name__ == "__main__":

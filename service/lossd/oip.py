@@ -46,7 +46,12 @@ class ProtocolError(ServiceError):
 
 
 def bad(message: str) -> ProtocolError:
-    return ProtocolError(message)
+    """A protocol error; its field is the tensor the message starts with ("input PRED: ..." -> inputs.PRED)."""
+    head = message.split(":", 1)[0].split()
+    field = None
+    if len(head) == 2 and head[0] in ("input", "output") and head[1].isidentifier():
+        field = f"{head[0]}s.{head[1]}"
+    return ProtocolError(message, field=field)
 
 
 def _shapes(inputs: str) -> tuple[list[int], list[int]]:
@@ -116,7 +121,8 @@ def parse_http_body(body: bytes, header_len: str | None) -> tuple[dict, memoryvi
         head, raw = bytes(raw[:n]), raw[n:]
     else:
         head, raw = body, raw[len(body):]
-    req = loads_json(head, "the request header", code="invalid_request")
+    req = loads_json(head, "the request header" if header_len is not None else "the request body",
+                     code="invalid_request")
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise bad("the request must be a JSON object with an 'inputs' list")
     return req, raw

@@ -263,6 +263,11 @@ class Service:
     def describe_loss(name: Any) -> dict:
         return get_loss(_name(name, "loss")).describe()
 
+    @staticmethod
+    def known(kind: str, name: Any) -> None:
+        """Raises unknown_loss / unknown_metric for a name not in the catalog (before a body is read)."""
+        (get_loss if kind == "loss" else get_metric)(_name(name, kind))
+
     # ------------------------------------------------------------------------------------------------ options
     @staticmethod
     def options(spec, box_format: Any = "xyxy", reduction: Any = "none", params: Any = None,
@@ -446,8 +451,9 @@ class Service:
 def _name(name: Any, kind: str) -> str:
     """A catalog name from the client, checked before it is used anywhere."""
     if not isinstance(name, str) or len(name) > 64:
-        raise EngineError(f"unknown_{kind}", f"no {kind} named {quote(name)}; GET /v1/losses lists them",
-                          field=kind)
+        plural = "losses" if kind == "loss" else "metrics"
+        raise EngineError(f"unknown_{kind}", f"no {kind} named {quote(name)}; the catalog lists the {plural} "
+                          f"(GET /v1/{plural}, gRPC ListLosses)", field=kind)
     return name
 
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import json
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# a list setting from the environment: a JSON list ('["a","b"]') or comma-separated (a,b)
+StrList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -25,7 +31,7 @@ class Settings(BaseSettings):
     max_rows: int = Field(16_000_000, gt=0, description="rows (boxes) one request may carry")
     drain_seconds: float = Field(0.0, ge=0, description="on SIGTERM, how long readiness is false (new requests "
                                  "503) before the server stops taking connections")
-    api_keys: list[str] = Field(default_factory=list, description="if set, every request but health/metrics must "
+    api_keys: StrList = Field(default_factory=list, description="if set, every request but health/metrics must "
                                 "carry one (REST header x-api-key, gRPC metadata x-api-key)")
     tls_cert: str | None = Field(None, description="PEM certificate: serve HTTPS and gRPC over TLS")
     tls_key: str | None = Field(None, description="PEM private key for tls_cert")
@@ -56,12 +62,12 @@ class Settings(BaseSettings):
     grpc_max_connection_age_seconds: float = Field(1800.0, gt=0, description="gRPC connections are asked to "
                                                    "reconnect after this (spreads clients over replicas)")
     grpc_max_concurrent_streams: int = Field(256, gt=0, description="concurrent calls on one gRPC connection")
-    cors_origins: list[str] = Field(default_factory=list, description="web-page origins allowed to call the API "
-                                    "(CORS); ['*'] for any. Requests from any other page (an Origin header) get 403")
-    allowed_hosts: list[str] = Field(default_factory=list, description="Host names (name, name:port, *.domain) "
-                                     "the server answers besides loopback ones; ['*'] for any. Bound to a loopback "
-                                     "address, other names get 403 (DNS rebinding); bound elsewhere, Host is "
-                                     "checked only when this is set")
+    cors_origins: StrList = Field(default_factory=list, description="web-page origins allowed to call the API "
+                                  "(CORS); ['*'] for any. Requests from any other page (an Origin header) get 403")
+    allowed_hosts: StrList = Field(default_factory=list, description="Host names (name, name:port, *.domain) the "
+                                   "server answers besides loopback ones; ['*'] for any. Bound to a loopback "
+                                   "address, other names get 403 (DNS rebinding); bound elsewhere, Host is checked "
+                                   "only when this is set")
     max_shm_regions: int = Field(64, ge=0, description="system shared-memory regions registered at once (each "
                                  "holds a mapping; 0 turns the extension off)")
     log_level: str = Field("info", description="logging level")
@@ -70,3 +76,16 @@ class Settings(BaseSettings):
     malloc_retain_mb: int = Field(256, ge=0, le=2**20, description="freed heap (MiB) glibc keeps for reuse instead "
                                   "of returning it to the kernel: large requests skip page faults (0: glibc's "
                                   "defaults)")
+
+    @field_validator("api_keys", "cors_origins", "allowed_hosts", mode="before")
+    @classmethod
+    def _str_list(cls, value):
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not a JSON list ({exc}); give a JSON list of strings, e.g. '[\"a\",\"b\"]', "
+                                 "or comma-separated values, e.g. a,b") from None
+        return [v.strip() for v in value.split(",") if v.strip()]

@@ -59,6 +59,12 @@ def build_cases(cases: int | None = None, seed: int = 0) -> Cases:
     """The paper's 1,715,000 cases (or the first `cases` of them, over ceil(cases / 343) points).
 
     Order: point, target ratio, anchor scale, anchor ratio (the paper's loop order)."""
+    total = POINTS * CASES_PER_POINT
+    if cases is not None and not 1 <= cases <= total:
+        raise ValueError(f"cases must be between 1 and {total:,} (the paper's cases; N selects a prefix of them), "
+                         f"got {cases:,}")
+    if seed < 0:
+        raise ValueError(f"seed must be a whole number >= 0, got {seed}")
     n_points = POINTS if cases is None else max(1, math.ceil(cases / CASES_PER_POINT))
     rng = np.random.default_rng(seed)
     # all 5,000 drawn whatever `cases` is, so a small run is a prefix of the full one
@@ -343,7 +349,7 @@ def simulate_loss(name: str, cases: Cases, grad_fn: GradFn, *, iterations: int =
                   checkpoint_seconds: float = 2.0) -> LossRun:
     """Descend every case for `iterations` steps with `name`'s gradients. The cases are split into `shards`
     independent groups, each stepped by its own thread, so one group's request is on the wire or in the server
-    while another's step runs here. progress(k) is called as shard-iterations finish (k = shards * iterations in
+    while another's step runs here. progress(k) is called as iterations finish for every shard (k = iterations in
     all). Setting `stop` ends the run after the current step (the result is then marked incomplete).
     checkpoint(partial) is called every checkpoint_seconds with the curve so far."""
     params = dict(params or {})
@@ -362,6 +368,8 @@ def simulate_loss(name: str, cases: Cases, grad_fn: GradFn, *, iterations: int =
         errors[s, 0] = final[bounds[s]:bounds[s + 1]].sum()
     failures: list[BaseException] = []
     stop = stop or threading.Event()
+    reported = [0]  # iterations every shard has finished, as told to progress()
+    report_lock = threading.Lock()
 
     def run(s: int) -> None:
         lo, hi = bounds[s], bounds[s + 1]
@@ -375,7 +383,11 @@ def simulate_loss(name: str, cases: Cases, grad_fn: GradFn, *, iterations: int =
                 clamped[s] += c
                 done[s] = t
                 if progress is not None:
-                    progress(1)
+                    with report_lock:
+                        step = int(done.min()) - reported[0]
+                        if step > 0:
+                            reported[0] += step
+                            progress(step)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             failures.append(exc)
             stop.set()
@@ -579,7 +591,7 @@ def run(*, losses: list[str] | None, cases: int | None, iterations: int, seed: i
                         path.write_text(json.dumps(prev) + "\n")
                     runs.append(prev)
                     continue
-            bar = _bar(name, shards * iterations, progress)
+            bar = _bar(name, iterations, progress)
             try:
                 r = simulate_loss(name, cs, grad_fn, iterations=iterations, shards=shards,
                                   progress=bar.update if bar else None,
@@ -637,7 +649,7 @@ def _bar(name: str, total: int, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"{name:<12}", unit="step", leave=True, dynamic_ncols=True)
+    return tqdm(total=total, desc=f"{name:<12}", unit="iteration", leave=True, dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------------------------------- the ablation

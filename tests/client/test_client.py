@@ -280,3 +280,151 @@ def test_dns_target_balances_with_round_robin(live_server, engine):
 def test_a_port_out_of_range_is_refused_not_wrapped(url):
     with pytest.raises(ValueError, match="port"):
         LossClient(url)
+
+
+# ------------------------------------------------------------------------------------------ errors of split calls
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_errors_of_split_calls_name_the_callers_rows(url, asynchronous):
+    """A call split into ~312-row requests: a bad row deep in it is named by its row in the caller's arrays."""
+    pred, target = random_boxes(10_000, 5), random_boxes(10_000, 6)
+    bad = pred.copy()
+    bad[9_001, 0] = np.nan
+    inverted = pred.copy()
+    inverted[[7_000, 7_005], 2] = -1
+    nan_boxes = pred[:2_000].copy()
+    nan_boxes[1_500, 2] = -1
+    inf_boxes = pred[:2_000].copy()
+    inf_boxes[[1_700, 1_705], 1] = np.inf  # JSON cannot carry it: refused as the server would, not a ValueError
+
+    async def calls(c):
+        out = []
+        for fn in (lambda: c.loss("ciou", bad, target), lambda: c.loss("giou", inverted, target, reduction="sum"),
+                   lambda: c.metric("iou", nan_boxes, target[:2_000]),
+                   lambda: c.metric("giou", target[:2_000], inf_boxes)):
+            with pytest.raises(InvalidInputError) as err:
+                res = fn()
+                if asyncio.iscoroutine(res):
+                    await res
+            out.append(err.value)
+        return out
+
+    kw = dict(max_request_bytes=10_000, shared_memory=False)
+    if asynchronous:
+        async def run():
+            async with AsyncLossClient(url, **kw) as c:
+                return await calls(c)
+        errors = asyncio.run(run())
+    else:
+        with LossClient(url, **kw) as c:
+            errors = asyncio.run(calls(c))
+    nan, inv, metric, inf = errors
+    assert (inf.code, inf.field, inf.rows) == ("non_finite", "boxes2", [1_700, 1_705])
+    assert "rows 1700, 1705" in str(inf)
+    assert (nan.code, nan.field, nan.rows) == ("non_finite", "pred", [9_001])
+    assert "row 9001" in str(nan) and "row 9001" in nan.message
+    assert (inv.code, inv.rows) == ("inverted_box", [7_000, 7_005])
+    assert "rows 7000, 7005" in str(inv)
+    assert metric.rows == [1_500] and "row 1500" in str(metric)
+
+
+# ------------------------------------------------------------------------------------------ wrong port, stalled server
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_an_http_url_on_the_grpc_port_says_so(live_server, asynchronous):
+    url = "http://" + live_server.grpc_target
+    small, large = PRED, random_boxes(20_000, 7)  # JSON through httpx; binary through http.client
+
+    async def calls(c):
+        out = []
+        for fn in (lambda: c.losses(), lambda: c.loss("giou", small, small),
+                   lambda: c.loss("giou", large, large)):
+            with pytest.raises(UnavailableError) as err:
+                res = fn()
+                if asyncio.iscoroutine(res):
+                    await res
+            out.append(err.value)
+        return out
+
+    kw = dict(retries=0, shared_memory=False)
+    if asynchronous:
+        async def run():
+            async with AsyncLossClient(url, **kw) as c:
+                return await calls(c)
+        errors = asyncio.run(run())
+    else:
+        with LossClient(url, **kw) as c:
+            errors = asyncio.run(calls(c))
+    for e in errors:
+        assert e.code == "not_http" and "did not answer HTTP" in str(e) and "grpc://" in str(e)
+        assert str(e).isascii() and str(e).isprintable(), repr(str(e))
+
+
+@pytest.fixture
+def stalled():
+    """A server that accepts connections and never answers; counts the connections it accepted."""
+    import socket
+    import threading
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                accepted.append(s.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield s.getsockname()[1], accepted
+    s.close()
+    for c in accepted:
+        c.close()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_stalled_server_is_a_deadline_not_retried_over_http(stalled, asynchronous):
+    """Connected, no answer within timeout: DeadlineExceededError after one try (the server may be computing the
+    call; retrying would pile the same work on it), as gRPC's deadline does."""
+    from lossd_client import DeadlineExceededError
+
+    port, accepted = stalled
+    url = f"http://127.0.0.1:{port}"
+    kw = dict(timeout=0.5, retries=3, backoff=0.01, shared_memory=False)
+
+    async def calls(c):
+        for fn in (lambda: c.loss("giou", PRED, TARGET), lambda: c.losses()):
+            with pytest.raises(DeadlineExceededError, match="timeout=0.5 s"):
+                res = fn()
+                if asyncio.iscoroutine(res):
+                    await res
+
+    if asynchronous:
+        async def run():
+            async with AsyncLossClient(url, **kw) as c:
+                await calls(c)
+        asyncio.run(run())
+    else:
+        with LossClient(url, **kw) as c:
+            asyncio.run(calls(c))
+    assert 1 <= len(accepted) <= 2  # one connection per call at most: no retries
+
+
+def test_a_stalled_grpc_server_fails_in_the_connect_timeout(stalled):
+    """gRPC's handshake never completes: the connect timeout (not gRPC's 20 s default) bounds each try."""
+    import time
+
+    port, _ = stalled
+    with LossClient(f"grpc://127.0.0.1:{port}", connect_timeout=0.5, timeout=60, retries=1, backoff=0.01) as c:
+        start = time.monotonic()
+        with pytest.raises(UnavailableError):
+            c.loss("giou", PRED, TARGET)
+        assert time.monotonic() - start < 15  # 20 s per connection attempt before connect_timeout was honoured
+
+
+def test_timeouts_reach_the_transports():
+    with LossClient("http://127.0.0.1:1", timeout=7, connect_timeout=3) as c:
+        t = c._endpoints[0]._http.timeout
+        assert (t.connect, t.read, t.write) == (3, 7, 7)
+        assert (c._endpoints[0]._bulk.connect_timeout, c._endpoints[0]._bulk.timeout) == (3, 7)

@@ -79,3 +79,29 @@ def test_ordinary_inputs_are_never_refused(engine, gen):
         pred, target = example_inputs(spec.inputs, 16, gen, torch.float32)
         out = engine.evaluate(name, pred, target)
         assert bool(torch.isfinite(out.loss).all()), name
+
+
+@pytest.mark.parametrize("fast", ["auto", "off"])
+@pytest.mark.parametrize("name, params", [("ciou", {}), ("ciou", {"alpha_rule": "attached"}),
+                                          ("ciou", {"alpha_rule": "mmdet"}), ("alpha_iou", {"penalty": "ciou"})])
+def test_zero_eps_identical_boxes_are_a_perfect_fit_not_nan(name, params, fast):
+    """CIoU's alpha = v / (1 - IoU + v + eps) is 0/0 for identical boxes when eps = 0, but alpha v -> 0 on every
+    path there: the loss is 0 with gradient 0 (as with any eps > 0), on the fused and the autograd route."""
+    from lossd.engine import Engine
+
+    eng = Engine(device="cpu", warm=False, fast=fast)
+    boxes = [[0.0, 0.0, 10.0, 10.0], [2.0, 3.0, 5.0, 11.0]]
+    for dtype in ("float32", "float64"):
+        out = eng.evaluate(name, boxes, boxes, params={"eps": 0.0, **params}, dtype=dtype)
+        assert out.loss.tolist() == [0.0, 0.0], (dtype, out.loss)
+        assert bool((out.grad == 0).all()), (dtype, out.grad)
+    near = eng.evaluate(name, [[0.0, 0.0, 10.0, 10.0]], [[0.0, 0.0, 10.0, 10.5]], params={"eps": 0.0, **params},
+                        dtype="float64")
+    assert bool(torch.isfinite(near.loss).all()) and float(near.loss[0]) > 0
+
+
+def test_zero_eps_identical_boxes_ciou_metric_is_one(engine):
+    boxes = [[0.0, 0.0, 10.0, 10.0], [2.0, 3.0, 5.0, 11.0]]
+    assert engine.metric("ciou", boxes, boxes, params={"eps": 0.0}, dtype="float64").tolist() == [1.0, 1.0]
+    pair = engine.metric("ciou", boxes, boxes, pairwise=True, params={"eps": 0.0}, dtype="float64")
+    assert pair.diagonal().tolist() == [1.0, 1.0] and bool(torch.isfinite(pair).all())

@@ -89,6 +89,11 @@ def test_evaluate_errors(channel):
     nan[2, 0] = np.nan
     err = rpc_error(stub.Evaluate, pb.EvaluateRequest(loss="giou", pred=to_tensor(nan), target=to_tensor(TARGET)))
     assert dict(err.trailing_metadata())["lossd-error-code"] == "non_finite"
+    for dtype in (pb.DTYPE_FLOAT16, pb.DTYPE_INT64, 77):  # a compute dtype the engine does not have is refused
+        err = rpc_error(stub.Evaluate, pb.EvaluateRequest(loss="giou", pred=to_tensor(PRED), target=to_tensor(TARGET),
+                                                          compute_dtype=dtype))
+        md = dict(err.trailing_metadata())
+        assert md["lossd-error-code"] == "unknown_dtype" and md["lossd-error-field"] == "compute_dtype", md
     # a malformed message (not a valid protobuf encoding) is the client's fault: INVALID_ARGUMENT, and the server
     # carries on
     raw = channel.unary_unary("/lossd.v1.LossService/Evaluate", request_serializer=lambda b: b,

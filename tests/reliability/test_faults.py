@@ -84,6 +84,9 @@ def test_api_keys_and_tls_over_rest(guarded_server):
         assert h.post(f"{url}/v1/losses/giou", json=body, headers={"authorization": "Bearer other"}).status_code \
             == 200
         assert h.post(f"{url}/v2/models/giou/infer", json={"inputs": []}).status_code == 401
+        # two keys, a right one among them: refused (which one counts must not depend on who reads the headers)
+        for pair in ([("x-api-key", "wrong"), ("x-api-key", "s3cret")], [("x-api-key", "s3cret"), ("x-api-key", "wrong")]):
+            assert h.post(f"{url}/v1/losses/giou", json=body, headers=pair).status_code == 401
     with pytest.raises(httpx.ConnectError):  # plain HTTP or an unknown CA does not get through
         httpx.get(f"{url}/v2/health/ready", verify=True)
 
@@ -101,6 +104,18 @@ def test_api_keys_and_tls_over_grpc(guarded_server):
         with pytest.raises(Exception) as info:
             c.loss("giou", BOX, BOX)
         assert "UNAUTHENTICATED" in str(info.value.status) or "api key" in str(info.value).lower()
+    import grpc
+
+    from lossd_client.wire import pb, pb_grpc
+    with open(ca, "rb") as f:
+        creds = grpc.ssl_channel_credentials(f.read())
+    with grpc.secure_channel(target, creds) as ch:
+        stub = pb_grpc.LossServiceStub(ch)
+        for keys in (["wrong", "s3cret"], ["s3cret", "wrong"]):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ListLosses(pb.ListLossesRequest(), metadata=[("x-api-key", k) for k in keys], timeout=30)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.ListLosses(pb.ListLossesRequest(), metadata=[("x-api-key", "s3cret")], timeout=30).losses
 
 
 def test_client_over_https_with_a_key(guarded_server):

@@ -54,9 +54,9 @@ def server():
 
 @pytest.fixture(scope="module")
 def open_server():
-    """Allows one web origin and one extra host name."""
+    """Allows one web origin (a JSON list) and extra host names (comma-separated)."""
     srv = start_server({"LOSSD_CORS_ORIGINS": '["https://annotate.example"]',
-                        "LOSSD_ALLOWED_HOSTS": '["lossd.internal", "*.corp.example"]'})
+                        "LOSSD_ALLOWED_HOSTS": "lossd.internal, *.corp.example"})
     yield srv
     stop(srv)
 

@@ -141,5 +141,10 @@ def test_infer_nan_names_rows_and_bad_json(client):
     raw = ('{"inputs": [{"name": "PRED", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, NaN, 1]},'
            '{"name": "TARGET", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 1, 1]}]}')
     oip_error(client.post("/v2/models/giou/infer", content=raw), 400, "NaN or inf at row 0")
-    oip_error(client.post("/v2/models/giou/infer", content=b"\xff\xfe"), 400, "not valid JSON")
+    oip_error(client.post("/v2/models/giou/infer", content=b"\xff\xfe"), 400, "the request body is not valid JSON")
+    # a shape error names the tensor in lossd-error-field too
+    body = {"inputs": [{"name": "PRED", "shape": [3, 5], "datatype": "FP32", "data": [0] * 12},
+                       {"name": "TARGET", "shape": [3, 4], "datatype": "FP32", "data": [0] * 12}]}
+    resp = client.post("/v2/models/giou/infer", json=body)
+    assert resp.status_code == 400 and resp.headers["lossd-error-field"] == "inputs.PRED"
     oip_error(client.post("/v2/models/nope/infer", json={"inputs": []}), 404, "unknown loss")

@@ -122,6 +122,10 @@ def test_rows_in_inverted_error(client):
 
 def test_unknown_loss_and_bad_json(client):
     error_of(client.post("/v1/losses/ciouu", json={"pred": PRED, "target": TARGET}), 404, "unknown_loss")
+    # the name is checked before the body: an unknown name is 404 whatever (or however broken) the body is
+    error_of(client.post("/v1/losses/ciouu", json={}), 404, "unknown_loss")
+    error_of(client.post("/v1/metrics/iouu", content=b"not json", headers={"content-type": "application/json"}),
+             404, "unknown_metric")
     resp = client.post("/v1/losses/ciou", content=b'{"pred": [[0, 0', headers={"content-type": "application/json"})
     error_of(resp, 400, "invalid_json")
     resp = client.post("/v1/losses/ciou", content=b"not json at all", headers={"content-type": "application/json"})

@@ -179,9 +179,13 @@ def ciou_alpha(iou: Tensor, v: Tensor, eps: float, rule: str) -> Tensor:
     "torchvision": detached, eps in the denominator (torchvision, detectron2, ultralytics);
     "mmdet": detached and zero where IoU <= 0.5 (CIoU-v2, Zheng et al. TCYB; mmdetection 3.x);
     "attached": not detached, so the gradient also flows through alpha (mmdetection 2.x)."""
+    # 0 where v = 0 (alpha v -> 0 there on every path; the quotient is 0/0 for identical boxes when eps = 0);
+    # the denominator is made safe first so the branch not taken gives no NaN gradient either
+    some = v > 0
+    quotient = v / torch.where(some, 1 - iou + v + eps, torch.ones_like(v))
     if rule == "attached":
-        return v / (1 - iou + v + eps)
-    alpha = stop_gradient(v / (1 - iou + v + eps))
+        return torch.where(some, quotient, torch.zeros_like(v))
+    alpha = stop_gradient(torch.where(some, quotient, torch.zeros_like(v)))
     if rule == "mmdet":
         alpha = alpha * stop_gradient((iou > 0.5).to(alpha.dtype))
     return alpha

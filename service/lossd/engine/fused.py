@@ -83,6 +83,13 @@ def _partials(loss, g_iou, g_union, g_w1, g_h1, g_cw, g_ch, g_dx, g_dy):
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
+def ciou_alpha(iou, v, eps):
+    """CIoU's alpha = v / (1 - IoU + v + eps), and 0 where v = 0: alpha v -> 0 there on every path, while the
+    quotient is 0/0 for identical boxes when eps = 0."""
+    return v / (1.0 - iou + v + eps) if v > 0.0 else 0.0
+
+
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
 def aspect_v(w1, h1, w2, h2, eps):
     """CIoU's v = 4/pi^2 (atan(w2/(h2 + eps)) - atan(w1/(h1 + eps)))^2 with dv/dw1, dv/dh1 (the one place it is
     written: CIoU, Alpha-IoU's ciou penalty and the ciou metric use it). The difference of atans is one atan:
@@ -133,7 +140,7 @@ def _diou_ciou_loss(ciou, alpha_rule, iou, w1, h1, w2, h2, cw, ch, dx, dy, eps):
     g_h1 = 0.0
     if ciou:
         v, v_w1, v_h1 = aspect_v(w1, h1, w2, h2, eps)
-        alpha = v / (1.0 - iou + v + eps)
+        alpha = ciou_alpha(iou, v, eps)
         if alpha_rule == 1 and not iou > 0.5:
             alpha = 0.0
         loss += alpha * v  # alpha is detached: it scales v's gradient only
@@ -268,7 +275,7 @@ def _alpha_iou_loss(penalty, iou, union, w1, h1, w2, h2, cw, ch, dx, dy, eps, a)
         g_ch = g_P * p_ch
         if penalty == 3:
             v, v_w1, v_h1 = aspect_v(w1, h1, w2, h2, eps)
-            beta = v / (1.0 - iou + v + eps)
+            beta = ciou_alpha(iou, v, eps)
             Ba, Ba1 = _pow_and_below(beta * v, a)
             loss += Ba
             g_w1 = a * Ba1 * beta * v_w1
@@ -579,7 +586,7 @@ def box_metric(kind, x1, y1, x2, y2, X1, Y1, X2, Y2, eps, theta):
     if kind == EIOU:
         return iou - penalty - (w1 - w2) * (w1 - w2) / (cw * cw + eps) - (h1 - h2) * (h1 - h2) / (ch * ch + eps)
     v = aspect_v(w1, h1, w2, h2, eps)[0]  # CIOU
-    return iou - penalty - v / (1.0 - iou + v + eps) * v
+    return iou - penalty - ciou_alpha(iou, v, eps) * v
 
 
 @njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")

@@ -15,7 +15,7 @@ from lossd_client.wire import SMALL_MESSAGE, decode_field, decode_with_tensors, 
 from lossd_client.wire import oip_pb
 from lossd_client.wire import pb
 
-from ..auth import key_matches
+from ..auth import key_matches, one_key
 from ..service import Service
 from ..settings import Settings
 from ..errors import ServiceError
@@ -141,7 +141,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details):
         if details.method.startswith(self.OPEN):
             return await continuation(details)
-        given = dict(details.invocation_metadata or ()).get("x-api-key")
+        given = one_key([v for k, v in (details.invocation_metadata or ()) if k == "x-api-key"])
         if key_matches(given, self.keys):
             return await continuation(details)
         handler = await continuation(details)
@@ -187,14 +187,18 @@ class GrpcServer:
         add_service(self.server, reflection.aio.ReflectionServicer(
             SERVICES + (health.SERVICE_NAME, reflection.SERVICE_NAME)), reflection_pb2, "ServerReflection",
             encoded=set(), third_party=True)
-        if settings.tls_cert and settings.tls_key:
-            creds = grpc.ssl_server_credentials([(Path(settings.tls_key).read_bytes(),
-                                                  Path(settings.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(f"{host}:{port}", creds)
-        else:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        try:
+            if settings.tls_cert and settings.tls_key:
+                creds = grpc.ssl_server_credentials([(Path(settings.tls_key).read_bytes(),
+                                                      Path(settings.tls_cert).read_bytes())])
+                self.port = self.server.add_secure_port(f"{host}:{port}", creds)
+            else:
+                self.port = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:  # grpc's own message points at GRPC_VERBOSITY, not at the setting
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"could not bind gRPC to {host}:{port}")
+            raise RuntimeError(f"LOSSD_GRPC_PORT / --grpc-port: could not bind gRPC to {host}:{port} (in use, or "
+                               "LOSSD_HOST is not an address of this machine)")
         self.host = host
 
     async def start(self) -> None:

@@ -17,6 +17,17 @@ from ..service import Service
 from .errors import abort, stream_error
 
 COMPUTE = {pb.DTYPE_FLOAT64: "float64", pb.DTYPE_FLOAT32: "float32"}
+
+
+def _compute(value: int) -> str | None:
+    """compute_dtype: unset (the inputs' own float type), FLOAT32 or FLOAT64; anything else is refused."""
+    if value == pb.DTYPE_UNSPECIFIED:
+        return None
+    if value not in COMPUTE:
+        raise EngineError("unknown_dtype", f"compute_dtype must be DTYPE_FLOAT32 or DTYPE_FLOAT64 (or unset), "
+                          f"got {pb.Dtype.Name(value) if value in pb.Dtype.values() else value}",
+                          field="compute_dtype")
+    return COMPUTE[value]
 # answers leave room for the message's own framing under the message cap
 FRAMING_BYTES = 64 * 1024
 
@@ -94,7 +105,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             req.loss, _array(decoded, "pred"), _array(decoded, "target"), box_format=req.box_format or "xyxy",
             reduction=req.reduction or "none", weights=_array(decoded, "weights", required=False),
             params=_params(req.params), return_grad=req.return_grad if req.HasField("return_grad") else True,
-            dtype=COMPUTE.get(req.compute_dtype), deadline=_deadline(context), endpoint=endpoint,
+            dtype=_compute(req.compute_dtype), deadline=_deadline(context), endpoint=endpoint,
             in_stream=endpoint == "grpc_stream")
         grad = None if out.grad is None else out.grad.numpy()
         if not req.typed_output:  # raw tensors: written straight into the wire bytes, one copy
@@ -113,7 +124,7 @@ class LossServicer(pb_grpc.LossServiceServicer):
             values = await self.service.metric(
                 msg.metric, _array(request, "boxes1"), _array(request, "boxes2"),
                 box_format=msg.box_format or "xyxy", pairwise=msg.pairwise, params=_params(msg.params),
-                dtype=COMPUTE.get(msg.compute_dtype), max_bytes=self.max_answer_bytes, endpoint="grpc_metric")
+                dtype=_compute(msg.compute_dtype), max_bytes=self.max_answer_bytes, endpoint="grpc_metric")
             return pb.MetricResponse(values=to_tensor(values, msg.typed_output))
 
         return await _guarded(context, request, work)

@@ -32,6 +32,7 @@ from .score import (ISSUES, METRICS, SEVERITY, Calibration, Evaluator, Threshold
 
 REJECTED_WARN = 0.5  # warn (and exit non-zero from the CLI) when more than this share of a file's rows is unusable
 UNMATCHED_WARN = 0.9  # ... or when more than this share of the labels has no reference on it at all
+MISSING_IMAGES_WARN = 0.5  # ... or when --images has no file for more than this share of the images
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Inputs:
     reference: BoxSet
     fingerprint: str
     groups: tuple = ()
+    notes: list = field(default_factory=list)  # what the job chose on the user's behalf (printed, in the summary)
 
     def __post_init__(self) -> None:
         n = len(self.labels.images)
@@ -49,7 +51,8 @@ class Inputs:
 def load(labels_path: str | Path, reference_path: str | Path, *, classes=None, sizes=None, th: Thresholds,
          shard_size: int) -> Inputs:
     labels = read_any(labels_path, classes=classes, sizes=sizes)
-    reference = read_any(reference_path, classes=classes, sizes=sizes, like=labels)
+    ref_classes, ref_sizes, notes = _yolo_fallback(Path(labels_path), Path(reference_path), classes, sizes)
+    reference = read_any(reference_path, classes=ref_classes, sizes=ref_sizes, like=labels)
     h = hashlib.sha256()
     for p in (Path(labels_path), Path(reference_path)):
         files = sorted(p.rglob("*")) if p.is_dir() else [p]
@@ -58,7 +61,22 @@ def load(labels_path: str | Path, reference_path: str | Path, *, classes=None, s
                 st = f.stat()
                 h.update(f"{f}:{st.st_size}:{st.st_mtime_ns};".encode())
     h.update(json.dumps([th.as_dict(), shard_size, __version__], sort_keys=True).encode())
-    return Inputs(labels, reference, h.hexdigest()[:16])
+    return Inputs(labels, reference, h.hexdigest()[:16], notes=notes)
+
+
+def _yolo_fallback(labels: Path, reference: Path, classes, sizes) -> tuple:
+    """(classes, sizes, notes) for reading a YOLO reference folder: its own classes.txt / sizes.csv, else the
+    labels folder's (a prediction folder rarely carries them), saying so."""
+    notes = []
+    if not reference.is_dir() or any(reference.glob("*.xml")) or not labels.is_dir():
+        return classes, sizes, notes
+    picked = {}
+    for what, given, name in (("classes", classes, "classes.txt"), ("sizes", sizes, "sizes.csv")):
+        picked[what] = given
+        if given is None and not (reference / name).exists() and (labels / name).exists():
+            picked[what] = labels / name
+            notes.append(f"reference: {reference} has no {name}; using the labels folder's {labels / name}")
+    return picked["classes"], picked["sizes"], notes
 
 
 # ------------------------------------------------------------------------------------------------ evaluators
@@ -70,6 +88,9 @@ class EngineEvaluator:
 
         self.engine = Engine(device=device, warm=False)
 
+    def catalog(self) -> list[dict]:
+        return self.engine.losses()
+
     def losses(self, pred: np.ndarray, target: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
         return {n: self.engine.evaluate(n, pred, target, return_grad=False, dtype="float64").loss.numpy()
                 for n in names}
@@ -78,9 +99,15 @@ class EngineEvaluator:
         pass
 
 
+SHM_MIN_BYTES = 256 * 1024  # lossd_client's threshold for shared memory (inputs of a call)
+
+
 class ServerEvaluator:
-    """Pair losses from a running lossd: one streaming call per request carries every loss asked for. The URL
-    goes to ``LossClient`` as given."""
+    """Pair losses from a running lossd. The URL goes to ``LossClient`` as given. On this host the client hands
+    big calls (shards of a few thousand pairs or more) over in shared memory instead of the wire: then each chunk
+    is one ``loss()`` call; otherwise one streaming call carries every chunk of every loss asked for (the requests
+    stay in flight together, which is what a remote server wants). On the 5k-image benchmark set most calls are
+    below the shared-memory threshold and both ways score in about the same time."""
 
     CHUNK = 50_000  # pairs per item, well inside the server's message cap
 
@@ -88,12 +115,32 @@ class ServerEvaluator:
         from lossd_client import LossClient
 
         self.client = LossClient(url, api_key=api_key)
+        self.shared: bool | None = None  # whether loss() goes through shared memory (learnt on the first call)
+
+    def catalog(self) -> list[dict]:
+        return self.client.losses()
 
     def losses(self, pred: np.ndarray, target: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
         spans = [(a, min(a + self.CHUNK, len(pred))) for a in range(0, len(pred), self.CHUNK)]
-        calls = [dict(name=n, pred=pred[a:b], target=target[a:b], return_grad=False) for n in names for a, b in spans]
-        results = iter(self.client.stream(calls))
-        return {n: np.concatenate([np.asarray(next(results).loss, dtype=np.float64) for _ in spans]) for n in names}
+        out: dict[str, list] = {n: [] for n in names}
+        todo = [(n, a, b) for n in names for a, b in spans]
+        if self.shared is None and todo and (todo[0][2] - todo[0][1]) * 32 >= SHM_MIN_BYTES:
+            # a call big enough for shared memory tells whether this client uses it
+            n, a, b = todo.pop(0)
+            before = self.client.shared_memory_calls
+            out[n].append(self.client.loss(n, pred[a:b], target[a:b], return_grad=False).loss)
+            self.shared = self.client.shared_memory_calls > before
+        if self.shared:
+            for n, a, b in todo:
+                out[n].append(self.client.loss(n, pred[a:b], target[a:b], return_grad=False).loss)
+            todo = []
+        if todo:
+            results = iter(self.client.stream([dict(name=n, pred=pred[a:b], target=target[a:b], return_grad=False)
+                                               for n, a, b in todo]))
+            for n, _, _ in todo:
+                out[n].append(next(results).loss)
+        return {n: np.concatenate([np.asarray(x, dtype=np.float64).reshape(-1) for x in out[n]]) if out[n]
+                else np.zeros(0) for n in names}
 
     def close(self) -> None:
         self.client.close()
@@ -170,6 +217,12 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _write_csv_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    pacsv.write_csv(table, tmp)
+    os.replace(tmp, path)
+
+
 def _write_shard(tables: tuple[pa.Table, pa.Table], path: Path) -> None:
     _write_atomic(tables[1], _refs_path(path))
     _write_atomic(tables[0], path)  # the labels file last: its presence marks the shard done
@@ -196,6 +249,23 @@ def make_evaluator(server: str | None = None, api_key: str | None = None, device
     return ServerEvaluator(server, api_key) if server else EngineEvaluator(device)
 
 
+def check_loss(catalog: list[dict], name: str) -> None:
+    """``name`` must be a loss that compares two boxes: a box loss on [N,4] or a regression loss."""
+    usable = [e["name"] for e in catalog
+              if (e["kind"] == "box" and str(e.get("pred", "")).startswith("[N,4]")) or e["kind"] == "regression"]
+    if name not in usable:
+        what = "unknown loss" if name not in {e["name"] for e in catalog} else "not a loss between two boxes"
+        raise InputError(f"--loss {name[:60]!r}: {what}; one of: {', '.join(usable)}")
+
+
+def _make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").unlink(missing_ok=True)  # written last, once everything it lists is there
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot create the output folder: {exc.strerror or exc}") from None
+
+
 def run(labels_path: str | Path, reference_path: str | Path, out_dir: str | Path, *, th: Thresholds = Thresholds(),
         shard_size: int = 500, server: str | None = None, ray_address: str | None = None, use_ray: bool = False,
         image_dir: str | Path | None = None, classes=None, sizes=None, device: str = "auto", progress: bool = True,
@@ -209,10 +279,15 @@ def run(labels_path: str | Path, reference_path: str | Path, out_dir: str | Path
     t0 = time.perf_counter()
     out = Path(out_dir)
     shard_dir = out / "shards"
-    inp = load(labels_path, reference_path, classes=classes, sizes=sizes, th=th, shard_size=shard_size)
+    if image_dir is not None and not Path(image_dir).is_dir():
+        raise InputError(f"--images {image_dir}: no such folder")
     # with --ray and --server the driver calibrates on the servers too: no process of the job loads an engine
     evaluator = make_evaluator(server, api_key, device)
+    bar = None
     try:
+        check_loss(evaluator.catalog(), th.loss)  # before any input is read or output written
+        inp = load(labels_path, reference_path, classes=classes, sizes=sizes, th=th, shard_size=shard_size)
+        _make_out(out)
         t_cal = time.perf_counter()
         cal = calibrate_all(inp.labels, inp.reference, th, evaluator, inp.groups)
         cal_s = time.perf_counter() - t_cal
@@ -238,10 +313,10 @@ def run(labels_path: str | Path, reference_path: str | Path, out_dir: str | Path
                 _write_shard(score_shard(inp, shards[i], th, cal, evaluator), paths[i])
                 if bar is not None:
                     bar.update(len(shards[i]))
-        if bar is not None:
-            bar.close()
         scored_s = time.perf_counter() - t_score
     finally:
+        if bar is not None:
+            bar.close()  # also when interrupted: what follows starts on a line of its own
         evaluator.close()
     if stop_after is not None and any(not p.exists() for p in paths):
         return {"complete": False, "shards_done": sum(p.exists() for p in paths), "shards": len(paths)}
@@ -411,7 +486,7 @@ def _check_inputs(inp: Inputs, boxes: pa.Table) -> list[str]:
 
 def finish(inp: Inputs, paths: Iterable[Path], out: Path, th: Thresholds, cal: Calibration, *, mode: str,
            image_dir=None, seconds: float, scoring_seconds: float) -> dict:
-    from .report import confine_images, write_report
+    from .report import confine_images, missing_images, write_report
 
     paths = list(paths)
     if paths:
@@ -421,13 +496,14 @@ def finish(inp: Inputs, paths: Iterable[Path], out: Path, th: Thresholds, cal: C
         boxes, refs = score_shard(inp, np.arange(0), th, cal, _NoPairs())
     image_ids = [im.key for im in inp.labels.images]
     images = image_table(image_ids, [im.file for im in inp.labels.images], boxes, refs)
-    image_problems = confine_images(inp.labels.images, image_dir)
+    not_found = missing_images(inp.labels.images, image_dir)
+    image_problems = confine_images(inp.labels.images, image_dir) + not_found
     problems = inp.labels.problems + inp.reference.problems + image_problems
     for name, t in (("boxes", boxes), ("references", refs), ("images", images)):
-        pq.write_table(t, out / f"{name}.parquet")
-        pacsv.write_csv(t, out / f"{name}.csv")
-    pacsv.write_csv(pa.table({k: [str(p[k]) for p in problems] for k in ("source", "location", "problem")}),
-                    out / "problems.csv")
+        _write_atomic(t, out / f"{name}.parquet")
+        _write_csv_atomic(t, out / f"{name}.csv")
+    _write_csv_atomic(pa.table({k: [str(p[k]) for p in problems] for k in ("source", "location", "problem")}),
+                      out / "problems.csv")
     by_issue = {i: 0 for i in ISSUES}
     by_class: dict[str, dict] = {c: {"labels": 0, "references": 0, **{i: 0 for i in ISSUES}}
                                  for c in inp.labels.categories}
@@ -445,6 +521,10 @@ def finish(inp: Inputs, paths: Iterable[Path], out: Path, th: Thresholds, cal: C
         row["thresholds"] = calibration["per_class"][c]
     by_class = {c: r for c, r in by_class.items() if r["labels"] or r["references"]}
     warnings = _check_inputs(inp, boxes)
+    n_images = len(inp.labels.images)
+    if n_images and len(not_found) / n_images > MISSING_IMAGES_WARN:
+        warnings.append(f"--images {image_dir}: no file for {len(not_found)} of {n_images} images (problems.csv "
+                        "lists them); is it the folder of these labels' images?")
     summary = {
         "lossd_version": __version__, "mode": mode, "complete": True,
         "images": len(inp.labels.images), "labels": len(inp.labels), "references": len(inp.reference),
@@ -453,11 +533,15 @@ def finish(inp: Inputs, paths: Iterable[Path], out: Path, th: Thresholds, cal: C
         "ignored": {"labels": inp.labels.ignored, "references": inp.reference.ignored},
         "thresholds": {**th.as_dict(), "calibration": {k: v for k, v in calibration.items() if k != "per_class"}},
         "seconds": round(seconds, 3), "scoring_seconds": round(scoring_seconds, 3),
+        "notes": inp.notes,
         "outputs": ["boxes.parquet", "boxes.csv", "references.parquet", "references.csv", "images.parquet",
                     "images.csv", "problems.csv", "summary.json", "report.html"],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(out / "report.html", summary, boxes, refs, images, inp.labels.images, image_dir)
+    # last: a summary.json on disk says every output it lists is complete (an interrupted run leaves none)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "summary.json")
     return summary
 
 

@@ -44,11 +44,9 @@ def confine_images(images: list, image_dir: str | Path | None) -> list[dict]:
             for im in images if im.file and _inside(root, im.file) is None]
 
 
-def _image_href(image_dir: Path | None, file: str, key: str) -> str | None:
-    """The image as a data: URL: its file name, or a browser-readable file named after the image (VOC files
-    often name a .tif where a .png/.jpg copy sits). Only files inside ``image_dir`` are read."""
-    if image_dir is None:
-        return None
+def find_image(image_dir: Path, file: str, key: str) -> Path | None:
+    """The image's file inside ``image_dir``: its file name, or a browser-readable file named after the image (VOC
+    files often name a .tif where a .png/.jpg copy sits); None when there is none or the name points outside."""
     if file and _inside(image_dir, file) is None:
         return None
     names = [file, Path(file).name] if file else []
@@ -56,8 +54,30 @@ def _image_href(image_dir: Path | None, file: str, key: str) -> str | None:
     for name in names:
         cand = _inside(image_dir, name)
         if cand is not None and cand.is_file() and cand.suffix.lower() in MIME:
-            return f"data:{MIME[cand.suffix.lower()]};base64,{base64.b64encode(cand.read_bytes()).decode()}"
+            return cand
     return None
+
+
+def missing_images(images: list, image_dir: str | Path | None) -> list[dict]:
+    """A problem row for each image (whose name stays inside ``--images``) with no readable file there."""
+    if image_dir is None:
+        return []
+    root = Path(image_dir)
+    return [{"source": "images", "location": f"image {im.key}",
+             "problem": f"no image file for it in the --images folder (looked for {im.file[:100]!r} and "
+                        f"{im.key[:100]}.png/.jpg/...)"}
+            for im in images if not (im.file and _inside(root, im.file) is None) and find_image(root, im.file, im.key)
+            is None]
+
+
+def _image_href(image_dir: Path | None, file: str, key: str) -> str | None:
+    """The image as a data: URL (``find_image``). Only files inside ``image_dir`` are read."""
+    if image_dir is None:
+        return None
+    cand = find_image(image_dir, file, key)
+    if cand is None:
+        return None
+    return f"data:{MIME[cand.suffix.lower()]};base64,{base64.b64encode(cand.read_bytes()).decode()}"
 
 
 # ------------------------------------------------------------------------------------------------ page data

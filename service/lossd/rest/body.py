@@ -11,7 +11,7 @@ import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from ..bodyparse import BIG_JSON_BYTES, V1_ARRAYS, BodyError
+from ..bodyparse import BIG_JSON_BYTES, V1_ARRAYS, BodyError, ParserLost
 from ..errors import ServiceError, quote
 from ..oip import loads_json
 
@@ -47,6 +47,8 @@ async def read_json(request: Request, kind: str) -> object:
         return await request.app.state.json_parser.parse(body, kind)
     except BodyError as exc:
         raise ServiceError(str(exc), "invalid_json", field="body") from None
+    except ParserLost as exc:
+        raise ServiceError(str(exc), "too_large", field="body") from None
 
 
 async def read_model(request: Request, model: type[M]) -> M:

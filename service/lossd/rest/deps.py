@@ -8,7 +8,7 @@ import time
 
 from fastapi import Request
 
-from ..auth import key_matches
+from ..auth import key_matches, one_key
 from ..errors import ServiceError, quote
 from ..service import Service
 
@@ -39,11 +39,12 @@ async def require_api_key(request: Request) -> None:
     keys = request.app.state.settings.api_keys
     if not keys:
         return
-    headers = dict(request.scope.get("headers") or ())
-    given = headers.get(b"x-api-key")
-    auth = headers.get(b"authorization", b"")
-    if given is None and auth[:7].lower() == b"bearer ":
-        given = auth[7:].strip()
+    raw = request.scope.get("headers") or ()
+    keys_given = [v for k, v in raw if k == b"x-api-key"]
+    given = one_key(keys_given)
+    auth = [v for k, v in raw if k == b"authorization"]
+    if not keys_given and len(auth) == 1 and auth[0][:7].lower() == b"bearer ":
+        given = auth[0][7:].strip()
     if not key_matches(given, keys):
         raise ServiceError("a valid API key is required (header x-api-key or Authorization: Bearer <key>)",
                            "unauthorized")

@@ -48,8 +48,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if idle:
             min(idle, key=lambda c: c._opened).transport.close()
 
+    def _start_asgi_task(self, cycle, app) -> None:  # type: ignore[override]
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
+
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
+        # uvicorn marks only the newest request of the connection as disconnected; with pipelined requests the
+        # one being answered is an older one, whose answer would then be written to the closed transport (a
+        # RuntimeError logged as an internal error, per request, for a client that merely hung up)
+        running = getattr(self, "_running", None)
+        if running is not None and running is not self.cycle and not running.response_complete:
+            running.disconnected = True
+            running.message_event.set()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:

@@ -80,6 +80,7 @@ async def evaluate(name: str, request: Request, service: Service = Depends(get_s
                    deadline: float | None = Depends(get_deadline)) -> Response:
     """Evaluate one loss over a batch: per-sample loss (or the reduced value) and its gradient w.r.t. pred.
     Optional header `lossd-timeout: <seconds>`: work not started by then is dropped (504)."""
+    service.known("loss", name)  # an unknown name is 404 whatever the body holds
     req = await read_model(request, LossRequest)
     out = await service.evaluate(name, req.pred, req.target, box_format=req.box_format, reduction=req.reduction,
                                  weights=req.weights, params=req.params, return_grad=req.return_grad,

@@ -42,6 +42,7 @@ def list_metrics(service: Service = Depends(get_service)) -> dict:
              responses=V1_ERRORS)
 async def metric(name: str, request: Request, service: Service = Depends(get_service)) -> Response:
     """IoU, GIoU, DIoU, CIoU, EIoU, SIoU or NWD of boxes1 vs boxes2."""
+    service.known("metric", name)  # an unknown name is 404 whatever the body holds
     req = await read_model(request, MetricRequest)
     return await service.metric(name, req.boxes1, req.boxes2, box_format=req.box_format, pairwise=req.pairwise,
                                 params=req.params, dtype=req.dtype, answer=_answer(service.settings.send_stall_seconds),

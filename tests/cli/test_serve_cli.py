@@ -1,0 +1,90 @@
+"""`lossd serve` start-up and stop as a user sees them: a setting it cannot start with is one line naming the
+setting (exit 2, no traceback); list settings take a JSON list or comma-separated values; Ctrl-C ends with the
+graceful shutdown logged and no traceback."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+import torch
+
+from lossd.settings import Settings
+
+from ..conftest import free_port, start_server
+
+
+def _serve(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "lossd.cli", "serve", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "LOSSD_DEVICE": "cpu", **(env or {})})
+
+
+def _one_error_line(r) -> str:
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag, setting", [("--grpc-port", "LOSSD_GRPC_PORT"), ("--http-port", "LOSSD_HTTP_PORT")])
+def test_a_port_in_use_is_named(flag, setting):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = "--http-port" if flag == "--grpc-port" else "--grpc-port"
+        line = _one_error_line(_serve(flag, str(port), other, "0"))
+    assert f"{setting} / {flag} {port}" in line and "already in use" in line
+
+
+def test_one_port_for_both_transports_is_named():
+    port = str(free_port())
+    line = _one_error_line(_serve("--http-port", port, "--grpc-port", port))
+    assert "--http-port" in line and "--grpc-port" in line and "a port each" in line
+
+
+def test_unreadable_tls_files_are_named(tmp_path):
+    line = _one_error_line(_serve("--http-port", "0", "--grpc-port", "0",
+                                  env={"LOSSD_TLS_CERT": str(tmp_path / "nope.pem"),
+                                       "LOSSD_TLS_KEY": str(tmp_path / "nope.key")}))
+    assert f"LOSSD_TLS_CERT={tmp_path / 'nope.pem'}: cannot read it" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_without_a_gpu_is_named():
+    line = _one_error_line(_serve("--http-port", "0", "--grpc-port", "0", env={"LOSSD_DEVICE": "cuda"}))
+    assert "LOSSD_DEVICE / --device cuda" in line and "no CUDA GPU" in line
+
+
+@pytest.mark.parametrize("value, expected", [("secret", ["secret"]), ("k1, k2", ["k1", "k2"]),
+                                             ('["k1","k,2"]', ["k1", "k,2"]), ("", [])])
+def test_list_settings_take_json_or_commas(monkeypatch, value, expected):
+    monkeypatch.setenv("LOSSD_API_KEYS", value)
+    monkeypatch.setenv("LOSSD_CORS_ORIGINS", value)
+    s = Settings()
+    assert s.api_keys == expected and s.cors_origins == expected
+
+
+def test_a_broken_json_list_names_the_setting():
+    line = _one_error_line(_serve("--http-port", "0", "--grpc-port", "0", env={"LOSSD_API_KEYS": "[oops"}))
+    assert line.startswith("lossd serve: error: LOSSD_API_KEYS:") and "JSON list" in line and "comma" in line
+
+
+def test_comma_separated_keys_and_ctrl_c_stops_cleanly():
+    server = start_server({"LOSSD_API_KEYS": "k1,k2", "LOSSD_CORS_ORIGINS": "*"})
+    try:
+        assert httpx.get(f"{server.http_url}/v1/losses", timeout=10).status_code == 401
+        assert httpx.get(f"{server.http_url}/v1/losses", headers={"x-api-key": "k2"}, timeout=10).status_code == 200
+        server.proc.send_signal(signal.SIGINT)
+        rc = server.proc.wait(timeout=60)
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+    log = server.log()
+    assert rc in (0, 130), log[-3000:]
+    assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+    assert "lossd stopped" in log
