@@ -155,14 +155,15 @@ class OriginGuard:
                 return await self._refuse(send, scope, ServiceError(
                     f"Host {quote(host_header)} is not a name of this server, which is bound to {self.bind_host}; "
                     "a web page may have pointed its own name at this address (DNS rebinding). To allow the "
-                    "name, add it to LOSSD_ALLOWED_HOSTS (a JSON list; '*' allows any)", "forbidden", field="host"))
+                    "name, add it to LOSSD_ALLOWED_HOSTS (comma-separated or a JSON list; '*' allows any)",
+                    "forbidden", field="host"))
             if len(self._good_hosts) < GOOD_HOSTS_KEPT:
                 self._good_hosts.add(host_raw)
         if origin is not None and not self.origin_allowed(origin, scope, host):
             return await self._refuse(send, scope, ServiceError(
                 f"requests from web pages at origin {quote(origin)} are refused (a page must not drive this "
-                "server); to allow that origin, add it to LOSSD_CORS_ORIGINS (a JSON list)", "forbidden",
-                field="origin"))
+                "server); to allow that origin, add it to LOSSD_CORS_ORIGINS (comma-separated or a JSON list)",
+                "forbidden", field="origin"))
         return await self.app(scope, receive, send)
 
     def origin_allowed(self, origin: str, scope, host: tuple[str, int | None] | None) -> bool:
