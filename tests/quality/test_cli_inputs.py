@@ -139,7 +139,9 @@ def test_ctrl_c_while_writing_outputs_leaves_no_summary_and_a_rerun_completes(co
 
 def test_a_real_sigint_while_writing_outputs_exits_130_in_one_line(coco, tmp_path):
     # the signal arrives while the report is written (the slowest output), as a user's Ctrl-C would
+    # default_int_handler: as in a terminal, also when the test runs where SIGINT is ignored (a background job)
     code = ("import os, signal, sys, time\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "import lossd.quality.report as report\n"
             "def slow(*a, **k):\n"
             "    os.kill(os.getpid(), signal.SIGINT)\n"

@@ -131,7 +131,10 @@ def test_ctrl_c_keeps_what_was_done(live_server, tmp_path):
     proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "lossd.cli", "simulate", "--server",
                              live_server.http_url, "--losses", "iou,giou", "--cases", "343", "--iterations", "100000",
                              "--out", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True,
+                            # SIGINT as in a terminal, also when the suite runs where it is ignored (a background
+                            # job ignores it, and Python then installs no KeyboardInterrupt handler)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     # iou runs first; its curve so far is written every 2 s: interrupt once some of it is on disk
     started = False
