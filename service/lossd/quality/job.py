@@ -358,14 +358,35 @@ def _ray_shard(inp: Inputs, images: np.ndarray, th: Thresholds, cal: Calibration
     return out[0], out[1]
 
 
+RAY_START_TRIES = 3
+
+
+def _start_ray(ray, address: str | None) -> None:
+    """ray.init, tried again when a local Ray fails to start its node: on a busy machine its raylet can miss
+    Ray's own start-up deadline ("Failed to get node info ... GCS cannot find the node"), and a second try
+    usually succeeds. A cluster address that does not answer is the user's to fix: no retry."""
+    for attempt in range(1, RAY_START_TRIES + 1):
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     **({} if address else {"num_cpus": os.cpu_count() or 2}))
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises several types for a node that did not come up
+            ray.shutdown()
+            if address or attempt == RAY_START_TRIES:
+                raise InputError(f"--ray: Ray did not start{f' at {address}' if address else ''}: "
+                                 f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}") from None
+            print(f"lossd quality: Ray did not start ({type(exc).__name__}); trying again ({attempt + 1} of "
+                  f"{RAY_START_TRIES})", file=sys.stderr, flush=True)
+            time.sleep(2.0 * attempt)
+
+
 def _run_ray(inp: Inputs, shards, paths, todo, th, cal, address, scorer: Scorer, bar) -> None:
     import ray
     from ray.exceptions import RayTaskError
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 **({} if address else {"num_cpus": os.cpu_count() or 2}))
+        _start_ray(ray, address)
     try:
         remote = ray.remote(_ray_shard)
         inp_ref, scorer_ref = ray.put(inp), ray.put(scorer)
