@@ -41,6 +41,30 @@ import numpy as np
 from ._errors import RETRYABLE, InvalidInputError, LossdError
 from .wire import NP_OF_OIP, OIP_OF
 
+# copies this big are split in two, the second half on a helper thread (numpy releases the GIL while it copies):
+# the server is idle while the client copies into and out of the region, so the copy can use two cores
+SPLIT_COPY_BYTES = 4 << 20
+_copier = None
+_copier_lock = threading.Lock()
+
+
+def _copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[...] = src for flat arrays of one length, on two threads when big."""
+    global _copier
+    if dst.nbytes < SPLIT_COPY_BYTES:
+        dst[...] = src
+        return
+    if _copier is None:
+        with _copier_lock:
+            if _copier is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                _copier = ThreadPoolExecutor(1, thread_name_prefix="lossd-shm-copy")
+    half = len(dst) // 2
+    other = _copier.submit(np.copyto, dst[half:], src[half:])
+    np.copyto(dst[:half], src[:half])
+    other.result()
+
 # below this many input bytes a call goes over the wire: registering a region and the extra request cost more
 SHM_MIN_BYTES = 256 * 1024
 ALIGN = 64
@@ -219,7 +243,7 @@ class ShmPath:
     def _write(self, call, layout: list, marks: list) -> tuple[list, dict]:
         tensors = []
         for name, arr, offset in layout:
-            np.frombuffer(self.mem.buf, dtype=arr.dtype, count=arr.size, offset=offset)[...] = arr.reshape(-1)
+            _copy(np.frombuffer(self.mem.buf, dtype=arr.dtype, count=arr.size, offset=offset), arr.reshape(-1))
             tensors.append((name, OIP_OF[arr.dtype], list(arr.shape), offset, arr.nbytes))
         for _, at, mark in marks:
             self.mem.buf[at:at + len(mark)] = mark
@@ -233,8 +257,10 @@ class ShmPath:
         out = {}
         for oname, datatype, shape in answer:
             dt = NP_OF_OIP[datatype]
-            out[oname] = np.frombuffer(self.mem.buf, dtype=dt, count=int(np.prod(shape)),
-                                       offset=outputs[oname][0]).reshape(shape).copy()
+            count = int(np.prod(shape))
+            arr = np.empty(count, dtype=dt)
+            _copy(arr, np.frombuffer(self.mem.buf, dtype=dt, count=count, offset=outputs[oname][0]))
+            out[oname] = arr.reshape(shape)
         self.calls += 1
         loss = out["LOSS"]
         return LossResult(float(loss.reshape(-1)[0]) if call.reduction != "none" else loss, out.get("GRAD"))
