@@ -118,6 +118,9 @@ def test_spread_and_failover_are_byte_identical(replicas, tmp_path):
 
     # the kill came mid-way through both; every replica took a share of both before it
     assert hook.count == -(-ROWS // (CHUNK_BYTES // 32)) and hook.quality_running_at_kill
+    for s in (a, b):  # the two left standing must still be up (a replica dying here is a bug to see)
+        assert s.proc.poll() is None, (f"replica {s.http_url} died (exit status {s.proc.returncode}); "
+                                       f"its log ends: {s.log()[-3000:]}")
     after = {s.http_url: served(s.http_url) for s in (a, b)}
     shares = {}
     for s, was in zip(replicas, before):
