@@ -246,7 +246,7 @@ def prepare_infer(model: str, req: dict, raw: memoryview, shm: ShmCall | None = 
         name, arr, offset = _tensor(entry, raw, offset, shm)
         if name in tensors:
             raise bad(f"input {name} given twice")
-        if isinstance(entry.get("parameters"), dict) and "shared_memory_region" in entry["parameters"]:
+        if isinstance(arr, ShmTensor):
             shm_inputs.append(name)
         tensors[name], datatypes[name] = arr, entry["datatype"]
     if offset != len(raw):

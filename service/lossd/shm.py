@@ -16,10 +16,10 @@ server reads it through a mapping kills the server (SIGBUS), so:
   * any other object is never mapped: inputs are copied out with pread and outputs written with pwrite, so a
     truncated object gives a clear error for that call and nothing else.
 
-Bounds: at most ``max_regions`` regions at once (each holds a mapping), names and keys are checked before they are
+Bounds: at most ``max_regions`` regions at once (each holds a file descriptor, and a mapping when mapped), names and keys are checked before they are
 used as keys, and only clients on this host (loopback or a unix socket) may register or use regions: the server
-opens the key with its own permissions. A region unregistered while a call uses it stays mapped until the call
-ends (the call's outputs are then refused); its mapping is closed when the last call lets go of it.
+opens the key with its own permissions. A region unregistered while a call uses it stays open until the call
+ends (the call's outputs are then refused); it is closed when the last call lets go of it.
 """
 
 from __future__ import annotations

@@ -124,15 +124,18 @@ class ServerEvaluator:
         spans = [(a, min(a + self.CHUNK, len(pred))) for a in range(0, len(pred), self.CHUNK)]
         out: dict[str, list] = {n: [] for n in names}
         todo = [(n, a, b) for n in names for a, b in spans]
+
+        def one(n: str, a: int, b: int) -> None:
+            out[n].append(self.client.loss(n, pred[a:b], target[a:b], return_grad=False).loss)
+
         if self.shared is None and todo and (todo[0][2] - todo[0][1]) * 32 >= SHM_MIN_BYTES:
             # a call big enough for shared memory tells whether this client uses it
-            n, a, b = todo.pop(0)
             before = self.client.shared_memory_calls
-            out[n].append(self.client.loss(n, pred[a:b], target[a:b], return_grad=False).loss)
+            one(*todo.pop(0))
             self.shared = self.client.shared_memory_calls > before
         if self.shared:
-            for n, a, b in todo:
-                out[n].append(self.client.loss(n, pred[a:b], target[a:b], return_grad=False).loss)
+            for call in todo:
+                one(*call)
             todo = []
         if todo:
             results = iter(self.client.stream([dict(name=n, pred=pred[a:b], target=target[a:b], return_grad=False)
