@@ -1,25 +1,30 @@
 """Same-host calls through system shared memory (Triton's extension) instead of the socket.
 
-When the client talks to one endpoint on this host (a loopback URL) it keeps one POSIX shared-memory region,
-registered with the server under a name of its own. A large loss call copies its inputs into the region, sends
-only a small OIP inference request naming where each tensor lies, and reads LOSS and GRAD back from the region:
-the tensors never go through HTTP/gRPC or the kernel's socket buffers. The region grows when a call needs more
-and is unregistered and removed on ``close()`` (or when the process exits).
+When the client talks to one endpoint on this host (a loopback URL), a large loss call copies its inputs into a
+POSIX shared-memory region registered with the server under a name of the client's own, sends only a small OIP
+inference request naming where each tensor lies, and the server writes LOSS and GRAD into the same region: the
+tensors never go through HTTP/gRPC or the kernel's socket buffers. A big answer (1 MiB or more) is handed to the
+caller as arrays that are views of the region, not copies; that region is then lent to the caller and the next
+call uses another one, until the caller lets go of the arrays. A client keeps at most MAX_REGIONS regions and
+never lends its last free one (that call's answer is copied out), so keeping every answer costs no more regions.
+Regions grow when a call needs more and are unregistered and removed on ``close()`` (or when the process exits);
+arrays the caller still holds keep their memory until they go.
 
 Anything that says the server cannot share memory with us (an older server without the extension, a server in
 another container whose /dev/shm differs, a peer address it does not see as local, its region limit) turns the
 shared-memory path off for this client; calls then go over the wire as before.
 
-The region can also be lost while the client holds it: the server restarted, another local client unregistered
+A region can also be lost while the client holds it: the server restarted, another local client unregistered
 every region (Triton's example clients do at start), the region's name was unregistered and registered again on
 someone else's object (the server then reads and writes that object, not ours), or our object was truncated.
 Before each call the output areas are filled with a per-call sentinel (a signalling NaN with a random payload,
 which arithmetic on finite inputs never produces); an answer whose outputs still hold it was written somewhere
 else, and an input refused through shared memory is checked against the server's status of our region (does it
-still name our object?). A lost region (``unknown_region``, ``region_truncated``, unregistered during the call, the
-sentinel still there, or another object under our name) is replaced by a fresh object under a fresh name and the
-call retried once; if that fails too, shared memory is turned off for this client and the call goes over the
-wire. An answer is only ever taken from our own region, once.
+still name our object?). Inputs and outputs of a call always share one region, so an answer found in our object
+was computed from our inputs. A lost region (``unknown_region``, ``region_truncated``, unregistered during the
+call, the sentinel still there, or another object under our name) is replaced by a fresh object under a fresh
+name and the call retried once; if that fails too, shared memory is turned off for this client and the call goes
+over the wire. An answer is only ever taken from our own region, once.
 """
 
 from __future__ import annotations
@@ -41,18 +46,21 @@ import numpy as np
 from ._errors import RETRYABLE, InvalidInputError, LossdError
 from .wire import NP_OF_OIP, OIP_OF
 
-# copies this big are split in two, the second half on a helper thread (numpy releases the GIL while it copies):
+# copies this big are split in two, one half on a helper thread (numpy releases the GIL while it copies):
 # the server is idle while the client copies into and out of the region, so the copy can use two cores
 SPLIT_COPY_BYTES = 4 << 20
 _copier = None
 _copier_lock = threading.Lock()
 
 
-def _copy(dst: np.ndarray, src: np.ndarray) -> None:
-    """dst[...] = src for flat arrays of one length, on two threads when big."""
+def _copy_all(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """dst[...] = src for each (dst, src) pair of flat arrays of one length; when there is much to copy, a helper
+    thread takes half of the bytes (one hand-off for all the pairs)."""
     global _copier
-    if dst.nbytes < SPLIT_COPY_BYTES:
-        dst[...] = src
+    total = sum(dst.nbytes for dst, _ in pairs)
+    if total < SPLIT_COPY_BYTES:
+        for dst, src in pairs:
+            dst[...] = src
         return
     if _copier is None:
         with _copier_lock:
@@ -60,13 +68,30 @@ def _copy(dst: np.ndarray, src: np.ndarray) -> None:
                 from concurrent.futures import ThreadPoolExecutor
 
                 _copier = ThreadPoolExecutor(1, thread_name_prefix="lossd-shm-copy")
-    half = len(dst) // 2
-    other = _copier.submit(np.copyto, dst[half:], src[half:])
-    np.copyto(dst[:half], src[:half])
+    mine, theirs, taken = [], [], 0
+    for dst, src in pairs:  # the first half of the bytes here, the rest on the helper
+        room = max(0, total // 2 - taken) // max(dst.itemsize, 1)
+        cut = min(len(dst), room)
+        mine.append((dst[:cut], src[:cut]))
+        theirs.append((dst[cut:], src[cut:]))
+        taken += cut * dst.itemsize
+    other = _copier.submit(_copy_pairs, theirs)
+    _copy_pairs(mine)
     other.result()
+
+
+def _copy_pairs(pairs: list) -> None:
+    for dst, src in pairs:
+        if len(dst):
+            np.copyto(dst, src)
+
 
 # below this many input bytes a call goes over the wire: registering a region and the extra request cost more
 SHM_MIN_BYTES = 256 * 1024
+# answers this big are handed to the caller as views of their region (_Region.lend) instead of being copied out
+LEND_MIN_BYTES = 1 << 20
+# regions one client keeps: the previous call's answer is usually still held while the next call runs
+MAX_REGIONS = 3
 ALIGN = 64
 # a server that refuses the region for one of these reasons cannot share memory with this client at all
 UNSHAREABLE = ("forbidden", "too_many_regions")
@@ -105,103 +130,166 @@ def is_loopback_url(url: str) -> bool:
 
 
 def _release(mem: shared_memory.SharedMemory) -> None:
+    """Unregistered and forgotten: close and remove the object. A mapping that answers handed to the caller still
+    view stays until the last of them goes (then Python unmaps it); only the descriptor is closed now."""
     try:
         mem.close()
     except BufferError:
-        pass
+        fd = getattr(mem, "_fd", -1)
+        if fd >= 0:
+            os.close(fd)
+            mem._fd = -1
+        mem._mmap = None  # the caller's arrays hold the mapping
     try:
         mem.unlink()
     except FileNotFoundError:
         pass
 
 
-class ShmPath:
-    """One client's shared-memory region and the calls that use it (one call at a time: a lock guards it).
-    ``endpoint``: a blocking transport (its shm_register / shm_unregister / shm_infer)."""
+class _Region:
+    """One shared-memory object registered with the server under a name of its own. A call writes its inputs into
+    a free region and the server writes the outputs after them. A big answer is handed to the caller as views of
+    the region (no copy out); the region is then ``lent`` and not written again until the last of those arrays
+    is gone."""
 
-    def __init__(self, endpoint: Any) -> None:
-        self.endpoint = endpoint
-        self.name = self._fresh_name()
-        self.mem: shared_memory.SharedMemory | None = None
-        self.registered = False
-        self.enabled = True
-        self.calls = 0  # calls answered through shared memory
-        self.replaced = 0  # regions found lost and replaced
-        self.lock = threading.Lock()
-        self._finalizer = None
-
-    # ------------------------------------------------------------------------------------------ the region
-    @staticmethod
-    def _fresh_name() -> str:
-        return f"lossd_client_{uuid.uuid4().hex[:16]}"
-
-    def _replace(self) -> None:
-        """Forget a lost region: its object goes, and the next call registers a new one under a new name (the old
-        name may now belong to someone else's object). The server is not asked to unregister the old name: it no
-        longer names our object, and unregistering it would tear down whoever registered it since."""
-        self.registered = False
-        self._forget()
-        self.name = self._fresh_name()
-        self.replaced += 1
-
-    def _new_region(self, size: int) -> tuple[str, int] | None:
-        """A fresh region when the current one is smaller than ``size``: (key, byte_size) to register."""
-        if self.mem is not None and not self._intact():
-            self._replace()  # writing into our mapping past the object's end would kill this process (SIGBUS)
-        if self.mem is not None and self.mem.size >= size:
-            return None
-        self._forget()
-        size = max(size, 1 << 20)
-        size = 1 << (size - 1).bit_length()  # grow in powers of two: few re-registrations
+    def __init__(self, size: int) -> None:
+        self.name = f"lossd_client_{uuid.uuid4().hex[:16]}"
         self.mem = shared_memory.SharedMemory(self.name + f"_{size}", create=True, size=size)
+        self.registered = False
+        self.lent = False
         self._finalizer = weakref.finalize(self, _release, self.mem)
-        return "/" + self.mem.name, self.mem.size
 
-    def _intact(self) -> bool:
-        """Whether our object still holds the whole region (someone with our user may have truncated it)."""
+    @property
+    def key(self) -> str:
+        return "/" + self.mem.name
+
+    def intact(self) -> bool:
+        """Whether our object still holds the whole region (someone with our user may have truncated it: writing
+        into our mapping past the object's end would kill this process with SIGBUS)."""
         try:
             return os.fstat(self.mem._fd).st_size >= self.mem.size
         except (AttributeError, OSError):
             return True  # no descriptor kept on this platform: nothing to check
 
-    def _forget(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer()
-            self._finalizer = None
-        self.mem = None
+    def lend(self) -> np.ndarray:
+        """The whole region as one array that every answer array is a view of: while any of them lives, the
+        region is lent."""
+        whole = np.frombuffer(self.mem.buf, dtype=np.uint8)
+        self.lent = True
+        weakref.finalize(whole, self._returned)
+        return whole
 
-    def _refused(self, exc: LossdError) -> None:
-        # transient failures go over the wire (which retries); anything else means no sharing here
+    def _returned(self) -> None:
+        self.lent = False
+
+    def drop(self) -> None:
+        """Close and remove the object (arrays the caller holds keep their memory until they go)."""
+        self._finalizer()
+
+
+class ShmPath:
+    """One client's shared-memory regions and the calls that use them (one call at a time: a lock guards it).
+    ``endpoint``: a blocking transport (its shm_register / shm_unregister / shm_infer).
+
+    Each call uses one free region for all its tensors. A big answer is lent to the caller (views of its region),
+    so the next call takes another region: up to MAX_REGIONS, and the last free one is never lent (its answer is
+    copied out), so a caller that keeps every answer still gets through without more regions."""
+
+    def __init__(self, endpoint: Any) -> None:
+        self.endpoint = endpoint
+        self.pool: list[_Region] = []
+        self.current: _Region | None = None  # the region of the latest call
+        self.max_regions = MAX_REGIONS  # lowered when the server refuses more (its region limit)
+        self.enabled = True
+        self.calls = 0  # calls answered through shared memory
+        self.replaced = 0  # regions found lost and replaced
+        self.lock = threading.Lock()
+
+    @property
+    def name(self) -> str | None:
+        return self.current.name if self.current is not None else None
+
+    @property
+    def mem(self) -> shared_memory.SharedMemory | None:
+        return self.current.mem if self.current is not None else None
+
+    # ----------------------------------------------------------------------------------------- the regions
+    def _replace(self) -> None:
+        """Forget every region after one was lost: the next call registers a new one under a new name (the old
+        names may now belong to someone else's object). The server is not asked to unregister the old names: a
+        lost one no longer names our object, and unregistering it would tear down whoever registered it since.
+        Arrays the caller holds keep their memory."""
+        for region in self.pool:
+            region.drop()
+        self.pool = []
+        self.current = None
+        self.replaced += 1
+
+    def _pick(self, size: int) -> tuple[_Region | None, _Region | None]:
+        """A free region of at least ``size`` bytes: (region, None) when it is registered already, else (a new
+        region to register, a free one it replaces, to unregister, or None); (None, None) when every region is
+        lent and no more may be made (the call then goes over the wire)."""
+        for region in [r for r in self.pool if not r.lent and not r.intact()]:
+            # truncated by someone of our user: a fresh object under a fresh name
+            self.pool.remove(region)
+            region.drop()
+            self.replaced += 1
+        free = [r for r in self.pool if not r.lent]
+        for region in free:
+            if region.mem.size >= size:
+                return region, None
+        old = None
+        if len(self.pool) >= self.max_regions:
+            if not free:
+                return None, None
+            old = free[0]  # too small: replaced by a bigger one
+            self.pool.remove(old)
+        region = _Region(_rounded(size))
+        self.pool.append(region)
+        return region, old
+
+    def _lends(self, region: _Region, out_bytes: int) -> bool:
+        """Whether this call's answer is handed over as views of its region: a big answer, and another region is
+        free or can still be made."""
+        if out_bytes < LEND_MIN_BYTES:
+            return False
+        return len(self.pool) < self.max_regions or any(not r.lent for r in self.pool if r is not region)
+
+    def _registered(self, region: _Region) -> None:
+        region.registered = True
+        self.current = region
+
+    def _not_registered(self, region: _Region, exc: LossdError) -> None:
+        """The server refused a new region. With regions of ours already registered (all lent) this is its
+        region limit for us: use no more than those, and send this call over the wire. Otherwise shared memory is
+        off for this client unless the failure was transient."""
+        self.pool.remove(region)
+        region.drop()
+        if any(r.registered for r in self.pool) and exc.code in UNSHAREABLE:
+            self.max_regions = max(1, len(self.pool))
+            return
         if exc.code in UNSHAREABLE or not isinstance(exc, RETRYABLE):
             self.enabled = False
-        self._forget()
 
-    def _ensure(self, size: int) -> None:
-        fresh = self._new_region(size)
-        if fresh is not None:
-            self._unregister()
-            self.endpoint.shm_register(self.name, *fresh)
-            self.registered = True
-
-    def _unregister(self) -> None:
-        if self.registered:
-            self.registered = False
-            try:
-                self.endpoint.shm_unregister(self.name)
-            except Exception:  # noqa: BLE001 (the server may be gone; the region is removed here anyway)
-                pass
+    def _dropped(self) -> list[_Region]:
+        """Forget every region; those registered, for the caller to unregister."""
+        gone, self.pool, self.current = self.pool, [], None
+        for region in gone:
+            region.drop()
+        return [r for r in gone if r.registered]
 
     def close(self) -> None:
         with self.lock:
-            self._unregister()
-            self._forget()
+            for region in self._dropped():
+                _quiet(self.endpoint.shm_unregister, region.name)
 
     # ------------------------------------------------------------------------------------------- the call
     def wants(self, call) -> bool:
         return self.enabled and call.pred.nbytes + call.target.nbytes >= SHM_MIN_BYTES
 
     @staticmethod
-    def _layout(call) -> tuple[list, dict, int]:
+    def _layout(call) -> tuple[list, dict, int, int]:
+        """The inputs' places, the outputs' (offset, byte_size), the bytes all take, and the outputs' bytes."""
         layout, size = [], 0
         inputs = {"PRED": call.pred, "TARGET": call.target}
         if call.weights is not None:
@@ -209,6 +297,7 @@ class ShmPath:
         for name, arr in inputs.items():
             layout.append((name, np.ascontiguousarray(arr), size))
             size += -(-arr.nbytes // ALIGN) * ALIGN
+        start = size
         n = call.pred.shape[0] if call.pred.ndim else 1
         itemsize = max(call.pred.itemsize, 4)
         outputs = {"LOSS": (size, max(n, 1) * itemsize)}
@@ -216,7 +305,7 @@ class ShmPath:
         if call.return_grad:
             outputs["GRAD"] = (size, call.pred.size * itemsize)
             size += call.pred.size * itemsize
-        return layout, outputs, size
+        return layout, outputs, size, size - start
 
     @staticmethod
     def _marks(call, outputs: dict) -> list[tuple[str, int, bytes]]:
@@ -232,89 +321,139 @@ class ShmPath:
                 marks.append((oname, offset + at * itemsize, _sentinel(itemsize)))
         return marks
 
-    def _written(self, marks: list, answer: list, outputs: dict) -> bool:
+    @staticmethod
+    def _written(region: _Region, marks: list, answer: list, outputs: dict) -> bool:
         """Whether the server wrote its answer into our object: no sentinel left inside what it says it wrote."""
         ends = {oname: outputs[oname][0] + int(np.prod(shape)) * NP_OF_OIP[datatype].itemsize
                 for oname, datatype, shape in answer if oname in outputs}
-        buf = self.mem.buf
+        buf = region.mem.buf
         return all(bytes(buf[at:at + len(mark)]) != mark for oname, at, mark in marks
                    if at + len(mark) <= ends.get(oname, 0))
 
-    def _write(self, call, layout: list, marks: list) -> tuple[list, dict]:
+    @staticmethod
+    def _write(region: _Region, call, layout: list, marks: list) -> tuple[list, dict]:
+        buf = region.mem.buf
         tensors = []
+        _copy_all([(np.frombuffer(buf, dtype=arr.dtype, count=arr.size, offset=offset), arr.reshape(-1))
+                   for _, arr, offset in layout])
         for name, arr, offset in layout:
-            _copy(np.frombuffer(self.mem.buf, dtype=arr.dtype, count=arr.size, offset=offset), arr.reshape(-1))
             tensors.append((name, OIP_OF[arr.dtype], list(arr.shape), offset, arr.nbytes))
         for _, at, mark in marks:
-            self.mem.buf[at:at + len(mark)] = mark
+            buf[at:at + len(mark)] = mark
         params = {"box_format": call.box_format, "reduction": call.reduction, "return_grad": call.return_grad,
                   **call.params}
         return tensors, params
 
-    def _read(self, call, answer: list, outputs: dict):
+    def _read(self, region: _Region, call, answer: list, outputs: dict, lend: bool):
+        """The answer: views of the region, which is then lent until the caller lets go of them, or copies."""
         from ._transport import LossResult
 
+        whole = region.lend() if lend else None
         out = {}
         for oname, datatype, shape in answer:
             dt = NP_OF_OIP[datatype]
             count = int(np.prod(shape))
-            arr = np.empty(count, dtype=dt)
-            _copy(arr, np.frombuffer(self.mem.buf, dtype=dt, count=count, offset=outputs[oname][0]))
-            out[oname] = arr.reshape(shape)
+            at = outputs[oname][0]
+            if whole is not None:
+                out[oname] = whole[at:at + count * dt.itemsize].view(dt).reshape(shape)
+            else:
+                arr = np.empty(count, dtype=dt)
+                _copy_all([(arr, np.frombuffer(region.mem.buf, dtype=dt, count=count, offset=at))])
+                out[oname] = arr.reshape(shape)
         self.calls += 1
         loss = out["LOSS"]
-        return LossResult(float(loss.reshape(-1)[0]) if call.reduction != "none" else loss, out.get("GRAD"))
+        if call.reduction != "none":
+            loss = float(loss.reshape(-1)[0])
+        return LossResult(loss, out.get("GRAD"))
+
+    def _refused_call(self, exc: LossdError, region: _Region, outputs: dict, key: str | Exception | None) -> bool:
+        """Whether a refused call says our region is lost (then every region is forgotten and the call retried)
+        rather than that the call is wrong. ``key``: what the server holds under the region's name, asked only
+        for an input error (None otherwise)."""
+        if _lost(exc, outputs) or isinstance(exc, InvalidInputError) and self._taken(region, key):
+            self._replace()
+            return True
+        return False
 
     def evaluate(self, call):
         """A LossResult through shared memory, or None when the server cannot share memory with us now (for good
         unless the failure was transient); the caller then goes over the wire."""
         with self.lock:
-            layout, outputs, size = self._layout(call)
+            layout, outputs, size, out_bytes = self._layout(call)
             for _ in range(2):
-                try:
-                    self._ensure(size)
-                except LossdError as exc:
-                    self._refused(exc)
+                region, old = self._pick(size)
+                if region is None:
                     return None
+                if old is not None:
+                    old.drop()
+                    if old.registered:
+                        _quiet(self.endpoint.shm_unregister, old.name)
+                if not region.registered:
+                    try:
+                        self.endpoint.shm_register(region.name, region.key, region.mem.size)
+                    except LossdError as exc:
+                        self._not_registered(region, exc)
+                        return None
+                self._registered(region)
                 marks = self._marks(call, outputs)
-                tensors, params = self._write(call, layout, marks)
+                tensors, params = self._write(region, call, layout, marks)
                 try:
-                    answer = self.endpoint.shm_infer(call.name, self.name, tensors, outputs, params)
+                    answer = self.endpoint.shm_infer(call.name, region.name, tensors, outputs, params)
                 except RETRYABLE:
                     return None  # overloaded or unavailable: the wire path retries with backoff and failover
                 except LossdError as exc:
-                    if not (_lost(exc, outputs)
-                            or isinstance(exc, InvalidInputError) and self._taken(self._key_of())):
+                    key = self._key_of(region) if isinstance(exc, InvalidInputError) else None
+                    if not self._refused_call(exc, region, outputs, key):
                         raise
-                    self._replace()
                     continue
-                if self._written(marks, answer, outputs):
-                    return self._read(call, answer, outputs)
+                if self._written(region, marks, answer, outputs):
+                    return self._read(region, call, answer, outputs, self._lends(region, out_bytes))
                 self._replace()  # answered, but not into our object: the region's name was taken over
             return self._give_up()
 
-    def _key_of(self) -> str | Exception:
+    def _key_of(self, region: _Region) -> str | Exception:
         try:
-            return self.endpoint.shm_key(self.name)
+            return self.endpoint.shm_key(region.name)
         except Exception as exc:  # noqa: BLE001 (judged by _taken)
             return exc
 
-    def _taken(self, key: str | Exception) -> bool:
+    @staticmethod
+    def _taken(region: _Region, key: str | Exception) -> bool:
         """Whether a refused input came from someone else's object: the server's region under our name no longer
         names our object, so it read another process's tensors. ``key``: what the server says it holds under our
         name (or what asking raised)."""
         if isinstance(key, LossdError):
             return key.code in LOST
-        if isinstance(key, Exception) or self.mem is None:
+        if isinstance(key, Exception):
             return False  # cannot tell (an older server): the error stands
-        return key.lstrip("/") != self.mem.name
+        return key.lstrip("/") != region.mem.name
 
     def _give_up(self) -> None:
         """The region was lost twice in one call: shared memory is off for this client, the call goes over the
         wire."""
         self.enabled = False
-        self._forget()
+        self._dropped()
         return None
+
+
+def _quiet(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 (the server may be gone; the region is removed here anyway)
+        pass
+
+
+async def _aquiet(fn, *args) -> None:
+    try:
+        await fn(*args)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _rounded(size: int) -> int:
+    """A region's size: at least 1 MiB, in powers of two (few re-registrations as calls grow)."""
+    size = max(size, 1 << 20)
+    return 1 << (size - 1).bit_length()
 
 
 class AsyncShmPath(ShmPath):
@@ -324,56 +463,49 @@ class AsyncShmPath(ShmPath):
         super().__init__(endpoint)
         self.alock: asyncio.Lock | None = None
 
-    async def _aensure(self, size: int) -> None:
-        fresh = self._new_region(size)
-        if fresh is not None:
-            await self._aunregister()
-            await self.endpoint.shm_register(self.name, *fresh)
-            self.registered = True
-
-    async def _aunregister(self) -> None:
-        if self.registered:
-            self.registered = False
-            try:
-                await self.endpoint.shm_unregister(self.name)
-            except Exception:  # noqa: BLE001
-                pass
-
     async def aclose(self) -> None:
-        await self._aunregister()
-        self._forget()
+        for region in self._dropped():
+            await _aquiet(self.endpoint.shm_unregister, region.name)
 
     async def aevaluate(self, call):
         if self.alock is None:
             self.alock = asyncio.Lock()
         async with self.alock:
-            layout, outputs, size = self._layout(call)
+            layout, outputs, size, out_bytes = self._layout(call)
             for _ in range(2):
-                try:
-                    await self._aensure(size)
-                except LossdError as exc:
-                    self._refused(exc)
+                region, old = self._pick(size)
+                if region is None:
                     return None
+                if old is not None:
+                    old.drop()
+                    if old.registered:
+                        await _aquiet(self.endpoint.shm_unregister, old.name)
+                if not region.registered:
+                    try:
+                        await self.endpoint.shm_register(region.name, region.key, region.mem.size)
+                    except LossdError as exc:
+                        self._not_registered(region, exc)
+                        return None
+                self._registered(region)
                 marks = self._marks(call, outputs)
-                tensors, params = self._write(call, layout, marks)
+                tensors, params = self._write(region, call, layout, marks)
                 try:
-                    answer = await self.endpoint.shm_infer(call.name, self.name, tensors, outputs, params)
+                    answer = await self.endpoint.shm_infer(call.name, region.name, tensors, outputs, params)
                 except RETRYABLE:
                     return None
                 except LossdError as exc:
-                    if not (_lost(exc, outputs) or isinstance(exc, InvalidInputError)
-                            and self._taken(await self._akey_of())):
+                    key = await self._akey_of(region) if isinstance(exc, InvalidInputError) else None
+                    if not self._refused_call(exc, region, outputs, key):
                         raise
-                    self._replace()
                     continue
-                if self._written(marks, answer, outputs):
-                    return self._read(call, answer, outputs)
+                if self._written(region, marks, answer, outputs):
+                    return self._read(region, call, answer, outputs, self._lends(region, out_bytes))
                 self._replace()
             return self._give_up()
 
-    async def _akey_of(self) -> str | Exception:
+    async def _akey_of(self, region: _Region) -> str | Exception:
         try:
-            return await self.endpoint.shm_key(self.name)
+            return await self.endpoint.shm_key(region.name)
         except Exception as exc:  # noqa: BLE001
             return exc
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .admission import is_out_of_memory
-from .engine import Engine, EngineError, Result, get_loss
+from .engine import Engine, EngineError, Out, Result, get_loss
 from .errors import DeadlineExpired, ResourceExhausted
 
 
@@ -72,13 +72,16 @@ class Batcher:
 
     async def evaluate(self, loss_name: str, pred: Any, target: Any, *, box_format: str = "xyxy",
                        reduction: str = "none", weights: Any = None, params: dict | None = None,
-                       return_grad: bool = True, dtype: str | None = None, deadline: float | None = None) -> Result:
+                       return_grad: bool = True, dtype: str | None = None, deadline: float | None = None,
+                       out: Out | None = None) -> Result:
         """engine.evaluate, off the event loop, batched with its peers when it can be. ``deadline`` is a
-        time.monotonic() value."""
+        time.monotonic() value; ``out``: where to write the answer (engine.Out), which keeps the call alone."""
         kwargs = dict(box_format=box_format, params=params, return_grad=return_grad, dtype=dtype)
-        key = self._key(loss_name, pred, target, weights, reduction, kwargs) if self.enabled else None
+        key = self._key(loss_name, pred, target, weights, reduction, kwargs) if self.enabled and out is None else None
         if key is None:
             _check_deadline(deadline)
+            if out is not None:
+                kwargs["out"] = out
             return await self._call(loss_name, pred, target, reduction=reduction, weights=weights, **kwargs)
         p, t = _rows_array(pred), _rows_array(target)
         w = None if weights is None else _rows_array(weights)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .engine import Result, get_loss
+from .engine import Out, Result, get_loss
 from .bodyparse import BodyError, loads
 from .errors import ServiceError, parsing, quote
 from .shm import ShmCall, not_local, tensor_ref
@@ -232,6 +232,7 @@ class InferCall:
     shm: ShmCall | None = None
     shm_outputs: dict = None  # output name -> (region, offset, byte_size)
     shm_inputs: tuple = ()    # the inputs still to be read from a region (ShmTensor in kwargs)
+    out: Out | None = None    # outputs the engine computes straight into their regions (shm_targets)
 
 
 def prepare_infer(model: str, req: dict, raw: memoryview, shm: ShmCall | None = None) -> InferCall:
@@ -309,10 +310,31 @@ def shm_input_bytes(call: InferCall) -> int:
 
 
 def shm_output_bytes(call: InferCall, out: Result) -> int:
-    """The bytes finish_infer copies into shared memory."""
+    """The bytes finish_infer copies into shared memory (none for outputs computed there)."""
     sizes = {"LOSS": out.loss.numel() * out.loss.element_size(),
              "GRAD": 0 if out.grad is None else out.grad.numel() * out.grad.element_size()}
-    return sum(sizes[name] for name in (call.shm_outputs or {}) if name in sizes)
+    placed = {"LOSS": call.out.loss, "GRAD": call.out.grad} if call.out is not None else {}
+    return sum(sizes[name] for name in (call.shm_outputs or {}) if name in sizes and placed.get(name) is None)
+
+
+def shm_targets(call: InferCall) -> Out | None:
+    """Where in its shared-memory regions the engine can compute LOSS (and GRAD) directly, saving the copy
+    finish_infer would make: per-sample losses, in mapped regions (see ShmCall.target). None: computed
+    elsewhere and copied (or refused) as usual."""
+    kw = call.kwargs
+    pred = kw["pred"]
+    if (not call.shm_outputs or "LOSS" not in call.shm_outputs or kw["reduction"] != "none"
+            or not isinstance(pred, np.ndarray) or pred.ndim != 2):
+        return None
+    dt = np.float64 if kw["dtype"] == "float64" else np.float32
+    loss = call.shm.target(call.shm_outputs["LOSS"], dt, (pred.shape[0],), "outputs.LOSS")
+    if loss is None:
+        return None
+    grad = None
+    if kw["return_grad"] and "GRAD" in call.shm_outputs:
+        grad = call.shm.target(call.shm_outputs["GRAD"], dt, pred.shape, "outputs.GRAD")
+    call.out = Out(loss, grad)
+    return call.out
 
 
 def read_shm_inputs(call: InferCall) -> None:

@@ -389,11 +389,13 @@ class Service:
                 await self.parse(oip.read_shm_inputs, call, size=oip.shm_input_bytes(call))
             kw = call.kwargs
             opts = self.options(spec, kw["box_format"], kw["reduction"], kw["params"], kw["dtype"])
+            # outputs in a mapped region are computed where they go: nothing to copy afterwards
+            target = oip.shm_targets(call) if shm is not None else None
             with self.admission.admit():
                 out = await self.batcher.evaluate(name, kw["pred"], kw["target"], box_format=opts.box_format,
                                                   reduction=opts.reduction, weights=kw["weights"],
                                                   params=opts.params, return_grad=kw["return_grad"],
-                                                  dtype=opts.dtype, deadline=deadline)
+                                                  dtype=opts.dtype, deadline=deadline, out=target)
             t.batch_size = rows_of(kw["pred"])
             # outputs written into shared memory are copied in a thread when big
             size = oip.shm_output_bytes(call, out)

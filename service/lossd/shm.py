@@ -252,6 +252,17 @@ class SharedMemory:
 class ShmCall:
     owner: SharedMemory
     pinned: dict[str, Region] = field(default_factory=dict)
+    # the bytes this call reads in place or computes into: (object, start, end); an output is only computed in
+    # place when it overlaps none of them (two regions may name one object)
+    in_place: list[tuple[tuple[int, int], int, int]] = field(default_factory=list)
+
+    def _claim(self, region: Region, start: int, nbytes: int) -> bool:
+        """Record a range of a mapped object as used in place by this call; False if it overlaps one already."""
+        end = start + nbytes
+        if nbytes and any(obj == region.inode and start < e and s < end for obj, s, e in self.in_place):
+            return False
+        self.in_place.append((region.inode, start, end))
+        return True
 
     def _region(self, name, what: str) -> Region:
         if not isinstance(name, str) or not NAME.fullmatch(name):
@@ -287,7 +298,10 @@ class ShmCall:
         if region.mm is not None:
             self._whole(region, ref[0], what)
             view = np.frombuffer(memoryview(region.mm)[start:start + size], dtype=dtype).reshape(shape)
-            return view if dtype.kind == "f" else view.copy()
+            if dtype.kind != "f":
+                return view.copy()
+            self._claim(region, start, size)
+            return view
         arr = np.empty(shape, dtype=dtype)
         buf = memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(bytearray())
         done = 0
@@ -300,13 +314,31 @@ class ShmCall:
             done += got
         return arr
 
+    def target(self, ref: tuple, dtype: np.dtype, shape: tuple, what: str) -> np.ndarray | None:
+        """A writable view of where an output of this dtype and shape goes in a mapped region, for the engine to
+        compute into; None when it cannot be written in place (an object others can write, a start not aligned to
+        the dtype, or ``ref``'s byte_size too small: then the output is computed elsewhere and write() copies it
+        or names the error)."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if nbytes > ref[2]:
+            return None
+        region, start = self.check((ref[0], ref[1], nbytes), what)
+        if region.mm is None or start % dtype.itemsize or not self._claim(region, start, nbytes):
+            return None  # (an output overlapping an input is computed elsewhere: the input stays whole)
+        self._whole(region, ref[0], what)
+        return np.frombuffer(memoryview(region.mm)[start:start + nbytes], dtype=dtype).reshape(shape)
+
     def write(self, ref: tuple, arr: np.ndarray, what: str) -> None:
-        """Write an array into a region at ``ref``'s offset (``ref``'s byte_size already checked to hold it)."""
+        """Write an array into a region at ``ref``'s offset (``ref``'s byte_size already checked to hold it);
+        nothing to copy when the array was computed there (target())."""
         region, start = self.check((ref[0], ref[1], arr.nbytes), what)
         src = np.ascontiguousarray(arr).reshape(-1)
         if region.mm is not None:
             self._whole(region, ref[0], what)
-            np.frombuffer(memoryview(region.mm)[start:start + arr.nbytes], dtype=arr.dtype)[...] = src
+            dst = np.frombuffer(memoryview(region.mm)[start:start + arr.nbytes], dtype=arr.dtype)
+            if dst.ctypes.data != src.ctypes.data:
+                dst[...] = src
             return
         self._whole(region, ref[0], what)
         buf = memoryview(src).cast("B") if arr.size else memoryview(bytearray())

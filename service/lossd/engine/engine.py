@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,6 +38,43 @@ class Result:
     loss: Tensor
     grad: Tensor | None
     dtype: torch.dtype
+
+
+@dataclass
+class Out:
+    """Where Engine.evaluate writes its answer instead of fresh memory (e.g. a client's shared-memory region):
+    ``loss`` a C-contiguous [N] array, ``grad`` one of pred's shape (None: the gradient goes to fresh memory).
+    Only for reduction "none"; each array must be writable, aligned and of the compute dtype."""
+
+    loss: np.ndarray
+    grad: np.ndarray | None = None
+
+    def checked(self, reduction: str, return_grad: bool, dtype: np.dtype) -> "Out | None":
+        """Itself, or None when the call cannot write into it (a reduced loss): then nothing is written."""
+        if reduction != "none":
+            return None
+        for name, a in (("loss", self.loss), ("grad", self.grad if return_grad else None)):
+            if a is not None and not (isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous
+                                      and a.flags.aligned and a.flags.writeable):
+                raise ValueError(f"out.{name} must be a writable, aligned, C-contiguous {np.dtype(dtype).name} "
+                                 "array")
+        return self if return_grad else Out(self.loss)
+
+    def fill(self, result: Result) -> Result:
+        """The result in these arrays (copied there unless it was computed there); the Result of views of them."""
+        _place(self.loss, result.loss.reshape(-1), "loss")
+        grad = result.grad
+        if grad is not None and self.grad is not None:
+            _place(self.grad, grad, "grad")
+            grad = torch.from_numpy(self.grad)
+        return Result(torch.from_numpy(self.loss), grad, result.dtype)
+
+
+def _place(dst: np.ndarray, src: Tensor, name: str) -> None:
+    if tuple(src.shape) != dst.shape:
+        raise ValueError(f"out.{name} has shape {list(dst.shape)}, the result {list(src.shape)}")
+    if src.data_ptr() != dst.ctypes.data:
+        np.copyto(dst, src.numpy())
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -131,7 +169,10 @@ class Engine:
     # ----------------------------------------------------------------------------------------------- evaluate
     def evaluate(self, loss_name: str, pred: Any, target: Any, *, box_format: str = "xyxy", reduction: str = "none",
                  weights: Any = None, params: Mapping[str, Any] | None = None, return_grad: bool = True,
-                 dtype: str | torch.dtype | None = None) -> Result:
+                 dtype: str | torch.dtype | None = None, out: Out | None = None) -> Result:
+        """``out``: arrays to write the per-sample loss and the gradient into (reduction "none"; see Out). The
+        fused CPU kernels write there directly, any other path copies its result there; the Result's tensors are
+        then views of them. On an error their contents are undefined."""
         spec = get_loss(loss_name)
         if reduction not in REDUCTIONS:
             raise EngineError("unknown_reduction", f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}",
@@ -140,11 +181,20 @@ class Engine:
         kwargs = spec.resolve(params)
         cdtype = _resolve_dtype(dtype, pred)
         self._check_rows(pred, "pred")
+        if out is not None:
+            out = out.checked(reduction, return_grad, fastpath.NP_DTYPE[cdtype])
         if self.fast == "auto" and self.device.type == "cpu" and spec.name in fastpath.FUSED_LOSSES:
             fast = fastpath.cpu_evaluate(spec, pred, target, box_format, reduction, weights, kwargs, return_grad,
-                                         cdtype)
+                                         cdtype, out)
             if fast is not None:
-                return Result(fast[0], fast[1], cdtype)
+                result = Result(fast[0], fast[1], cdtype)
+                return result if out is None else out.fill(result)
+        result = self._evaluate(spec, pred, target, box_format, reduction, weights, kwargs, return_grad, cdtype)
+        return result if out is None else out.fill(result)
+
+    def _evaluate(self, spec, pred: Any, target: Any, box_format: str, reduction: str, weights: Any, kwargs: dict,
+                  return_grad: bool, cdtype: torch.dtype) -> Result:
+        """The reference path (autograd, or torch.compile on CUDA)."""
         pred_t = as_float(pred, "pred", cdtype, self.device)
         if spec.inputs in ("boxes", "boxes+logit"):
             pred_t = empty_as_rows(pred_t, 4 if spec.inputs == "boxes" else 5)

@@ -99,8 +99,9 @@ def _as_np(x: Any, dtype: np.dtype) -> np.ndarray | None:
 
 
 def cpu_evaluate(spec: Spec, pred: Any, target: Any, box_format: str, reduction: str, weights: Any, kwargs: dict,
-                 return_grad: bool, cdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(loss, grad) from a fused kernel, or None: then the reference path computes (or names the error)."""
+                 return_grad: bool, cdtype: torch.dtype, out=None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(loss, grad) from a fused kernel, or None: then the reference path computes (or names the error).
+    ``out``: an engine.Out (checked) the kernel writes into when its shapes fit the call."""
     kernel = spec.kernel
     if kernel is None:
         return None
@@ -134,8 +135,15 @@ def cpu_evaluate(spec: Spec, pred: Any, target: Any, box_format: str, reduction:
         t = t.reshape(view.shape)
     n = view.shape[0]
     scale = 1.0 / n if reduction == "mean" and n else 1.0
-    loss = np.empty(n, dtype=dt)
-    grad = np.empty(view.shape, dtype=dt) if return_grad else np.empty((0, view.shape[1]), dtype=dt)
+    loss = grad = None
+    if out is not None and out.loss.shape == (n,):
+        loss = out.loss
+        if return_grad and out.grad is not None and out.grad.shape == p.shape:
+            grad = out.grad.reshape(view.shape)  # a view: out.grad is C-contiguous
+    if loss is None:
+        loss = np.empty(n, dtype=dt)
+    if grad is None:
+        grad = np.empty(view.shape, dtype=dt) if return_grad else np.empty((0, view.shape[1]), dtype=dt)
     if box:
         run = fused.box_kernel_parallel if n >= fused.PARALLEL_MIN_ROWS else fused.box_kernel
         mode, p1, p2, p3 = args
