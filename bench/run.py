@@ -103,6 +103,19 @@ def timeit_cpu(fn, server_pid: int | None, budget: float, chunks: int = 7) -> di
     return out
 
 
+def chunk(fn, k: int, server_pid: int | None) -> dict:
+    """Seconds per call over ``k`` calls in a row, with the CPU per call of this process (the client) and of the
+    server process, and the share of the machine's CPU the hypervisor gave to others meanwhile."""
+    c0, s0, st0 = time.process_time(), proc_cpu(server_pid) if server_pid else 0.0, steal()
+    t0 = time.perf_counter()
+    for _ in range(k):
+        fn()
+    wall = time.perf_counter() - t0
+    return {"s": wall / k, "client_cpu_s": (time.process_time() - c0) / k,
+            "server_cpu_s": (proc_cpu(server_pid) - s0) / k if server_pid else None,
+            "steal_fraction": (steal() - st0) / (wall * (os.cpu_count() or 1))}
+
+
 def timeit(fn, budget: float = 0.4, min_reps: int = 3) -> float:
     """Median seconds per call over repeated calls filling about `budget` seconds."""
     fn()

@@ -1,9 +1,12 @@
 """Same-host loss calls through system shared memory against the wire and the caller's own process, in one run.
 
-    python bench/shm.py [--sizes 1000000,10000000] [--budget 2.0] [--out bench/results]
+    python bench/shm.py [--sizes 1000000,10000000] [--budget 2.0] [--rounds 7] [--out bench/results]
 
-CIoU loss + gradient on N box pairs (float32), each scenario timed by the median chunk of repeated calls
-(bench/run.py's timeit_cpu), with the client's and the server's CPU per call:
+CIoU loss + gradient on N box pairs (float32). The scenarios take turns: each round runs a chunk of calls of
+every scenario (in a rotated order, with a short pause before each chunk so that one scenario's idle OpenMP
+threads are asleep before the next one starts), and each scenario's ratio to the in-process engine is taken
+within a round, then the median over rounds is reported. A machine whose speed drifts during the run (other
+tenants, frequency) then moves both sides of a ratio alike. Scenarios:
 
   engine_in_process     lossd's engine called in this process (no server)
   torch_autograd        the same CIoU formula written in torch, forward + backward, in this process (the caller's
@@ -12,15 +15,17 @@ CIoU loss + gradient on N box pairs (float32), each scenario timed by the median
   torchvision           torchvision.ops.complete_box_iou_loss, forward + backward, in this process, at the same
                         thread count (bench/torchvision_ops.py: installed, or its own code from the matching PyPI
                         wheel where the wheel cannot be installed beside a CPU-only torch)
-  lossd_shm_grpc/http   LossClient with shared memory (copy in, one small request, copy LOSS and GRAD out)
+  lossd_shm_grpc/http   LossClient with shared memory: the inputs copied into its region, one small request, LOSS
+                        and GRAD handed back as views of the region (lent to the caller until it drops them)
   lossd_wire_grpc/http  LossClient(shared_memory=False): the tensors through the socket (8 MiB requests, 4 in flight)
-  triton_shm_grpc/http  tritonclient's shared-memory flow (set_shared_memory_region, infer, get_contents_as_numpy
-                        and a copy out), in a subprocess: its protobuf messages clash with lossd's in one process
+  triton_shm_grpc/http  tritonclient's shared-memory flow as its examples write it (set_shared_memory_region,
+                        infer, get_contents_as_numpy: views of the output region, valid until the next call), in a
+                        worker process: its protobuf messages clash with lossd's in one process
 
-Each row has ratios against the in-process engine, torch autograd and torchvision: by wall time, and by CPU (the client's
-plus the server's CPU per call against the engine's). On a busy machine wall times swing with other work; the CPU
-a call costs moves much less. The machine's load (1-minute load average before and after, and the hypervisor's
-steal) is saved with the figures: it says how far the wall-time ratios can be trusted. Writes shm.json under --out.
+Each row has the per-call wall time (median over rounds), its ratio to the in-process engine, torch autograd and
+torchvision (medians of the per-round ratios, with their range), and the CPU per call of the client and of the
+server. The machine's load (1-minute load average before and after, and the hypervisor's steal) is saved with the
+figures. Writes shm.json under --out.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -43,6 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run  # noqa: E402  (bench/run.py: the server, the data and the timers)
 
+PAUSE_S = 0.05  # before each chunk: OpenMP threads of the previous scenario stop spinning and sleep
+
+# tritonclient in its own process, driven one command (a JSON line) at a time
 TRITON = textwrap.dedent("""
     import json, os, sys, time
     import numpy as np
@@ -52,11 +61,22 @@ TRITON = textwrap.dedent("""
     import tritonclient.http as th
     import tritonclient.utils.shared_memory as shm
 
-    http_url, grpc_target, sizes = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-    budget, pid = float(sys.argv[5]), int(sys.argv[6])
-    out = {}
-    for n in sizes:
+    http_url, grpc_target, pid = sys.argv[2], sys.argv[3], int(sys.argv[4])
+    flows, handles = {}, []
+
+    def teardown():
+        for c, ih, oh, name in handles:
+            c.unregister_system_shared_memory("bin_" + name)
+            c.unregister_system_shared_memory("bout_" + name)
+            shm.destroy_shared_memory_region(ih)
+            shm.destroy_shared_memory_region(oh)
+        handles.clear()
+        flows.clear()
+
+    def setup(n):
+        teardown()
         p, t = run.boxes(n, 7)
+        sums = {}
         for name, mod, url in (("http", th, http_url), ("grpc", tg, grpc_target)):
             kw = {"network_timeout": 600.0, "connection_timeout": 600.0} if name == "http" else {}
             c = mod.InferenceServerClient(url, **kw)
@@ -64,31 +84,63 @@ TRITON = textwrap.dedent("""
             in_b, loss_b = p.nbytes, n * 4
             ih = shm.create_shared_memory_region("bin", key + "_in", 2 * in_b)
             oh = shm.create_shared_memory_region("bout", key + "_out", loss_b + in_b)
-            c.register_system_shared_memory("bin", key + "_in", 2 * in_b)
-            c.register_system_shared_memory("bout", key + "_out", loss_b + in_b)
+            c.register_system_shared_memory("bin_" + name, key + "_in", 2 * in_b)
+            c.register_system_shared_memory("bout_" + name, key + "_out", loss_b + in_b)
+            handles.append((c, ih, oh, name))
             inputs = [mod.InferInput("PRED", [n, 4], "FP32"), mod.InferInput("TARGET", [n, 4], "FP32")]
-            inputs[0].set_shared_memory("bin", in_b)
-            inputs[1].set_shared_memory("bin", in_b, offset=in_b)
+            inputs[0].set_shared_memory("bin_" + name, in_b)
+            inputs[1].set_shared_memory("bin_" + name, in_b, offset=in_b)
             outputs = [mod.InferRequestedOutput("LOSS"), mod.InferRequestedOutput("GRAD")]
-            outputs[0].set_shared_memory("bout", loss_b)
-            outputs[1].set_shared_memory("bout", in_b, offset=loss_b)
+            outputs[0].set_shared_memory("bout_" + name, loss_b)
+            outputs[1].set_shared_memory("bout_" + name, in_b, offset=loss_b)
 
-            def call():
+            def call(c=c, ih=ih, oh=oh, inputs=inputs, outputs=outputs, n=n, loss_b=loss_b):
                 shm.set_shared_memory_region(ih, [p, t])
                 c.infer("ciou", inputs, outputs=outputs)
-                loss = shm.get_contents_as_numpy(oh, np.float32, [n]).copy()
-                grad = shm.get_contents_as_numpy(oh, np.float32, [n, 4], offset=loss_b).copy()
-                return loss, grad
+                return (shm.get_contents_as_numpy(oh, np.float32, [n]),
+                        shm.get_contents_as_numpy(oh, np.float32, [n, 4], offset=loss_b))
 
             loss, grad = call()
-            out[f"{n}:{name}"] = dict(run.timeit_cpu(call, pid, budget, chunks=5), loss_sum=float(loss.sum()),
-                                      grad_sum=float(grad.sum()))
-            c.unregister_system_shared_memory("bin")
-            c.unregister_system_shared_memory("bout")
-            shm.destroy_shared_memory_region(ih)
-            shm.destroy_shared_memory_region(oh)
-    print(json.dumps(out))
+            sums[name] = float(loss.astype(np.float64).sum())
+            flows[name] = call
+        return sums
+
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "setup":
+            reply = setup(cmd["n"])
+        elif cmd["op"] == "chunk":
+            reply = run.chunk(flows[cmd["transport"]], cmd["k"], pid)
+        else:
+            teardown()
+            break
+        print(json.dumps(reply), flush=True)
 """)
+
+
+class Triton:
+    """The tritonclient worker process."""
+
+    def __init__(self, server: run.Server) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", TRITON, str(Path(__file__).resolve().parent),
+                                      f"127.0.0.1:{server.http}", f"127.0.0.1:{server.grpc}", str(server.proc.pid)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self, **cmd):
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the tritonclient worker exited ({self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
 
 
 def torch_ciou(pred, target, eps: float = 1e-7):
@@ -135,6 +187,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1000000,10000000")
     ap.add_argument("--budget", type=float, default=2.0, help="seconds per scenario and size (about)")
+    ap.add_argument("--rounds", type=int, default=7, help="rounds of chunks (each scenario's ratio is taken "
+                    "within a round)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -150,93 +204,86 @@ def main() -> int:
 
     before = load()
     server = run.Server(batching=True)
+    triton = Triton(server)
+    clients = {}
     res: dict = {"sizes": sizes, "cores": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
-                 "torch_threads": torch.get_num_threads(), "torchvision": tv_source, "load_before": before, "rows": []}
+                 "torch_threads": torch.get_num_threads(), "torchvision": tv_source, "load_before": before,
+                 "rounds": args.rounds, "rows": []}
     try:
         engine = Engine(device="cpu")
-        triton = subprocess.run([sys.executable, "-c", TRITON, str(Path(__file__).resolve().parent),
-                                 f"127.0.0.1:{server.http}", f"127.0.0.1:{server.grpc}", json.dumps(sizes),
-                                 str(args.budget), str(server.proc.pid)], capture_output=True, text=True,
-                                timeout=3000)
-        if triton.returncode != 0:
-            raise RuntimeError(f"tritonclient run failed: {triton.stderr[-2000:]}")
-        triton_rows = json.loads(triton.stdout)
         autograd_threads, res["torch_autograd_threads_probe"] = best_threads(torch)
+        default_threads = torch.get_num_threads()
+
+        def in_threads(fn, threads):
+            def call():
+                torch.set_num_threads(threads)
+                try:
+                    return fn()
+                finally:
+                    torch.set_num_threads(default_threads)
+            return call
+
+        urls = {"grpc": f"grpc://127.0.0.1:{server.grpc}", "http": f"http://127.0.0.1:{server.http}"}
+        for transport, url in urls.items():
+            for mode in ("shm", "wire"):
+                clients[(mode, transport)] = LossClient(url, shared_memory=mode == "shm", timeout=600)
         for n in sizes:
             p, t = run.boxes(n, 7)
             pt, tt = torch.from_numpy(p), torch.from_numpy(t)
-            rows = {}
-            rows["engine_in_process"] = run.timeit_cpu(lambda: engine.evaluate("ciou", pt, tt), None, args.budget,
-                                                       chunks=5)
 
             def autograd():
                 x = pt.clone().requires_grad_(True)
                 torch_ciou(x, tt).sum().backward()
                 return x.grad
 
-            default_threads = torch.get_num_threads()
-            torch.set_num_threads(autograd_threads)
-            try:
-                rows["torch_autograd"] = run.timeit_cpu(autograd, None, args.budget, chunks=5)
-            finally:
-                torch.set_num_threads(default_threads)
-            rows["torch_autograd"]["torch_threads"] = autograd_threads
-
             def torchvision():
                 x = pt.clone().requires_grad_(True)
                 tv_ciou(x, tt, reduction="sum").backward()
                 return x.grad
 
-            torch.set_num_threads(autograd_threads)
-            try:
-                rows["torchvision"] = run.timeit_cpu(torchvision, None, args.budget, chunks=5)
-                x = pt.double().requires_grad_(True)
-                tv_sum = float(tv_ciou(x, tt.double(), reduction="sum").detach())
-            finally:
-                torch.set_num_threads(default_threads)
-            rows["torchvision"]["torch_threads"] = autograd_threads
-            results = {}
-            for transport, url in (("grpc", f"grpc://127.0.0.1:{server.grpc}"),
-                                   ("http", f"http://127.0.0.1:{server.http}")):
-                for mode in ("shm", "wire"):
-                    with LossClient(url, shared_memory=mode == "shm", timeout=600) as c:
-                        results[(mode, transport)] = c.loss("ciou", p, t)
-                        rows[f"lossd_{mode}_{transport}"] = run.timeit_cpu(lambda: c.loss("ciou", p, t),
-                                                                           server.proc.pid, args.budget, chunks=5)
-                        assert (c.shared_memory_calls > 0) == (mode == "shm"), (mode, transport)
+            # every path gives the same numbers
+            results = {key: c.loss("ciou", p, t) for key, c in clients.items()}
             ref = results[("wire", "grpc")]
-            for key, r in results.items():  # every path gives the same numbers
+            for key, r in results.items():
                 assert np.array_equal(r.loss, ref.loss) and np.array_equal(r.grad, ref.grad), key
-            for transport in ("grpc", "http"):
-                tr = triton_rows[f"{n}:{transport}"]
-                assert abs(tr.pop("loss_sum") - float(ref.loss.sum())) <= 1e-3 * abs(float(ref.loss.sum())), transport
-                tr.pop("grad_sum")
-                rows[f"triton_shm_{transport}"] = tr
+                assert (clients[key].shared_memory_calls > 0) == (key[0] == "shm"), key
+            del results
+            ref_sum = float(ref.loss.astype(np.float64).sum())
+            for transport, tr_sum in triton.ask(op="setup", n=n).items():
+                assert abs(tr_sum - ref_sum) <= 1e-3 * abs(ref_sum), (transport, tr_sum, ref_sum)
             # torchvision computes the same loss (float64 here, so its eps and ours do not blur the check)
-            assert abs(tv_sum - float(ref.loss.sum())) <= 1e-3 * abs(tv_sum), (tv_sum, float(ref.loss.sum()))
-            base, torch_s = rows["engine_in_process"]["s"], rows["torch_autograd"]["s"]
-            base_cpu, torch_cpu = rows["engine_in_process"]["client_cpu_s"], rows["torch_autograd"]["client_cpu_s"]
-            tv_s, tv_cpu = rows["torchvision"]["s"], rows["torchvision"]["client_cpu_s"]
-            for name, r in rows.items():
-                r["fraction_of_engine"] = base / r["s"]
-                r["x_torch_autograd"] = torch_s / r["s"]
-                r["x_torchvision"] = tv_s / r["s"]
-                r["cpu_x_torchvision"] = tv_cpu / (r["client_cpu_s"] + (r.get("server_cpu_s") or 0.0))
-                # CPU of both processes per call: on a busy machine wall times swing with other people's work,
-                # the CPU a call costs much less
-                r["cpu_s"] = r["client_cpu_s"] + (r.get("server_cpu_s") or 0.0)
-                r["cpu_fraction_of_engine"] = base_cpu / r["cpu_s"]
-                r["cpu_x_torch_autograd"] = torch_cpu / r["cpu_s"]
-                cpu = f"client CPU {r['client_cpu_s'] * 1e3:7.1f} ms"
-                if r.get("server_cpu_s") is not None:
-                    cpu += f", server {r['server_cpu_s'] * 1e3:7.1f} ms"
-                run.log(f"  n={n:>9} {name:>18}: {r['s'] * 1e3:8.1f} ms  {r['fraction_of_engine']:5.2f} of engine  "
-                        f"{r['x_torch_autograd']:5.2f}x autograd {r['x_torchvision']:5.2f}x torchvision | CPU "
-                        f"{r['cpu_s'] * 1e3:7.1f} ms {r['cpu_fraction_of_engine']:5.2f} of engine "
-                        f"{r['cpu_x_torch_autograd']:5.2f}x autograd {r['cpu_x_torchvision']:5.2f}x torchvision "
-                        f"({cpu}; steal {r['steal_fraction']:.0%})")
-            res["rows"].append({"n": n, **rows})
+            x = pt.double().requires_grad_(True)
+            tv_sum = float(tv_ciou(x, tt.double(), reduction="sum").detach())
+            assert abs(tv_sum - ref_sum) <= 1e-3 * abs(tv_sum), (tv_sum, ref_sum)
+
+            local = {"engine_in_process": lambda: engine.evaluate("ciou", pt, tt),
+                     "torch_autograd": in_threads(autograd, autograd_threads),
+                     "torchvision": in_threads(torchvision, autograd_threads)}
+            for (mode, transport), c in clients.items():
+                local[f"lossd_{mode}_{transport}"] = (lambda c=c: c.loss("ciou", p, t))
+            names = list(local) + ["triton_shm_grpc", "triton_shm_http"]
+
+            def run_chunk(name: str, k: int) -> dict:
+                if name.startswith("triton_"):
+                    return triton.ask(op="chunk", transport=name.rsplit("_", 1)[1], k=k)
+                server_pid = server.proc.pid if name.startswith("lossd_") else None
+                return run.chunk(local[name], k, server_pid)
+
+            # calls per chunk: about budget / rounds seconds of each scenario
+            once = {name: run_chunk(name, 1)["s"] for name in names}
+            ks = {name: max(1, round(args.budget / args.rounds / max(once[name], 1e-6))) for name in names}
+            chunks: dict[str, list[dict]] = {name: [] for name in names}
+            for r in range(args.rounds):
+                order = names[r % len(names):] + names[:r % len(names)]
+                for name in order:
+                    time.sleep(PAUSE_S)
+                    chunks[name].append(run_chunk(name, ks[name]))
+                run.log(f"  n={n}: round {r + 1}/{args.rounds} done")
+            res["rows"].append({"n": n, **summarise(n, chunks, ks)})
     finally:
+        triton.close()
+        for c in clients.values():
+            c.close()
         server.stop()
     res["load_after"] = load()
     res["steal_fraction_run"] = ((res["load_after"]["steal_s"] - before["steal_s"]))
@@ -247,6 +294,40 @@ def main() -> int:
     (out / "shm.json").write_text(json.dumps(res, indent=1))
     run.log(f"wrote {out / 'shm.json'}")
     return 0
+
+
+def summarise(n: int, chunks: dict[str, list[dict]], ks: dict[str, int]) -> dict:
+    """Per scenario: median wall and CPU per call over rounds, and ratios to the baselines taken round by round
+    (median, with the lowest and highest round)."""
+    def cpu(c: dict) -> float:
+        return c["client_cpu_s"] + (c.get("server_cpu_s") or 0.0)
+
+    rows = {}
+    for name, cs in chunks.items():
+        r = {"s": statistics.median(c["s"] for c in cs), "calls_per_chunk": ks[name],
+             "client_cpu_s": statistics.median(c["client_cpu_s"] for c in cs),
+             "cpu_s": statistics.median(cpu(c) for c in cs),
+             "steal_fraction": max(c["steal_fraction"] for c in cs), "rounds_s": [c["s"] for c in cs]}
+        if cs[0].get("server_cpu_s") is not None:
+            r["server_cpu_s"] = statistics.median(c["server_cpu_s"] for c in cs)
+        for key, base in (("fraction_of_engine", "engine_in_process"), ("x_torch_autograd", "torch_autograd"),
+                          ("x_torchvision", "torchvision")):
+            ratios = [b["s"] / c["s"] for b, c in zip(chunks[base], cs)]
+            r[key] = statistics.median(ratios)
+            r[key + "_range"] = [min(ratios), max(ratios)]
+            cpu_ratios = [cpu(b) / cpu(c) for b, c in zip(chunks[base], cs)]
+            r["cpu_" + key] = statistics.median(cpu_ratios)
+        rows[name] = r
+        spread = r["fraction_of_engine_range"]
+        detail = f"client CPU {r['client_cpu_s'] * 1e3:7.1f} ms"
+        if "server_cpu_s" in r:
+            detail += f", server {r['server_cpu_s'] * 1e3:7.1f} ms"
+        run.log(f"  n={n:>9} {name:>18}: {r['s'] * 1e3:8.1f} ms  {r['fraction_of_engine']:5.2f} of engine "
+                f"[{spread[0]:.2f}-{spread[1]:.2f}]  {r['x_torch_autograd']:5.2f}x autograd "
+                f"{r['x_torchvision']:5.2f}x torchvision | CPU {r['cpu_s'] * 1e3:7.1f} ms "
+                f"{r['cpu_fraction_of_engine']:5.2f} of engine {r['cpu_x_torchvision']:5.2f}x torchvision "
+                f"({detail}; steal up to {r['steal_fraction']:.0%})")
+    return rows
 
 
 if __name__ == "__main__":

@@ -10,16 +10,19 @@ How a region is read and written depends on who can shrink its object. A process
 server reads it through a mapping kills the server (SIGBUS), so:
   * an object only the server's own user can write (owned by the server's uid, not group- or world-writable; what
     multiprocessing.shared_memory and tritonclient create when client and server run as one user) is mapped:
-    floating-point inputs are read in place, outputs written straight into it. Whoever could truncate it could
-    signal the server anyway. A client that rewrites an input while its own call runs gets that call's numbers
-    wrong (as with Triton); integer inputs, which index arrays, are always copied before they are checked.
+    floating-point inputs are read in place, and per-sample outputs computed straight into it (target()) when
+    they are aligned and overlap no input read in place; other outputs are computed, then copied in. Whoever
+    could truncate it could signal the server anyway. A client that rewrites an input while its own call runs
+    gets that call's numbers wrong (as with Triton); integer inputs, which index arrays, are always copied before
+    they are checked. After an error the output areas hold whatever was written before it.
   * any other object is never mapped: inputs are copied out with pread and outputs written with pwrite, so a
     truncated object gives a clear error for that call and nothing else.
 
-Bounds: at most ``max_regions`` regions at once (each holds a file descriptor, and a mapping when mapped), names and keys are checked before they are
-used as keys, and only clients on this host (loopback or a unix socket) may register or use regions: the server
-opens the key with its own permissions. A region unregistered while a call uses it stays open until the call
-ends (the call's outputs are then refused); it is closed when the last call lets go of it.
+Bounds: at most ``max_regions`` regions at once (each holds a file descriptor, and a mapping when mapped), names
+and keys are checked before they are used as keys, and only clients on this host (loopback or a unix socket) may
+register or use regions: the server opens the key with its own permissions. A region unregistered while a call
+uses it stays open until the call ends (the call's outputs are then refused); it is closed when the last call
+lets go of it.
 """
 
 from __future__ import annotations
