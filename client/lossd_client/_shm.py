@@ -146,6 +146,10 @@ def _release(mem: shared_memory.SharedMemory) -> None:
         pass
 
 
+class NoRoom(Exception):
+    """/dev/shm cannot hold another region."""
+
+
 class _Region:
     """One shared-memory object registered with the server under a name of its own. A call writes its inputs into
     a free region and the server writes the outputs after them. A big answer is handed to the caller as views of
@@ -158,6 +162,15 @@ class _Region:
         self.registered = False
         self.lent = False
         self._finalizer = weakref.finalize(self, _release, self.mem)
+        fd = getattr(self.mem, "_fd", -1)
+        if fd >= 0 and hasattr(os, "posix_fallocate"):
+            # take the memory now: /dev/shm can be small (64 MB in a default Docker container), and a page the
+            # object cannot get would otherwise kill this process (SIGBUS) when the copy touches it
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                self.drop()
+                raise NoRoom(f"/dev/shm has no room for a {size}-byte region: {exc.strerror}") from None
 
     @property
     def key(self) -> str:
@@ -244,7 +257,17 @@ class ShmPath:
                 return None, None
             old = free[0]  # too small: replaced by a bigger one
             self.pool.remove(old)
-        region = _Region(_rounded(size))
+        try:
+            region = _Region(_rounded(size))
+        except NoRoom:
+            if old is not None:
+                self.pool.append(old)
+            # no room for more: use the regions there are (their answers copied out once the last is lent), and
+            # this call goes over the wire
+            self.max_regions = max(1, len(self.pool))
+            if not self.pool:
+                self.enabled = False
+            return None, None
         self.pool.append(region)
         return region, old
 
@@ -451,9 +474,11 @@ async def _aquiet(fn, *args) -> None:
 
 
 def _rounded(size: int) -> int:
-    """A region's size: at least 1 MiB, in powers of two (few re-registrations as calls grow)."""
+    """A region's size: at least 1 MiB, rounded up to an eighth of a power of two (few re-registrations as calls
+    grow, at most 12.5% unused)."""
     size = max(size, 1 << 20)
-    return 1 << (size - 1).bit_length()
+    step = 1 << max((size - 1).bit_length() - 3, 0)
+    return -(-size // step) * step
 
 
 class AsyncShmPath(ShmPath):
