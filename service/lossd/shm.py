@@ -193,6 +193,14 @@ class SharedMemory:
                                    f"shared-memory key {quote(key)} ({info.st_size} bytes)", field="byte_size")
             mm = None
             if only_ours(info):
+                # a write into a page the object cannot get (a hole in a sparse object on a full /dev/shm) would be
+                # SIGBUS through a mapping: give the region its memory now, or refuse it
+                try:
+                    os.posix_fallocate(fd, offset, byte_size)
+                except OSError as exc:
+                    raise ServiceError(f"shared-memory key {quote(key)}: /dev/shm cannot hold the region's "
+                                       f"{byte_size} bytes ({exc.strerror}); free some or register less",
+                                       field="byte_size") from None
                 # mmap's own offset must be page aligned: map from the start and slice
                 mm = mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             return fd, mm, (info.st_dev, info.st_ino)
@@ -309,7 +317,11 @@ class ShmCall:
         buf = memoryview(arr.reshape(-1)).cast("B") if arr.size else memoryview(bytearray())
         done = 0
         while done < size:
-            got = os.preadv(region.fd, [buf[done:]], start + done)
+            try:
+                got = os.preadv(region.fd, [buf[done:]], start + done)
+            except OSError as exc:
+                raise ServiceError(f"{what}: cannot read region {ref[0]!r} (shared-memory object "
+                                   f"{region.key!r}): {exc.strerror}", field=what) from None
             if got <= 0:
                 raise ServiceError(f"{what}: region {ref[0]!r} ends after {start + done - region.offset} of its "
                                    f"{region.byte_size} bytes: its shared-memory object {region.key!r} was "
@@ -347,7 +359,11 @@ class ShmCall:
         buf = memoryview(src).cast("B") if arr.size else memoryview(bytearray())
         done = 0
         while done < arr.nbytes:
-            done += os.pwritev(region.fd, [buf[done:]], start + done)
+            try:
+                done += os.pwritev(region.fd, [buf[done:]], start + done)
+            except OSError as exc:  # e.g. ENOSPC: a hole in the object on a full /dev/shm
+                raise ServiceError(f"{what}: cannot write region {ref[0]!r} (shared-memory object "
+                                   f"{region.key!r}): {exc.strerror}", field=what) from None
 
     @staticmethod
     def _whole(region: Region, name: str, what: str) -> None:
