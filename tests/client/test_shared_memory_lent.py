@@ -106,6 +106,8 @@ def test_kept_answers_are_never_overwritten_and_regions_come_back(client, live_s
         return r
 
     a, b, c = call(0), call(1), call(2)
+    for got, i in ((a, 0), (b, 1), (c, 2)):
+        same(got, answers[i])  # each call's answer, not a later call's written over it
     # a and b are lent; c took the last free region, which is never lent: its answer is copied out
     assert lent(a, shm.pool[0]) and lent(b, shm.pool[1]) and copied(c, shm)
     for i in range(3, 6):
