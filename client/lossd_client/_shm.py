@@ -11,8 +11,9 @@ Regions grow when a call needs more and are unregistered and removed on ``close(
 arrays the caller still holds keep their memory until they go.
 
 Anything that says the server cannot share memory with us (an older server without the extension, a server in
-another container whose /dev/shm differs, a peer address it does not see as local, its region limit) turns the
-shared-memory path off for this client; calls then go over the wire as before.
+another container whose /dev/shm differs, a peer address it does not see as local, its region limit before we
+hold any region) turns the shared-memory path off for this client; calls then go over the wire as before. The
+server's region limit or a full /dev/shm once we hold regions only stops the client making more.
 
 A region can also be lost while the client holds it: the server restarted, another local client unregistered
 every region (Triton's example clients do at start), the region's name was unregistered and registered again on
@@ -30,6 +31,7 @@ over the wire. An answer is only ever taken from our own region, once.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import os
@@ -169,8 +171,10 @@ class _Region:
             try:
                 os.posix_fallocate(fd, 0, size)
             except OSError as exc:
-                self.drop()
-                raise NoRoom(f"/dev/shm has no room for a {size}-byte region: {exc.strerror}") from None
+                if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                    self.drop()
+                    raise NoRoom(f"/dev/shm has no room for a {size}-byte region: {exc.strerror}") from None
+                # a file system that cannot reserve space: used as before
 
     @property
     def key(self) -> str:

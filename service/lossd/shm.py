@@ -27,6 +27,7 @@ lets go of it.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import mmap
 import os
@@ -47,6 +48,7 @@ SHM_DIR = "/dev/shm"
 NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 KEY = re.compile(r"/?[A-Za-z0-9_.\-]{1,200}")
 PARAMS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
+NO_ROOM = (errno.ENOSPC, errno.ENOMEM, errno.EFBIG)
 
 
 def _path(key: str) -> str:
@@ -198,9 +200,11 @@ class SharedMemory:
                 try:
                     os.posix_fallocate(fd, offset, byte_size)
                 except OSError as exc:
-                    raise ServiceError(f"shared-memory key {quote(key)}: /dev/shm cannot hold the region's "
-                                       f"{byte_size} bytes ({exc.strerror}); free some or register less",
-                                       field="byte_size") from None
+                    if exc.errno in NO_ROOM:
+                        raise ServiceError(f"shared-memory key {quote(key)}: /dev/shm cannot hold the region's "
+                                           f"{byte_size} bytes ({exc.strerror}); free some or register less",
+                                           field="byte_size") from None
+                    # a file system that cannot reserve space: mapped as before
                 # mmap's own offset must be page aligned: map from the start and slice
                 mm = mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             return fd, mm, (info.st_dev, info.st_ino)
