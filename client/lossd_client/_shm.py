@@ -204,6 +204,25 @@ class _Region:
         self._finalizer()
 
 
+_PATHS: "weakref.WeakSet[ShmPath]" = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for path in list(_PATHS):
+        path._before_fork()
+
+
+def _after_fork_in_child() -> None:
+    global _copier
+    _copier = None  # its thread did not come along: a copy handed to it would wait forever
+    for path in list(_PATHS):
+        path._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
 class ShmPath:
     """One client's shared-memory regions and the calls that use them (one call at a time: a lock guards it).
     ``endpoint``: a blocking transport (its shm_register / shm_unregister / shm_infer).
@@ -220,7 +239,36 @@ class ShmPath:
         self.enabled = True
         self.calls = 0  # calls answered through shared memory
         self.replaced = 0  # regions found lost and replaced
+        self.retired: list[_Region] = []  # lent when the process forked: never reused, unregistered at the next call
         self.lock = threading.Lock()
+        _PATHS.add(self)
+
+    # ------------------------------------------------------------------------------------------------ fork
+    def _before_fork(self) -> None:
+        """In the parent, just before a fork: a child gets views of every lent region (shared pages, not a copy
+        on write), so those regions are never written again by us; their objects go now (removed from /dev/shm),
+        their memory when the last view in any process does."""
+        for region in [r for r in self.pool if r.lent]:
+            self.pool.remove(region)
+            if region is self.current:
+                self.current = None
+            try:
+                region.mem.unlink()
+            except FileNotFoundError:
+                pass
+            self.retired.append(region)
+
+    def _after_fork_in_child(self) -> None:
+        """In the child: the regions belong to the parent (their names are registered by it and it removes them):
+        forget them without touching them; the child makes its own when it calls."""
+        for region in self.pool + self.retired:
+            region._finalizer.detach()
+        self.pool, self.retired, self.current = [], [], None
+        self.lock = threading.Lock()
+
+    def _retired_names(self) -> list[str]:
+        gone, self.retired = self.retired, []
+        return [r.name for r in gone if r.registered]
 
     @property
     def name(self) -> str | None:
@@ -307,8 +355,8 @@ class ShmPath:
 
     def close(self) -> None:
         with self.lock:
-            for region in self._dropped():
-                _quiet(self.endpoint.shm_unregister, region.name)
+            for name in [r.name for r in self._dropped()] + self._retired_names():
+                _quiet(self.endpoint.shm_unregister, name)
 
     # ------------------------------------------------------------------------------------------- the call
     def wants(self, call) -> bool:
@@ -406,6 +454,8 @@ class ShmPath:
         """A LossResult through shared memory, or None when the server cannot share memory with us now (for good
         unless the failure was transient); the caller then goes over the wire."""
         with self.lock:
+            for name in self._retired_names():
+                _quiet(self.endpoint.shm_unregister, name)
             layout, outputs, size, out_bytes = self._layout(call)
             for _ in range(2):
                 region, old = self._pick(size)
@@ -493,13 +543,19 @@ class AsyncShmPath(ShmPath):
         self.alock: asyncio.Lock | None = None
 
     async def aclose(self) -> None:
-        for region in self._dropped():
-            await _aquiet(self.endpoint.shm_unregister, region.name)
+        for name in [r.name for r in self._dropped()] + self._retired_names():
+            await _aquiet(self.endpoint.shm_unregister, name)
+
+    def _after_fork_in_child(self) -> None:
+        super()._after_fork_in_child()
+        self.alock = None  # bound to the parent's event loop
 
     async def aevaluate(self, call):
         if self.alock is None:
             self.alock = asyncio.Lock()
         async with self.alock:
+            for name in self._retired_names():
+                await _aquiet(self.endpoint.shm_unregister, name)
             layout, outputs, size, out_bytes = self._layout(call)
             for _ in range(2):
                 region, old = self._pick(size)
