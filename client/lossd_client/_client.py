@@ -129,6 +129,15 @@ def _combine(call: Call, results: list[LossResult]) -> LossResult:
     return LossResult(float(loss.sum(dtype=np.float64) / max(n, 1)), None if grad is None else grad / max(n, 1))
 
 
+def _read_only(result: LossResult) -> LossResult:
+    """Answers are read-only whichever way they came (views of the received bytes, of a shared-memory region, or
+    pieces put together): the same code works on every path; ``np.array(x)`` gives a copy to change."""
+    for arr in result:
+        if isinstance(arr, np.ndarray):
+            arr.flags.writeable = False
+    return result
+
+
 def _metric_slices(boxes1: np.ndarray, boxes2: np.ndarray, pairwise: bool, max_bytes: int) -> list[slice]:
     n = boxes1.shape[0]
     out_row = (boxes2.shape[0] if pairwise else 1) * boxes1.itemsize
@@ -289,11 +298,11 @@ class LossClient(_Base):
             # one request, however large: shared memory has no message size (the server's max_rows still holds)
             out = self._shm.evaluate(call)
             if out is not None:
-                return out
+                return _read_only(out)
         if _needs_catalog(call, parts):
             _check_split(call, len(parts), self._weighted_mean())
         starts, calls = zip(*parts)
-        return _combine(call, self._map(self._wire.evaluate, list(calls), list(starts)))
+        return _read_only(_combine(call, self._map(self._wire.evaluate, list(calls), list(starts))))
 
     def stream(self, calls: list[dict]) -> list[LossResult]:
         """Several loss evaluations in order, each a dict of ``loss()``'s arguments (``name``, ``pred``, ``target``,
@@ -367,11 +376,11 @@ class AsyncLossClient(_Base):
         if self._shm is not None and self._shm.wants(call):
             out = await self._shm.aevaluate(call)
             if out is not None:
-                return out
+                return _read_only(out)
         if _needs_catalog(call, parts):
             _check_split(call, len(parts), await self._weighted_mean())
         starts, calls = zip(*parts)
-        return _combine(call, await self._map(self._wire.evaluate, list(calls), list(starts)))
+        return _read_only(_combine(call, await self._map(self._wire.evaluate, list(calls), list(starts))))
 
     async def stream(self, calls: list[dict]) -> list[LossResult]:
         return _flatten(await self._map(*self._stream_plan(calls)))

@@ -38,6 +38,12 @@ class InvalidInputError(LossdError):
     pass
 
 
+class AuthError(InvalidInputError):
+    """The server wants an API key this call lacks or has wrong (401 / UNAUTHENTICATED), or refuses the caller
+    (403 / PERMISSION_DENIED: e.g. a web page's Origin, shared memory from another host). The same class over
+    REST and gRPC."""
+
+
 class NotFoundError(LossdError):
     pass
 
@@ -66,8 +72,8 @@ RETRYABLE = (OverloadedError, UnavailableError)
 
 
 def from_http(status: int, code: str | None, message: str, details: dict | None = None) -> LossdError:
-    cls = {404: NotFoundError, 413: TooLargeError, 429: OverloadedError, 503: UnavailableError,
-           504: DeadlineExceededError}.get(status)
+    cls = {401: AuthError, 403: AuthError, 404: NotFoundError, 413: TooLargeError, 429: OverloadedError,
+           503: UnavailableError, 504: DeadlineExceededError}.get(status)
     if cls is None:
         cls = InvalidInputError if 400 <= status < 500 else ServerError
     return cls(code or f"http_{status}", message, status, details)
@@ -78,5 +84,6 @@ def from_grpc(status_name: str, code: str | None, message: str, details: dict | 
         cls = TooLargeError if code == "too_large" else OverloadedError
     else:
         cls = {"INVALID_ARGUMENT": InvalidInputError, "NOT_FOUND": NotFoundError, "UNAVAILABLE": UnavailableError,
-               "DEADLINE_EXCEEDED": DeadlineExceededError}.get(status_name, ServerError)
+               "DEADLINE_EXCEEDED": DeadlineExceededError, "UNAUTHENTICATED": AuthError,
+               "PERMISSION_DENIED": AuthError}.get(status_name, ServerError)
     return cls(code or status_name.lower(), message, status_name, details)

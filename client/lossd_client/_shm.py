@@ -355,6 +355,7 @@ class ShmPath:
 
     def close(self) -> None:
         with self.lock:
+            self.enabled = False  # a call after close() makes no region (the transport refuses it)
             for name in [r.name for r in self._dropped()] + self._retired_names():
                 _quiet(self.endpoint.shm_unregister, name)
 
@@ -543,6 +544,7 @@ class AsyncShmPath(ShmPath):
         self.alock: asyncio.Lock | None = None
 
     async def aclose(self) -> None:
+        self.enabled = False
         for name in [r.name for r in self._dropped()] + self._retired_names():
             await _aquiet(self.endpoint.shm_unregister, name)
 

@@ -278,6 +278,8 @@ def prepare_infer(model: str, req: dict, raw: memoryview, shm: ShmCall | None = 
             oname = o.get("name") if isinstance(o, dict) else None
             if not isinstance(oname, str) or oname not in OUTPUTS:
                 raise bad(f"unknown output {quote(oname)}; model {model} gives {list(OUTPUTS)}")
+            if oname in wanted:
+                raise bad(f"output {oname} asked for twice")
             oparams = o.get("parameters") or {}
             if not isinstance(oparams, dict):
                 raise bad(f"output {oname}: parameters must be an object")
@@ -288,6 +290,8 @@ def prepare_infer(model: str, req: dict, raw: memoryview, shm: ShmCall | None = 
                     raise not_local()
                 shm.check(ref, f"outputs.{oname}")  # the region exists and holds the range, before computing
                 shm_outputs[oname] = ref
+        if len(shm_outputs) > 1:
+            shm.apart(shm_outputs)
     kwargs = dict(pred=tensors["PRED"], target=tensors["TARGET"], box_format=params.get("box_format", "xyxy"),
                   reduction=params.get("reduction", "none"), weights=tensors.get("WEIGHTS"),
                   params={k: v for k, v in params.items() if k not in RESERVED},

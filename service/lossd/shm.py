@@ -305,6 +305,18 @@ class ShmCall:
                                f"the end of region {name!r} ({region.byte_size} bytes)", field=what)
         return region, region.offset + offset
 
+    def apart(self, outputs: dict[str, tuple]) -> None:
+        """Refuse outputs whose ranges (as given: offset and byte_size) share bytes of one object, also through
+        two region names: each would overwrite the other."""
+        placed = []
+        for oname, ref in outputs.items():
+            region, start = self.check(ref, f"outputs.{oname}")
+            for other, inode, s, e in placed:
+                if inode == region.inode and start < e and s < start + ref[2]:
+                    raise ServiceError(f"outputs.{oname}: its shared-memory range overlaps outputs.{other}'s (same "
+                                       "object); give each output bytes of its own", field=f"outputs.{oname}")
+            placed.append((oname, region.inode, start, start + ref[2]))
+
     def read(self, ref: tuple, dtype: np.dtype, shape: list, what: str) -> np.ndarray:
         """A tensor from a region: floating point from a mapped region is a view (read in place); anything
         else is the server's own copy."""

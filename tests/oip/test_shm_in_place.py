@@ -152,10 +152,11 @@ def test_a_misaligned_output_offset_gives_the_exact_answer(server, region, engin
     np.testing.assert_array_equal(_f32(r.mem, grad_at, 4 * n).reshape(n, 4), plain.grad.numpy())
 
 
-@pytest.mark.parametrize("layout", ["grad starts inside loss", "loss starts inside grad"])
-def test_outputs_overlapping_each_other_are_written_loss_then_grad(server, region, engine, layout):
-    """What the server does: LOSS is computed where it goes, GRAD (overlapping it) elsewhere and copied after;
-    the region ends up as if LOSS were copied first and GRAD second."""
+@pytest.mark.parametrize("layout", ["grad starts inside loss", "loss starts inside grad", "through two names",
+                                    "loss asked for twice"])
+def test_outputs_overlapping_each_other_are_refused(server, region, layout):
+    """Two outputs given bytes of one object (also through two region names), or one output asked for twice:
+    each would overwrite the other, so the call is a 400 naming the output, and nothing is written."""
     n = 1000
     pred, target = boxes(n, 4)
     base = 2 * n * 16
@@ -163,19 +164,29 @@ def test_outputs_overlapping_each_other_are_written_loss_then_grad(server, regio
     r = region(size)
     _fill(r.mem, pred, target, n)
     _register(server, "r", r.key, size)
+    loss_name = "r"
     if layout == "grad starts inside loss":
         loss_at, grad_at = base, base + 8 * F
-    else:
+    elif layout == "loss starts inside grad":
         loss_at, grad_at = base + 16 * F, base
+    else:
+        loss_at, grad_at = base, base + n * F + 64
     inputs = [_shm_input("PRED", n, "r"), _shm_input("TARGET", n, "r", offset=n * 16)]
-    resp = _infer(server, inputs, [_out("LOSS", "r", loss_at, n * F), _out("GRAD", "r", grad_at, n * 16)])
-    assert resp.status_code == 200, resp.text
-    plain = engine.evaluate("ciou", pred, target)
-    want = bytearray(b"\xab" * size)  # _fill's sentinel
-    want[0:base] = np.concatenate([pred.ravel(), target.ravel()]).tobytes()
-    want[loss_at:loss_at + n * F] = plain.loss.numpy().tobytes()
-    want[grad_at:grad_at + n * 16] = plain.grad.numpy().tobytes()
-    assert bytes(r.mem.buf[:size]) == bytes(want)
+    outputs = [_out("LOSS", "r", loss_at, n * F), _out("GRAD", "r", grad_at, n * 16)]
+    if layout == "through two names":
+        _register(server, "r2", r.key, size - base, offset=base)
+        outputs = [_out("LOSS", "r", loss_at, n * F), _out("GRAD", "r2", 8 * F, n * 16)]
+    if layout == "loss asked for twice":
+        outputs = [_out("LOSS", "r", loss_at, n * F), _out("LOSS", "r", grad_at, n * F)]
+    before = bytes(r.mem.buf[:size])
+    resp = _infer(server, inputs, outputs)
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    if layout == "loss asked for twice":
+        assert "LOSS asked for twice" in err
+    else:
+        assert resp.headers["lossd-error-field"] == "outputs.GRAD" and "overlaps outputs.LOSS" in err
+    assert bytes(r.mem.buf[:size]) == before
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -254,7 +265,6 @@ TARGETS = {
     "grad over pred": (lambda n: 2 * n * 16, lambda n: 16, None, (True, False)),
     "grad over pred via another name": (lambda n: 2 * n * 16, lambda n: 16, 16, (True, False)),
     "loss over target": (lambda n: n * 16, lambda n: 2 * n * 16 + n * F, None, (False, None)),
-    "grad inside loss": (lambda n: 2 * n * 16, lambda n: 2 * n * 16 + 8, None, (True, False)),
     "grad misaligned": (lambda n: 2 * n * 16, lambda n: 2 * n * 16 + n * F + 2, None, (True, False)),
     "loss misaligned": (lambda n: 2 * n * 16 + 2, lambda n: 2 * n * 16 + n * F + 4, None, (False, None)),
 }

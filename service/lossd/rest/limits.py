@@ -107,10 +107,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if not self.transport.is_closing():
             super().on_message_complete()
+            if getattr(self, "_head_after_body", False):
+                self._head_after_body = False
+                self._in_head = True
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._in_head = True  # the next request's head is timed from its first byte
+        if self.cycle is not None and self.cycle.more_body:
+            # answered before its body was all here (e.g. a 404 for an unknown name): the rest of the body is
+            # this request's, read and dropped by uvicorn, not the next request's head
+            self._head_after_body = True
+        else:
+            self._in_head = True  # the next request's head is timed from its first byte
 
     def _cancel_head_timer(self) -> None:
         timer = getattr(self, "_head_timer", None)
