@@ -502,7 +502,7 @@ def main() -> int:
            "image_score_sensitivity": grid,
            "thresholds_pooled": ours.thresholds["calibration"]["pooled"]}
     sp = res["speed"]
-    lines = [f"# Label-quality benchmark: injected errors, lossd beside cleanlab", "",
+    lines = ["# Label-quality benchmark: injected errors, lossd beside cleanlab", "",
              f"Command: `{res['command']}` ({res['machine']}).", "",
              f"Synthetic: {args.images} images, {res['synthetic']['labels']} labels, "
              f"{res['synthetic']['predictions']} predictions. COCO: the real val2014 boxes of {res['coco']['images']} "

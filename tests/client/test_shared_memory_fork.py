@@ -36,14 +36,17 @@ def test_a_forked_childs_answer_never_changes(live_server, kind):
         assert lent.lent and np.shares_memory(answer.loss, np.frombuffer(lent.mem.buf, np.uint8))
         want = wire.loss("ciou", p1, t1)
         go, done = ctx.Event(), ctx.Queue()
+        held = [answer]  # the child's copy of this list keeps the answer; the parent empties its own
 
         def child():
             go.wait(60)  # the parent has dropped its answer and called again meanwhile
-            done.put(bool(np.array_equal(answer.loss, want.loss) and np.array_equal(answer.grad, want.grad)))
+            mine = held[0]
+            done.put(bool(np.array_equal(mine.loss, want.loss) and np.array_equal(mine.grad, want.grad)))
 
         proc = ctx.Process(target=child)
         proc.start()
         try:
+            held.clear()
             del answer
             gc.collect()
             for _ in range(3):  # not one of these may reuse the region the child still reads

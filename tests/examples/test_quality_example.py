@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_quality_sample_from_the_readme(tmp_path):
     sample = ROOT / "examples" / "quality"
-    assert f"lossd quality examples/quality/labels.json examples/quality/predictions.json" in \
+    assert "lossd quality examples/quality/labels.json examples/quality/predictions.json" in \
         (ROOT / "README.md").read_text()
     done = subprocess.run([sys.executable, "-m", "lossd.cli", "quality", str(sample / "labels.json"),
                            str(sample / "predictions.json"), "--out", str(tmp_path / "out"), "--no-progress"],

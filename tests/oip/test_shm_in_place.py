@@ -164,7 +164,6 @@ def test_outputs_overlapping_each_other_are_refused(server, region, layout):
     r = region(size)
     _fill(r.mem, pred, target, n)
     _register(server, "r", r.key, size)
-    loss_name = "r"
     if layout == "grad starts inside loss":
         loss_at, grad_at = base, base + 8 * F
     elif layout == "loss starts inside grad":

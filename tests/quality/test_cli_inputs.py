@@ -3,8 +3,6 @@ does not hold the images, a YOLO reference without its own classes.txt / sizes.c
 are written (exit 130, one line, no summary.json until every output it lists is there; a rerun completes)."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 

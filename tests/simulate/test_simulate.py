@@ -2,7 +2,6 @@
 finite differences), and the command end to end through a real server and in-process."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
