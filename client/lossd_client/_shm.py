@@ -284,10 +284,7 @@ class ShmPath:
         names may now belong to someone else's object). The server is not asked to unregister the old names: a
         lost one no longer names our object, and unregistering it would tear down whoever registered it since.
         Arrays the caller holds keep their memory."""
-        for region in self.pool:
-            region.drop()
-        self.pool = []
-        self.current = None
+        self._dropped()
         self.replaced += 1
 
     def _pick(self, size: int) -> tuple[_Region | None, _Region | None]:
@@ -409,11 +406,9 @@ class ShmPath:
     @staticmethod
     def _write(region: _Region, call, layout: list, marks: list) -> tuple[list, dict]:
         buf = region.mem.buf
-        tensors = []
         _copy_all([(np.frombuffer(buf, dtype=arr.dtype, count=arr.size, offset=offset), arr.reshape(-1))
                    for _, arr, offset in layout])
-        for name, arr, offset in layout:
-            tensors.append((name, OIP_OF[arr.dtype], list(arr.shape), offset, arr.nbytes))
+        tensors = [(name, OIP_OF[arr.dtype], list(arr.shape), offset, arr.nbytes) for name, arr, offset in layout]
         for _, at, mark in marks:
             buf[at:at + len(mark)] = mark
         params = {"box_format": call.box_format, "reduction": call.reduction, "return_grad": call.return_grad,
