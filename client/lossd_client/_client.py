@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ._errors import RETRYABLE, LossdError, NotFoundError, UnavailableError
+from ._errors import RETRYABLE, ClientClosedError, LossdError, NotFoundError, UnavailableError
 from ._shm import AsyncShmPath, ShmPath, is_loopback_url
 from ._transport import ASYNC, SYNC, Call, Exchange, LossResult, _Options, parse_endpoints
 from .wire import wire_array
@@ -221,6 +221,13 @@ class _Base:
         local = len(ep.targets) == 1 and not ep.targets[0].startswith("dns:") and is_loopback_url(ep.targets[0])
         path = ShmPath if self._transports is SYNC else AsyncShmPath
         self._shm = path(self._endpoints[0]) if shared_memory and local else None
+        self._closed = False
+
+    def _check_open(self) -> None:
+        """A call after close() is refused before anything is built or sent (the transports' own errors for a
+        closed channel differ, and a pooled HTTP connection would even open again)."""
+        if self._closed:
+            raise ClientClosedError()
 
     @property
     def shared_memory_calls(self) -> int:
@@ -293,6 +300,7 @@ class LossClient(_Base):
     def loss(self, name: str, pred: Any, target: Any, *, box_format: str = "xyxy", reduction: str = "none",
              weights: Any = None, params: dict | None = None, return_grad: bool = True) -> LossResult:
         """(loss, grad): per-sample loss [N] (a float when reduced) and d loss / d pred in ``box_format``."""
+        self._check_open()
         call, parts = self._loss_plan(name, pred, target, weights, box_format, reduction, params, return_grad)
         if self._shm is not None and self._shm.wants(call):
             # one request, however large: shared memory has no message size (the server's max_rows still holds)
@@ -308,20 +316,26 @@ class LossClient(_Base):
         """Several loss evaluations in order, each a dict of ``loss()``'s arguments (``name``, ``pred``, ``target``,
         ...). Over gRPC they share one EvaluateStream call (for batch jobs); over HTTP each is its own request.
         The first failing item raises its typed error."""
+        self._check_open()
         return _flatten(self._map(*self._stream_plan(calls)))
 
     def metric(self, name: str, boxes1: Any, boxes2: Any, *, box_format: str = "xyxy", pairwise: bool = False,
                params: dict | None = None) -> np.ndarray:
         """IoU-family values: [N] row against row, or [N, M] with pairwise=True."""
+        self._check_open()
         build, parts = self._metric_plan(name, boxes1, boxes2, box_format, pairwise, params)
         out = self._map(build, [s for _, s in parts], [start for start, _ in parts])
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def losses(self) -> list[dict]:
         """The catalog: every loss with its kind, parameters (default, min, max, doc) and reference."""
+        self._check_open()
         return self._run(self._wire.losses())
 
     def close(self) -> None:
+        """Unregisters and removes the shared-memory regions (arrays still held keep their memory) and closes
+        the connections; calls after it raise ClientClosedError. Closing twice is harmless."""
+        self._closed = True
         if self._shm is not None:
             self._shm.close()
         for e in self._endpoints:
@@ -372,6 +386,7 @@ class AsyncLossClient(_Base):
 
     async def loss(self, name: str, pred: Any, target: Any, *, box_format: str = "xyxy", reduction: str = "none",
                    weights: Any = None, params: dict | None = None, return_grad: bool = True) -> LossResult:
+        self._check_open()
         call, parts = self._loss_plan(name, pred, target, weights, box_format, reduction, params, return_grad)
         if self._shm is not None and self._shm.wants(call):
             out = await self._shm.aevaluate(call)
@@ -383,18 +398,22 @@ class AsyncLossClient(_Base):
         return _read_only(_combine(call, await self._map(self._wire.evaluate, list(calls), list(starts))))
 
     async def stream(self, calls: list[dict]) -> list[LossResult]:
+        self._check_open()
         return _flatten(await self._map(*self._stream_plan(calls)))
 
     async def metric(self, name: str, boxes1: Any, boxes2: Any, *, box_format: str = "xyxy", pairwise: bool = False,
                      params: dict | None = None) -> np.ndarray:
+        self._check_open()
         build, parts = self._metric_plan(name, boxes1, boxes2, box_format, pairwise, params)
         out = await self._map(build, [s for _, s in parts], [start for start, _ in parts])
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     async def losses(self) -> list[dict]:
+        self._check_open()
         return await self._run(self._wire.losses())
 
     async def close(self) -> None:
+        self._closed = True
         if self._shm is not None:
             await self._shm.aclose()
         for e in self._endpoints:

@@ -7,6 +7,7 @@
     ├── OverloadedError        the server shed load (429, RESOURCE_EXHAUSTED); retried before it is raised
     ├── UnavailableError       the server is down or draining (503, UNAVAILABLE, connection refused); retried
     ├── DeadlineExceededError  the call ran out of time
+    ├── ClientClosedError      a call on a client after its close() (code client_closed); nothing is sent
     └── ServerError            anything else the server got wrong (5xx, INTERNAL, UNKNOWN)
 """
 
@@ -66,6 +67,14 @@ class DeadlineExceededError(LossdError):
 
 class ServerError(LossdError):
     pass
+
+
+class ClientClosedError(LossdError):
+    """A call on a client after its ``close()`` (or after its ``with`` block): make a new client."""
+
+    def __init__(self, code: str = "client_closed", message: str = "this client was closed (close() or the end "
+                 "of its with block); make a new one", status: object = None, details: dict | None = None) -> None:
+        super().__init__(code, message, status, details)
 
 
 RETRYABLE = (OverloadedError, UnavailableError)
