@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import multiprocessing
+import re
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -24,6 +26,54 @@ V1_ARRAYS = ("pred", "target", "weights", "boxes1", "boxes2")
 
 class BodyError(ValueError):
     """The body is not JSON (code invalid_json), or nested too deeply."""
+
+
+class NotNumbers(ValueError):
+    """An array field holds JSON true/false among its numbers (numpy would read them as 1 and 0): ``field`` and
+    the ``rows`` that do."""
+
+    def __init__(self, field: str, rows: list[int]) -> None:
+        super().__init__(field, rows)
+        self.field = field
+        self.rows = rows
+
+
+# true/false as an element of a JSON array (after '[' or ','): only then are the arrays searched for booleans
+BOOL_IN_ARRAY = re.compile(rb"[\[,]\s*(?:true|false)")
+
+
+def bool_rows(value: list, row_size: int = 1) -> list[int]:
+    """Rows (first index) of a nested list that hold a bool at any depth; a flat list's elements are grouped in
+    rows of ``row_size``."""
+    def has(v: Any) -> bool:
+        return isinstance(v, bool) or (isinstance(v, list) and any(has(x) for x in v))
+
+    flat = all(not isinstance(v, list) for v in value)
+    rows = [i // (row_size if flat else 1) for i, v in enumerate(value) if has(v)]
+    return sorted(set(rows))
+
+
+def refuse_bools(raw: bytes | memoryview, obj: Any, kind: str) -> None:
+    """Raises NotNumbers when an array field of a parsed body ('v1': pred, target, ...; 'oip': each input's data,
+    unless its datatype is BOOL) holds true/false. Cheap unless the raw body has a boolean inside an array."""
+    if not isinstance(obj, dict) or not BOOL_IN_ARRAY.search(raw):
+        return
+    fields = []
+    if kind == "v1":
+        fields = [(key, obj[key], 1) for key in V1_ARRAYS if isinstance(obj.get(key), list)]
+    elif isinstance(obj.get("inputs"), list):
+        for entry in obj["inputs"]:
+            if (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("data"), list)
+                    and entry.get("datatype") != "BOOL"):
+                shape = entry.get("shape")
+                size = 1
+                if isinstance(shape, list) and len(shape) > 1 and all(type(d) is int and d > 0 for d in shape):
+                    size = math.prod(shape[1:])
+                fields.append((f"inputs.{entry['name']}.data", entry["data"], size))
+    for field, value, size in fields:
+        rows = bool_rows(value, size)
+        if rows:
+            raise NotNumbers(field, rows)
 
 
 class ParserLost(RuntimeError):
@@ -61,6 +111,7 @@ def parse(data: bytes, kind: str) -> Any:
     """kind 'v1': a /v1 body, its array fields as numpy; 'oip': an OIP JSON request, each input's data as numpy.
     Raises BodyError."""
     out = loads(data, "the body" if kind == "v1" else "the request header")
+    refuse_bools(data, out, kind)
     if kind == "v1" and isinstance(out, dict):
         for key in V1_ARRAYS:
             if key in out:

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .engine import Out, Result, get_loss
-from .bodyparse import BodyError, loads
+from .engine import EngineError, Out, Result, get_loss
+from .bodyparse import BodyError, NotNumbers, loads, refuse_bools
+from .engine.errors import rows_phrase
 from .errors import ServiceError, parsing, quote
 from .shm import ShmCall, not_local, tensor_ref
 
@@ -123,9 +124,20 @@ def parse_http_body(body: bytes, header_len: str | None) -> tuple[dict, memoryvi
         head, raw = body, raw[len(body):]
     req = loads_json(head, "the request header" if header_len is not None else "the request body",
                      code="invalid_request")
+    try:
+        refuse_bools(head, req, "oip")
+    except NotNumbers as exc:
+        raise not_numbers(exc) from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise bad("the request must be a JSON object with an 'inputs' list")
     return req, raw
+
+
+def not_numbers(exc: NotNumbers) -> EngineError:
+    """invalid_value naming the field and rows that hold JSON true/false where numbers go."""
+    return EngineError("invalid_value", f"{exc.field}: true/false at {rows_phrase(exc.rows, len(exc.rows))}; "
+                       "boxes, labels and weights must be numbers (JSON true/false would be read as 1 and 0)",
+                       field=exc.field, rows=exc.rows)
 
 
 def loads_json(data: bytes | memoryview, what: str, code: str = "invalid_json") -> Any:

@@ -51,7 +51,8 @@ def test_shapes(engine):
     assert (e.code, e.field) == ("invalid_shape", "pred")
     assert err(engine.evaluate, "giou", GOOD, [[0, 0, 1, 1, 5]] * 3).field == "target"
     assert err(engine.evaluate, "giou", [[0, 0, 1], [1, 2]], GOOD).code == "invalid_shape"  # ragged
-    assert err(engine.evaluate, "giou", [["a", "b", "c", "d"]], GOOD[:1]).code == "invalid_shape"
+    e = err(engine.evaluate, "giou", GOOD[:1] + [["a", "b", "c", "d"]], GOOD[:2])  # names the rows
+    assert (e.code, e.field, e.rows) == ("invalid_value", "pred", [1])
     assert err(engine.evaluate, "giou", None, GOOD).code == "invalid_shape"
     e = err(engine.evaluate, "giou", GOOD, GOOD[:2])
     assert (e.code, e.field) == ("length_mismatch", "target")

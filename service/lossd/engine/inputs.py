@@ -32,6 +32,18 @@ def _raise_rows(code: str, field: str, rows: list[int], what: str) -> None:
                       n_rows=len(rows))
 
 
+def _non_number_rows(x: Any) -> list[int]:
+    """Rows of nested lists (as parsed from JSON) that hold something other than a number at any depth."""
+    def bad(v: Any) -> bool:
+        if isinstance(v, (list, tuple)):
+            return any(bad(e) for e in v)
+        return not isinstance(v, (int, float, np.number))
+
+    if not isinstance(x, (list, tuple)):
+        return []
+    return [i for i, v in enumerate(x) if bad(v)]
+
+
 def as_array(x: Any, field: str) -> Tensor:
     """Any array-like (tensor, numpy, nested lists) as a tensor, without choosing the compute dtype yet."""
     if isinstance(x, Tensor):
@@ -44,6 +56,9 @@ def as_array(x: Any, field: str) -> Tensor:
         raise EngineError("invalid_shape", f"{field} is not a rectangular array (its rows have different "
                           "lengths)", field=field) from None
     if arr.dtype == object or arr.dtype.kind not in "biuf":
+        rows = _non_number_rows(x)
+        if rows:
+            _raise_rows("invalid_value", field, rows, "not a number (a string, null or object)")
         raise EngineError("invalid_shape", f"{field} must be a rectangular array of numbers", field=field)
     if arr.dtype.kind == "b":
         arr = arr.astype(np.float32)

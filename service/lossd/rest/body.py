@@ -11,9 +11,9 @@ import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from ..bodyparse import BIG_JSON_BYTES, V1_ARRAYS, BodyError, ParserLost
+from ..bodyparse import BIG_JSON_BYTES, V1_ARRAYS, BodyError, NotNumbers, ParserLost, refuse_bools
 from ..errors import ServiceError, quote
-from ..oip import loads_json
+from ..oip import loads_json, not_numbers
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -41,10 +41,14 @@ def validate(data: object, model: type[M]) -> M:
 async def read_json(request: Request, kind: str) -> object:
     """The parsed body: small ones here, big ones in the worker process with their arrays as numpy."""
     body = await request.body()
-    if len(body) <= BIG_JSON_BYTES:
-        return loads_json(body, "the body")
     try:
+        if len(body) <= BIG_JSON_BYTES:
+            out = loads_json(body, "the body")
+            refuse_bools(body, out, kind)
+            return out
         return await request.app.state.json_parser.parse(body, kind)
+    except NotNumbers as exc:
+        raise not_numbers(exc) from None
     except BodyError as exc:
         raise ServiceError(str(exc), "invalid_json", field="body") from None
     except ParserLost as exc:
