@@ -363,7 +363,9 @@ class HTTPTransport:
 
     def shm_infer(self, model: str, region: str, tensors: list, outputs: dict, params: dict) -> list:
         body = _shm.http_infer_body(model, region, tensors, outputs, params)
-        resp = self.send(("POST", f"/v2/models/{model}/infer", {"json_bytes": body}))
+        # through http.client when it can (as the binary requests): httpx adds ~0.7 ms to each call
+        resp = self.send(("POST", f"/v2/models/{model}/infer",
+                          {"content": body, "headers": {"Content-Type": "application/json"}}))
         return _shm.http_outputs(resp.json())
 
     def shm_key(self, name: str) -> str:
