@@ -21,7 +21,7 @@ from ..service import Observability, Service
 from ..settings import Settings
 from . import docs, errors, losses, metrics, oip, playground
 from .deps import require_api_key
-from .guard import OriginGuard
+from .guard import HeadAsGet, OriginGuard
 from .limits import BodyLimitMiddleware
 
 log = logging.getLogger("lossd.rest")
@@ -114,5 +114,6 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["Inference-Header-Content-Length"])
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout_seconds)
-    app.add_middleware(OriginGuard, settings=settings)  # added last, runs first: web pages are refused at once
+    app.add_middleware(OriginGuard, settings=settings)  # web pages are refused at once
+    app.add_middleware(HeadAsGet)  # added last, runs first
     return app

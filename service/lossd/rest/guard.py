@@ -189,3 +189,26 @@ class OriginGuard:
         resp = error_response(scope.get("path", ""), exc)
         await send({"type": "http.response.start", "status": resp.status_code, "headers": resp.raw_headers})
         await send({"type": "http.response.body", "body": resp.body})
+
+
+class HeadAsGet:
+    """HEAD on a GET route answers what GET would, without the body (RFC 9110: the same status and headers, so
+    Content-Length is the GET body's): uptime monitors, load balancers and ``curl -I`` probe with it. FastAPI's
+    routes answer only the methods they declare, so HEAD was 405 everywhere."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def without_body(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                if not message.get("more_body", False):
+                    await send({"type": "http.response.body", "body": b""})
+                return
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, without_body)
