@@ -80,6 +80,12 @@ class ParserLost(RuntimeError):
     """The worker died twice on this body (out of memory, most likely)."""
 
 
+def _int(text: str) -> int | float:
+    """A JSON integer; one too long for Python's int parser (4300 digits) is far beyond float64 anyway: inf, which
+    the engine names as non_finite like 1e400."""
+    return int(text) if len(text) <= 4000 else float(text)
+
+
 def loads(data: bytes | memoryview, what: str) -> Any:
     """JSON from client bytes. orjson first; the stdlib reads NaN/Infinity too, so the engine can name their rows."""
     try:
@@ -88,7 +94,7 @@ def loads(data: bytes | memoryview, what: str) -> Any:
         if "recursion" in str(first).lower():
             raise BodyError(f"{what} is nested too deeply") from None
         try:
-            return json.loads(bytes(data))
+            return json.loads(bytes(data), parse_int=_int)
         except RecursionError:
             raise BodyError(f"{what} is nested too deeply") from None
         except (ValueError, UnicodeError):

@@ -82,3 +82,17 @@ def test_open_inference_protocol_json_data(live_server, n):
     assert r.status_code == 400, r.text
     message = r.json()["error"]
     assert message.startswith("inputs.PRED.data: true/false at row") and f"row {n - 1}" in message
+
+
+@pytest.mark.parametrize("digits", [400, 5000])
+def test_whole_numbers_past_float64_are_non_finite_naming_the_row(live_server, digits):
+    """JSON allows integers of any length: one past float64 is refused like 1e400 (non_finite, its row), not as an
+    unreadable body or a shapeless array; one past 64 bits that a float64 holds is a number like any other."""
+    body = ('{"pred": [[0, 0, 2, 2], [0, 0, 1%s, 1]], "target": [[0, 0, 1, 1], [0, 0, 1, 1]]}'
+            % ("0" * digits)).encode()
+    err = _post(live_server, "/v1/losses/giou", body).json()["error"]
+    assert err["code"] == "non_finite" and err["details"]["rows"] == [1] and err["details"]["field"] == "pred"
+    body = b'{"pred": [[0, 0, 2, 2]], "target": [[0, 0, 10000000000000000000000000, 1]]}'  # 1e25
+    r = _post(live_server, "/v1/metrics/iou", body.replace(b"pred", b"boxes1").replace(b"target", b"boxes2"))
+    assert r.status_code == 200, r.text
+    assert r.json()["values"] == pytest.approx([2 / 1e25], rel=1e-3)  # intersection 2 (2 x 1), union ~1e25

@@ -44,6 +44,22 @@ def _non_number_rows(x: Any) -> list[int]:
     return [i for i, v in enumerate(x) if bad(v)]
 
 
+def _huge_rows(x: Any) -> list[int]:
+    """Rows of nested lists holding a whole number too large for a float64."""
+    def huge(v: Any) -> bool:
+        if isinstance(v, (list, tuple)):
+            return any(huge(e) for e in v)
+        if not isinstance(v, int):
+            return False
+        try:
+            float(v)
+        except OverflowError:
+            return True
+        return False
+
+    return [i for i, v in enumerate(x) if huge(v)]
+
+
 def as_array(x: Any, field: str) -> Tensor:
     """Any array-like (tensor, numpy, nested lists) as a tensor, without choosing the compute dtype yet."""
     if isinstance(x, Tensor):
@@ -59,7 +75,13 @@ def as_array(x: Any, field: str) -> Tensor:
         rows = _non_number_rows(x)
         if rows:
             _raise_rows("invalid_value", field, rows, "not a number (a string, null or object)")
-        raise EngineError("invalid_shape", f"{field} must be a rectangular array of numbers", field=field)
+        if arr.dtype != object or not isinstance(x, (list, tuple)):
+            raise EngineError("invalid_shape", f"{field} must be a rectangular array of numbers", field=field)
+        # numbers only, some of them whole numbers past 64 bits (JSON allows any length): as float64
+        try:
+            arr = np.asarray(x, dtype=np.float64)
+        except OverflowError:
+            _raise_rows("non_finite", field, _huge_rows(x), "whole numbers beyond float64's range")
     if arr.dtype.kind == "b":
         arr = arr.astype(np.float32)
     elif arr.dtype.kind == "u" and arr.dtype != np.uint8:
