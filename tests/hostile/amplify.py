@@ -68,6 +68,53 @@ def burst(url: str, pid: int, k: int = 8, m: int = 4000, timeout: float = 150.0,
             "statuses": statuses, "seconds": round(seconds, 1)}
 
 
+GRPC_CLIENT = r"""
+import sys, numpy as np, grpc
+from lossd_client.wire import pb, pb_grpc, to_tensor
+m = int(sys.argv[2])
+rng = np.random.default_rng(1)
+b = np.hstack([rng.uniform(0, 100, (m, 2)), rng.uniform(100, 200, (m, 2))]).astype(np.float32)
+ch = grpc.insecure_channel(sys.argv[1], options=[("grpc.max_receive_message_length", 1 << 30)])
+grpc.channel_ready_future(ch).result(timeout=60)
+req = pb.MetricRequest(metric="iou", boxes1=to_tensor(b, False), boxes2=to_tensor(b, False), pairwise=True)
+fut = pb_grpc.LossServiceStub(ch).Metric.future(req, timeout=300)
+print("sent", flush=True)
+try:
+    print("ok", len(fut.result().values.raw), flush=True)
+except grpc.RpcError as e:
+    print("err", e.code().name, flush=True)
+"""
+
+
+def grpc_burst(target: str, pid: int, k: int = 8, m: int = 4000, stopped: float = 8.0) -> dict:
+    """K gRPC Metric calls for one M x M pairwise answer each (64 MB for M=4000; no client-side split), from K
+    client processes stopped (SIGSTOP) as soon as each has sent its request: their answers cannot be delivered
+    and wait in the server. RSS sampled while they are stopped; then they resume and read."""
+    import os
+    import signal
+    import subprocess
+
+    before = rss_mib(pid)
+    procs = [subprocess.Popen([sys.executable, "-c", GRPC_CLIENT, target, str(m)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(k)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "sent"
+            os.kill(p.pid, signal.SIGSTOP)
+        peak, t0 = before, time.monotonic()
+        while time.monotonic() - t0 < stopped:
+            peak = max(peak, rss_mib(pid))
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            os.kill(p.pid, signal.SIGCONT)
+    outcomes = [p.communicate(timeout=300)[0].strip() for p in procs]
+    statuses: dict[str, int] = {}
+    for o in outcomes:
+        statuses[o] = statuses.get(o, 0) + 1
+    return {"k": k, "m": m, "rss_before_mib": before, "rss_peak_mib": peak, "statuses": statuses}
+
+
 def main() -> None:
     from tests.conftest import start_server
 

@@ -55,6 +55,15 @@ async def _guarded(context: grpc.aio.ServicerContext, request: Any, work: Callab
     await abort(context, error)
 
 
+def _message_bytes(shape: tuple, dtype: str) -> int:
+    """What a MetricResponse holds beyond the values while gRPC sends it: the message's copy of them and its
+    serialised bytes."""
+    n = 1
+    for d in shape:
+        n *= d
+    return 2 * n * (8 if dtype == "float64" else 4)
+
+
 def _array(message: WithTensors, field: str, required: bool = True):
     """The array in ``message``'s field (raw tensors are views of the received bytes)."""
     try:
@@ -119,13 +128,19 @@ class LossServicer(pb_grpc.LossServiceServicer):
         return await _guarded(context, request, lambda: self._evaluate(request, context, "grpc_evaluate"))
 
     async def Metric(self, request, context):
+        async def answer(values, release):
+            # the message and its serialised bytes live until gRPC has sent them (a client that does not read
+            # keeps them): the answer's share of LOSSD_MAX_ANSWER_BYTES_IN_FLIGHT is held until the call ends
+            context.add_done_callback(lambda _context: release())
+            return pb.MetricResponse(values=to_tensor(values, request.message.typed_output))
+
         async def work():
             msg = request.message
-            values = await self.service.metric(
+            return await self.service.metric(
                 msg.metric, _array(request, "boxes1"), _array(request, "boxes2"),
                 box_format=msg.box_format or "xyxy", pairwise=msg.pairwise, params=_params(msg.params),
-                dtype=_compute(msg.compute_dtype), max_bytes=self.max_answer_bytes, endpoint="grpc_metric")
-            return pb.MetricResponse(values=to_tensor(values, msg.typed_output))
+                dtype=_compute(msg.compute_dtype), max_bytes=self.max_answer_bytes, endpoint="grpc_metric",
+                answer=answer, answer_bytes=_message_bytes)
 
         return await _guarded(context, request, work)
 
