@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ._errors import RETRYABLE, ClientClosedError, LossdError, NotFoundError, UnavailableError
+from ._errors import (RETRYABLE, ClientClosedError, InvalidInputError, LossdError, NotFoundError, ServerError,
+                      UnavailableError)
 from ._shm import AsyncShmPath, ShmPath, is_loopback_url
 from ._transport import ASYNC, SYNC, Call, Exchange, LossResult, _Options, parse_endpoints
 from .wire import wire_array
@@ -51,8 +53,43 @@ __all__ = ["AsyncLossClient", "LossClient", "LossResult"]
 
 
 # --------------------------------------------------------------------------------------------- request plans
+def _invalid(field: str, message: str) -> InvalidInputError:
+    return InvalidInputError("invalid_request", f"{field}: {message}", None, {"field": field})
+
+
+def _check_args(**args: Any) -> None:
+    """The call's options, checked here as the server checks them over HTTP (over gRPC a wrong type failed while
+    the message was built, with a TypeError naming nothing)."""
+    for field, value in args.items():
+        if field in ("name", "box_format", "reduction"):
+            if not isinstance(value, str):
+                raise _invalid(field, f"must be a string, got {type(value).__name__} {value!r:.60}")
+        elif field in ("return_grad", "pairwise"):
+            if not isinstance(value, (bool, np.bool_)):
+                raise _invalid(field, f"must be True or False, got {type(value).__name__} {value!r:.60}")
+        elif field == "params":
+            if value is not None and not isinstance(value, Mapping):
+                raise _invalid(field, f"must be a dict of parameter values, got {type(value).__name__} "
+                                      f"{value!r:.60}")
+
+
+def _rows(a: np.ndarray) -> int | None:
+    return a.shape[0] if a.ndim else None
+
+
+def _same_rows(first: tuple[str, np.ndarray], *others: tuple[str, np.ndarray | None]) -> None:
+    """A length_mismatch as the server words it, raised here when a call is cut into requests (each request
+    would otherwise take its rows of the longer array and drop the rest without a word)."""
+    name, a = first
+    for other, b in others:
+        if b is not None and _rows(a) is not None and _rows(b) is not None and _rows(a) != _rows(b):
+            raise InvalidInputError("length_mismatch", f"{name} has {_rows(a)} rows but {other} has {_rows(b)}",
+                                    None, {"field": other})
+
+
 def _prepare(name, pred, target, weights=None, box_format="xyxy", reduction="none", params=None,
              return_grad=True) -> Call:
+    _check_args(name=name, box_format=box_format, reduction=reduction, return_grad=return_grad, params=params)
     p = wire_array(pred)
     t_in = np.asarray(target)
     t = wire_array(t_in, index=t_in.dtype.kind in "iu")
@@ -60,6 +97,9 @@ def _prepare(name, pred, target, weights=None, box_format="xyxy", reduction="non
         t = t.astype(p.dtype)
     w = None if weights is None else wire_array(weights).astype(p.dtype, copy=False)
     return Call(name, p, t, w, box_format, reduction, dict(params or {}), return_grad)
+
+
+_PREPARE_ARGS = ("name", "pred", "target", "weights", "box_format", "reduction", "params", "return_grad")
 
 
 def _slices(n: int, row_bytes: int, max_bytes: int) -> list[slice]:
@@ -73,7 +113,8 @@ def _plan(call: Call, max_bytes: int) -> list[tuple[int, Call]]:
     row_bytes = sum(a[:1].nbytes for a in (call.pred, call.target, call.weights) if a is not None and a.ndim)
     parts = _slices(n, row_bytes, max_bytes)
     if len(parts) == 1:
-        return [(0, call)]
+        return [(0, call)]  # one request: the server checks the lengths
+    _same_rows(("pred", call.pred), ("target", call.target), ("weights", call.weights))
     return [(s.start, call._replace(pred=call.pred[s], target=call.target[s], reduction="none",
                                     weights=None if call.weights is None else call.weights[s])) for s in parts]
 
@@ -192,6 +233,24 @@ class _Tries:
 
 
 # --------------------------------------------------------------------------------------------- shared
+def _check_options(url: Any, **numbers: Any) -> None:
+    """The constructor's arguments, refused at once (they failed at the first call, with socket errors, or were
+    taken as they were: a negative retry count, a zero request size)."""
+    if not isinstance(url, str) and not (isinstance(url, Sequence) and url and all(isinstance(u, str) for u in url)):
+        raise TypeError(f"url must be a string (one URL or several, comma-separated) or a list of strings, got "
+                        f"{type(url).__name__} {url!r:.60}")
+    for name, value in numbers.items():
+        integer = name in ("retries", "max_request_bytes")
+        ok = isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.number))
+        if not ok or isinstance(value, bool):
+            raise TypeError(f"{name} must be {'a whole number' if integer else 'a number of seconds'}, got "
+                            f"{type(value).__name__} {value!r:.60}")
+        low_ok = value >= 0 if name in ("retries", "backoff") else value > 0
+        if not (low_ok and math.isfinite(value)):
+            bound = ">= 0" if name in ("retries", "backoff") else "> 0"
+            raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+
+
 class _Base:
     _transports: dict = {}
 
@@ -207,6 +266,8 @@ class _Base:
         to the wire when the server cannot share memory with this process (or loses the region twice in one call);
         timeout: seconds to wait for each request's answer once connected (not retried when it passes);
         connect_timeout: seconds to reach a replica (TCP, TLS and HTTP/2 handshakes; retried when it passes)."""
+        _check_options(url, timeout=timeout, connect_timeout=connect_timeout, retries=retries, backoff=backoff,
+                       max_request_bytes=max_request_bytes)
         ep = parse_endpoints(url, tls=tls or False)
         self.transport = ep.kind
         self.timeout, self.retries, self.backoff, self.max_request_bytes = timeout, retries, backoff, max_request_bytes
@@ -253,12 +314,38 @@ class _Base:
         return call, _plan(call, self.max_request_bytes)
 
     def _metric_plan(self, name, boxes1, boxes2, box_format, pairwise, params) -> tuple[Callable, list]:
+        _check_args(name=name, box_format=box_format, pairwise=pairwise, params=params)
         a, b = wire_array(boxes1), wire_array(boxes2)
+        if not pairwise:
+            _same_rows(("boxes1", a), ("boxes2", b))  # row against row: boxes2 is cut as boxes1 is
         build = lambda s: self._wire.metric(name, a[s], b if pairwise else b[s], box_format, pairwise, params)  # noqa: E731
         return build, [(s.start, s) for s in _metric_slices(a, b, pairwise, self.max_request_bytes)]
 
     def _stream_plan(self, calls: list[dict]) -> tuple[Callable, list]:
-        return self._wire.stream([_prepare(**c) for c in calls])
+        prepared = []
+        for i, c in enumerate(calls):
+            if not isinstance(c, Mapping):
+                raise _invalid(f"calls[{i}]", f"must be a dict of loss()'s arguments, got {type(c).__name__}")
+            missing = [k for k in ("name", "pred", "target") if k not in c]
+            unknown = sorted(set(c) - set(_PREPARE_ARGS))
+            if missing or unknown:
+                what = (f"needs {', '.join(missing)}" if missing else "") + ("; " if missing and unknown else "") + \
+                       (f"unknown arguments {', '.join(map(str, unknown))}" if unknown else "")
+                raise _invalid(f"calls[{i}]", what)
+            prepared.append(_prepare(**c))
+        return self._wire.stream(prepared)
+
+
+def _parsed(exchange: Exchange, answer: Any, target: str) -> Any:
+    """The answer read; one that is not what lossd sends (a 200 page of some other server, a proxy's HTML) is a
+    ServerError naming the endpoint, not a JSONDecodeError or KeyError from deep inside."""
+    try:
+        return exchange.parse(answer)
+    except LossdError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise ServerError("unreadable_answer", f"the answer from {target} is not a lossd answer "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); is the URL a lossd server's root?") from exc
 
 
 def _needs_catalog(call: Call, parts: list) -> bool:
@@ -276,7 +363,8 @@ class LossClient(_Base):
         tries = _Tries(self)
         while True:
             try:
-                return exchange.parse(self._endpoints[tries.index].send(exchange.request))
+                endpoint = self._endpoints[tries.index]
+                return _parsed(exchange, endpoint.send(exchange.request), endpoint.target)
             except RETRYABLE as exc:
                 time.sleep(tries.after(exc))
 
@@ -358,7 +446,8 @@ class AsyncLossClient(_Base):
         tries = _Tries(self)
         while True:
             try:
-                return exchange.parse(await self._endpoints[tries.index].send(exchange.request))
+                endpoint = self._endpoints[tries.index]
+                return _parsed(exchange, await endpoint.send(exchange.request), endpoint.target)
             except RETRYABLE as exc:
                 await asyncio.sleep(tries.after(exc))
 

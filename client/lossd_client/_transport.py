@@ -136,7 +136,12 @@ def grpc_error(exc: grpc.RpcError) -> LossdError:
 
 def _checked(resp: httpx.Response) -> httpx.Response:
     if resp.status_code >= 400:
-        raise http_error(resp)
+        exc = http_error(resp)
+        if resp.status_code == 404 and exc.code == "not_found":  # no such route (not an unknown loss)
+            exc.message += (f": no route {resp.request.url.path} on this server; the URL should be the server's "
+                            "root (e.g. http://host:8000), or a proxy's prefix for it")
+            exc.args = (f"{exc.code}: {exc.message}",)
+        raise exc
     return resp
 
 
@@ -191,12 +196,22 @@ def _from_pb(resp: pb.EvaluateResponse | WithTensors) -> LossResult:
     return LossResult(float(loss) if loss.ndim == 0 else loss, grad)
 
 
+# codes whose gRPC status is not INVALID_ARGUMENT (service/lossd/errors.py's table)
+STREAM_STATUS = {"unknown_loss": "NOT_FOUND", "unknown_metric": "NOT_FOUND", "unknown_version": "NOT_FOUND",
+                 "unknown_model": "NOT_FOUND", "too_large": "RESOURCE_EXHAUSTED", "overloaded": "RESOURCE_EXHAUSTED",
+                 "too_many_regions": "RESOURCE_EXHAUSTED", "resource_exhausted": "RESOURCE_EXHAUSTED",
+                 "deadline_exceeded": "DEADLINE_EXCEEDED", "request_timeout": "DEADLINE_EXCEEDED",
+                 "draining": "UNAVAILABLE", "internal": "INTERNAL", "unauthorized": "UNAUTHENTICATED",
+                 "forbidden": "PERMISSION_DENIED"}
+
+
 def _from_pb_stream(answers: list) -> list[LossResult]:
     out = []
     for a in answers:
         if a.HasField("error"):
             e = a.error
-            raise from_grpc("INVALID_ARGUMENT", e.code, e.message,
+            # an item's error carries no status: the one its code has on a call of its own (the server's table)
+            raise from_grpc(STREAM_STATUS.get(e.code, "INVALID_ARGUMENT"), e.code, e.message,
                             {"field": e.field or None, "rows": list(e.rows) or None})
         out.append(_from_pb(a.response))
     return out
@@ -258,11 +273,13 @@ class HTTPWire:
                ) -> Exchange:
         _json_finite(a, "boxes1")
         _json_finite(b, "boxes2")
+        # computed in boxes1's precision, as over gRPC (float64 arrays in float64)
+        dtype = "float64" if a.dtype == np.float64 else "float32"
         body = {"boxes1": a.tolist(), "boxes2": b.tolist(), "box_format": box_format, "pairwise": pairwise,
-                "params": params or {}}
+                "params": params or {}, "dtype": dtype}
         shape = (a.shape[0], b.shape[0]) if pairwise else (-1,)
         return Exchange(("POST", f"/v1/metrics/{name}", {"json": body}),
-                        lambda r: np.asarray(r.json()["values"], dtype=np.float32).reshape(shape))
+                        lambda r: np.asarray(r.json()["values"], dtype=dtype).reshape(shape))
 
     @staticmethod
     def losses() -> Exchange:

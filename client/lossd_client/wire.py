@@ -46,7 +46,10 @@ NP_OF_OIP = {v: k for k, v in OIP_OF.items()}
 def wire_array(x: Any, *, index: bool = False) -> np.ndarray:
     """A contiguous little-endian array of a wire dtype: float64 stays, other floats go float32, ints int64."""
     arr = np.asarray(x)
-    if arr.dtype.kind in "iub":
+    if arr.dtype.kind == "b":  # as the server refuses JSON true/false: 0/1 boxes or labels are a mistake
+        raise TypeError("expected numbers, got an array of booleans; convert it (e.g. .astype(np.float32)) if "
+                        "0 and 1 are meant")
+    if arr.dtype.kind in "iu":
         arr = arr.astype("<i8") if index else arr.astype("<f4")
     elif arr.dtype.kind == "f":
         arr = arr.astype("<f8" if arr.dtype.itemsize == 8 else "<f4", copy=False)
