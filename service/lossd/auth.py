@@ -5,7 +5,7 @@ characters is simply wrong, never an error. Open without a key (REST and gRPC al
 from __future__ import annotations
 
 import hmac
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def request_key(headers: Iterable[tuple]) -> bytes | str | None:

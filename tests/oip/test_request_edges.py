@@ -8,7 +8,6 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-
 from lossd_client.wire import oip_grpc
 from lossd_client.wire import oip_pb as oip
 
@@ -44,8 +43,8 @@ def test_http_input_with_data_and_binary_part_is_refused(live_server):
     _refused(resp, "PRED", "data", "binary_data_size")
     assert resp.headers["lossd-error-field"] == "inputs.PRED"
     # each source alone is answered (the refusal is about the pair, not either source)
-    alone = {"inputs": [{**_json_input("PRED", PRED, parameters={"binary_data_size": 16})}, _json_input("TARGET", TARGET)]}
-    del alone["inputs"][0]["data"]
+    binary_pred = {"name": "PRED", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": 16}}
+    alone = {"inputs": [binary_pred, _json_input("TARGET", TARGET)]}
     assert _post(live_server.http_url, alone, PRED.tobytes()).status_code == 200
     assert _post(live_server.http_url, {"inputs": [_json_input("PRED", PRED), _json_input("TARGET", TARGET)]}
                  ).status_code == 200

@@ -9,7 +9,6 @@ from urllib.parse import urljoin
 import grpc
 import httpx
 import pytest
-
 from lossd_client.wire import pb, pb_grpc
 
 from ..conftest import start_server

@@ -40,5 +40,5 @@ async def require_api_key(request: Request) -> None:
     if not keys:
         return
     if not key_matches(request_key(request.scope.get("headers") or ()), keys):
-        raise ServiceError("a valid API key is required (header x-api-key or Authorization: Bearer <key>; one key per request)",
-                           "unauthorized")
+        raise ServiceError("a valid API key is required (header x-api-key or Authorization: Bearer <key>; one key "
+                           "per request)", "unauthorized")
