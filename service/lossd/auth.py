@@ -5,11 +5,30 @@ characters is simply wrong, never an error. Open without a key (REST and gRPC al
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
+
+
+def request_key(headers: Iterable[tuple]) -> bytes | str | None:
+    """The key a request gives, from its headers (REST, names as lower-case bytes) or metadata (gRPC, str): its
+    only ``x-api-key`` value or ``Authorization: Bearer`` token. A request with several (two x-api-key values,
+    two Bearer tokens, or one of each, equal or not) is refused on both transports: which one a proxy or a
+    framework would pick differs. Authorization values of other schemes (Basic ...) are not keys."""
+    keys = []
+    for name, value in headers:
+        if isinstance(name, bytes):
+            name = name.decode("latin-1")
+        name = name.lower()
+        if name == "x-api-key":
+            keys.append(value)
+        elif name == "authorization":
+            scheme = value[:7].lower()
+            if scheme in (b"bearer ", "bearer "):
+                keys.append(value[7:].strip())
+    return one_key(keys)
 
 
 def one_key(values: list) -> bytes | str | None:
-    """The key a request gives: its only x-api-key value. A request with several is refused on both transports
-    (which one a proxy or a framework would pick differs)."""
+    """The only value of ``values``; None when there are none or several."""
     return values[0] if len(values) == 1 else None
 
 

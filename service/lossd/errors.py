@@ -73,6 +73,7 @@ TABLE: dict[str, Row] = {
     "method_not_allowed": Row(405, 405, "UNIMPLEMENTED", False),
     "request_timeout": Row(408, 408, "DEADLINE_EXCEEDED", True),    # the body did not arrive in time
     "header_too_large": Row(431, 431, "INVALID_ARGUMENT", False),
+    "unsupported_encoding": Row(415, 415, "INVALID_ARGUMENT", False),  # a compressed body (Content-Encoding)
     "overloaded": Row(429, 429, "RESOURCE_EXHAUSTED", True),
     "draining": Row(503, 503, "UNAVAILABLE", True),
     "resource_exhausted": Row(503, 503, "RESOURCE_EXHAUSTED", True),

@@ -179,6 +179,9 @@ def _tensor(entry: Any, raw: memoryview, offset: int, shm: ShmCall | None = None
         region, _ = shm.check(ref, f"inputs.{name}")  # read later, by read_shm_inputs (in a thread when it copies)
         return name, ShmTensor(ref, dt, shape, copies=region.mm is None or dt.kind != "f"), offset
     if "binary_data_size" in params:
+        if "data" in entry:  # Triton refuses the pair too; reading either one would drop the other unseen
+            raise bad(f"input {name}: give data or a binary part (parameters.binary_data_size; over gRPC "
+                      "raw_input_contents), not both")
         size = params["binary_data_size"]
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise bad(f"input {name}: binary_data_size must be a non-negative whole number")
@@ -270,15 +273,13 @@ def prepare_infer(model: str, req: dict, raw: memoryview, shm: ShmCall | None = 
     params = req.get("parameters") or {}
     if not isinstance(params, dict):
         raise bad("parameters must be an object")
-    return_grad = params.get("return_grad", True)
-    if not isinstance(return_grad, bool):
-        raise bad("parameters.return_grad must be true or false")
+    return_grad = _flag(params, "return_grad", True, "parameters")
+    binary_all = _flag(params, "binary_data_output", False, "parameters")
     for key in ("box_format", "reduction"):
         if key in params and not isinstance(params[key], str):
             raise ProtocolError(f"parameters.{key} must be a string, got {quote(params[key])}",
                                 field=f"parameters.{key}")
     requested = req.get("outputs")
-    binary_all = bool(params.get("binary_data_output", False))
     wanted: dict[str, bool] = {}
     shm_outputs: dict[str, tuple] = {}
     if requested is None:
@@ -295,7 +296,14 @@ def prepare_infer(model: str, req: dict, raw: memoryview, shm: ShmCall | None = 
             oparams = o.get("parameters") or {}
             if not isinstance(oparams, dict):
                 raise bad(f"output {oname}: parameters must be an object")
-            wanted[oname] = bool(oparams.get("binary_data", binary_all))
+            if "classification" in oparams:
+                raise ProtocolError(f"output {oname}: parameters.classification is not supported (the models "
+                                    "give losses and gradients, not class scores)",
+                                    field=f"outputs.{oname}.parameters.classification")
+            if oname == "GRAD" and not return_grad:
+                raise ProtocolError("output GRAD is asked for but parameters.return_grad is false; leave GRAD out "
+                                    "of outputs or set return_grad to true", field="parameters.return_grad")
+            wanted[oname] = _flag(oparams, "binary_data", binary_all, f"outputs.{oname}.parameters")
             ref = tensor_ref(oparams, f"outputs.{oname}")
             if ref is not None:
                 if shm is None:
@@ -315,6 +323,14 @@ def prepare_infer(model: str, req: dict, raw: memoryview, shm: ShmCall | None = 
         raise ProtocolError(f"id must be a string of at most {MAX_ID_CHARS} characters, got {quote(request_id)}",
                             field="id")
     return InferCall(model, kwargs, wanted, request_id, "id" in req, shm, shm_outputs, tuple(shm_inputs))
+
+
+def _flag(params: dict, key: str, default: bool, where: str) -> bool:
+    """A boolean parameter; anything but JSON true/false is refused ("yes", 1, "false" would read as true)."""
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{where}.{key} must be true or false, got {quote(value)}", field=f"{where}.{key}")
+    return value
 
 
 KWARG = {"PRED": "pred", "TARGET": "target", "WEIGHTS": "weights"}

@@ -306,6 +306,36 @@ def test_grpc_register_refusals_are_invalid_argument(server, region, clean):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_grpc_input_in_a_region_and_in_contents_is_refused(server, region, clean):
+    """gRPC read the region and dropped the contents unseen; over HTTP region + data was already refused."""
+    from lossd_client.wire import oip_grpc, oip_pb
+
+    pred, target = boxes(1, 3)
+    r = region(32)
+    np.frombuffer(r.mem.buf, np.float32)[:] = np.concatenate([pred.ravel(), target.ravel()])
+    assert _post(server, "/region/both/register", {"key": "/" + r.key, "byte_size": 32}).status_code == 200
+    inp = oip_pb.ModelInferRequest.InferInputTensor
+
+    def shm(offset):
+        return {"shared_memory_region": oip_pb.InferParameter(string_param="both"),
+                "shared_memory_byte_size": oip_pb.InferParameter(int64_param=16),
+                "shared_memory_offset": oip_pb.InferParameter(int64_param=offset)}
+
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        stub = oip_grpc.GRPCInferenceServiceStub(ch)
+        pred_in = inp(name="PRED", datatype="FP32", shape=[1, 4], parameters=shm(0))
+        target_in = inp(name="TARGET", datatype="FP32", shape=[1, 4], parameters=shm(16))
+        ok = stub.ModelInfer(oip_pb.ModelInferRequest(model_name="ciou", inputs=[pred_in, target_in]), timeout=60)
+        np.testing.assert_allclose(np.frombuffer(ok.raw_output_contents[0], "<f4"), ciou_reference(pred, target)[0],
+                                   rtol=1e-4)
+        both = inp(name="PRED", datatype="FP32", shape=[1, 4], parameters=shm(0),
+                   contents=oip_pb.InferTensorContents(fp32_contents=[50, 50, 60, 70]))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(oip_pb.ModelInferRequest(model_name="ciou", inputs=[both, target_in]), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "PRED" in err.value.details() and "not both" in err.value.details()
+
+
 @pytest.mark.parametrize("writable_by_others", [False, True])
 def test_unregistered_mid_call_keeps_the_region_and_refuses_the_output(engine, writable_by_others):
     """In-process: a region unregistered between a call's parse and its write is refused by name, and its

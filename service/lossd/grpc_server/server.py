@@ -15,7 +15,7 @@ from lossd_client.wire import SMALL_MESSAGE, decode_field, decode_with_tensors, 
 from lossd_client.wire import oip_pb
 from lossd_client.wire import pb
 
-from ..auth import key_matches, one_key
+from ..auth import key_matches, request_key
 from ..service import Service
 from ..settings import Settings
 from ..errors import ServiceError
@@ -141,7 +141,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details):
         if details.method.startswith(self.OPEN):
             return await continuation(details)
-        given = one_key([v for k, v in (details.invocation_metadata or ()) if k == "x-api-key"])
+        given = request_key(details.invocation_metadata or ())
         if key_matches(given, self.keys):
             return await continuation(details)
         handler = await continuation(details)

@@ -193,6 +193,10 @@ def _as_oip(decoded: WithTensors) -> tuple[dict, memoryview]:
     for t in request.inputs:
         entry = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape),
                  "parameters": {k: _param(v) for k, v in t.parameters.items()}}
+        if t.HasField("contents") or not (contents or "shared_memory_region" in t.parameters):
+            # with a region or raw_input_contents too, lossd.oip refuses the pair (as Triton does), never
+            # silently reads one of the two
+            entry["data"] = list(getattr(t.contents, CONTENTS.get(t.datatype, "fp32_contents")))
         if "shared_memory_region" in t.parameters:
             pass  # lossd.oip reads it from the region
         elif contents:
@@ -200,8 +204,6 @@ def _as_oip(decoded: WithTensors) -> tuple[dict, memoryview]:
             i += 1
             entry["parameters"]["binary_data_size"] = len(blob)
             blobs.append(blob)
-        else:
-            entry["data"] = list(getattr(t.contents, CONTENTS.get(t.datatype, "fp32_contents")))
         inputs.append(entry)
     req = {"inputs": inputs, "parameters": {k: _param(v) for k, v in request.parameters.items()},
            "id": request.id}
@@ -235,7 +237,14 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         async def work():
-            self.service.model_ready(request.name, request.version or "1")
+            # an unknown model or version is not ready, not an error: Triton answers ready=false with OK (its
+            # server.cc ModelIsReady), so tritonclient's is_model_ready returns False as over HTTP
+            try:
+                self.service.model_ready(request.name, request.version or "1")
+            except (EngineError, ServiceError) as exc:
+                if exc.code in ("unknown_loss", "unknown_model", "unknown_version"):
+                    return oip_pb.ModelReadyResponse(ready=False)
+                raise
             return oip_pb.ModelReadyResponse(ready=self.is_ready())
 
         return await _guarded(context, request, work)

@@ -25,6 +25,10 @@ from .guard import HeadAsGet, OriginGuard
 from .limits import BodyLimitMiddleware
 
 log = logging.getLogger("lossd.rest")
+# what a page on an allowed origin may read beyond the CORS-safelisted headers: the binary framing and the
+# error details (lossd.errors.ErrorInfo.headers; an OIP error body is a bare string)
+EXPOSED_HEADERS = ["Inference-Header-Content-Length", "lossd-error-code", "lossd-error-field", "lossd-error-rows",
+                   "retry-after"]
 
 
 def create_app(engine: Engine | None = None, settings: Settings | None = None, *, start_grpc: bool = False) -> FastAPI:
@@ -112,7 +116,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
 
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["*"], expose_headers=["Inference-Header-Content-Length"])
+                           allow_headers=["*"], expose_headers=EXPOSED_HEADERS)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout_seconds)
     app.add_middleware(OriginGuard, settings=settings)  # web pages are refused at once
     app.add_middleware(HeadAsGet)  # added last, runs first

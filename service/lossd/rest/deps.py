@@ -8,7 +8,7 @@ import time
 
 from fastapi import Request
 
-from ..auth import key_matches, one_key
+from ..auth import key_matches, request_key
 from ..errors import ServiceError, quote
 from ..service import Service
 
@@ -39,12 +39,6 @@ async def require_api_key(request: Request) -> None:
     keys = request.app.state.settings.api_keys
     if not keys:
         return
-    raw = request.scope.get("headers") or ()
-    keys_given = [v for k, v in raw if k == b"x-api-key"]
-    given = one_key(keys_given)
-    auth = [v for k, v in raw if k == b"authorization"]
-    if not keys_given and len(auth) == 1 and auth[0][:7].lower() == b"bearer ":
-        given = auth[0][7:].strip()
-    if not key_matches(given, keys):
-        raise ServiceError("a valid API key is required (header x-api-key or Authorization: Bearer <key>)",
-                           "unauthorized")
+    if not key_matches(request_key(request.scope.get("headers") or ()), keys):
+        raise ServiceError("a valid API key is required (header x-api-key or Authorization: Bearer <key>; one key "
+                           "per request)", "unauthorized")

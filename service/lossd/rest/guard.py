@@ -11,6 +11,8 @@ as ``Host``. So:
   ``LOSSD_CORS_ORIGINS`` or is the server's own (same scheme, host and port as the request's ``Host``: the
   playground and the API docs the server serves call its API). Clients that are not browsers (curl, the Python
   client, tritonclient) send no ``Origin`` and are unaffected;
+- an HTTP/1.1 request without ``Host`` is refused (400 ``invalid_http``, as RFC 9112 requires; HTTP/1.0 needs
+  none);
 - when the server is bound to a loopback address (the default 127.0.0.1), a request whose ``Host`` is not a
   loopback name (``localhost``, ``127.0.0.0/8``, ``[::1]``, any port) is refused (403 ``forbidden``) unless
   listed in ``LOSSD_ALLOWED_HOSTS`` (``*`` allows every name). Bound to any other address (0.0.0.0 in a
@@ -146,6 +148,12 @@ class OriginGuard:
                 host_raw = value
             elif name == b"origin":
                 origin = value.decode("latin-1")
+        if host_raw is None and scope.get("http_version") == "1.1" and _on_socket(scope):
+            # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host. Every client lossd
+            # documents sends one (httpx, http.client, urllib, tritonclient, curl, kubelet probes); HTTP/1.0,
+            # where Host is optional, is still answered
+            return await self._refuse(send, scope, ServiceError(
+                "an HTTP/1.1 request must carry a Host header (RFC 9112)", "invalid_http", field="host"))
         if origin is None and (not self.check_host or host_raw is None or host_raw in self._good_hosts):
             return await self.app(scope, receive, send)  # the common case: a client that is not a browser
         host_header = host_raw.decode("latin-1") if host_raw is not None else None

@@ -2,8 +2,9 @@
 
 - the request head (request line + headers) must arrive within LOSSD_HEADER_TIMEOUT_SECONDS and stay under
   LOSSD_MAX_HEADER_BYTES (else 431 and the connection is closed): ``GuardedHttpToolsProtocol``;
-- the body must arrive whole within LOSSD_BODY_TIMEOUT_SECONDS of the head (else 408, connection closed) and stay
-  under LOSSD_MAX_BODY_BYTES (else 413, refused unread when Content-Length says so): ``BodyLimitMiddleware``.
+- the body must arrive whole within LOSSD_BODY_TIMEOUT_SECONDS of the head (else 408, connection closed), stay
+  under LOSSD_MAX_BODY_BYTES (else 413, refused unread when Content-Length says so) and come uncompressed
+  (a Content-Encoding other than identity: 415, unread): ``BodyLimitMiddleware``.
 
 A request takes an admission slot only once its body is here (lossd.service), so slow senders hold a connection
 and a coroutine each, never a slot that legitimate calls need.
@@ -18,7 +19,7 @@ from http import HTTPStatus
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ..errors import TABLE, ServiceError
+from ..errors import TABLE, ServiceError, quote
 from .errors import error_response
 
 
@@ -166,9 +167,18 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         declared = None
+        encoding = b"identity"
         for name, value in scope.get("headers") or ():
             if name == b"content-length":
                 declared = value
+            elif name == b"content-encoding" and value.strip().lower() != b"identity":
+                encoding = value
+        if encoding != b"identity":
+            # lossd reads bodies as sent; a compressed one would reach the JSON parser as bytes that are not
+            # JSON (and inflating it would put the body limit on the wrong size)
+            return await self._send(send, path, ServiceError(
+                f"Content-Encoding {quote(encoding.decode('latin-1'))} is not supported: send the body "
+                "uncompressed (or Content-Encoding: identity)", "unsupported_encoding", field="content-encoding"))
         if declared is not None and not (declared.isdigit() and len(declared) <= 19):
             return await self._send(send, path, ServiceError("Content-Length must be a whole number",
                                                              "invalid_header", field="content-length"))

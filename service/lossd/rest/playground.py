@@ -41,6 +41,8 @@ def page_slash() -> RedirectResponse:
 
 @router.get("/playground/{name}")
 def asset(name: str) -> Response:
+    if name == "index.html":  # the page's assets are relative to /playground: served from here they would miss
+        return RedirectResponse("../playground", status_code=308)
     if name not in FILES:
         raise HTTPException(404, "no such playground file")
     return _file(name)
