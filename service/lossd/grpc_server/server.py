@@ -22,7 +22,8 @@ from ..errors import ServiceError
 from .errors import abort
 from .servicers import BadMessage, InferenceServicer, LossServicer
 
-UNAUTHORIZED = ServiceError("a valid API key is required (metadata x-api-key)", "unauthorized")
+UNAUTHORIZED = ServiceError("a valid API key is required (metadata x-api-key or authorization: Bearer <key>; "
+                            "one key per call)", "unauthorized")
 
 log = logging.getLogger("lossd.grpc")
 
@@ -124,8 +125,9 @@ OIP_SERVICE = "/" + oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].f
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Every call but health, liveness/readiness, server metadata and reflection must carry metadata x-api-key
-    with a configured key: the same open set as REST (rest/oip.py's open router)."""
+    """Every call but health, liveness/readiness, server metadata and reflection must carry one configured key
+    (metadata x-api-key or authorization: Bearer): the same open set and rule as REST (rest/oip.py's open
+    router)."""
 
     OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.") + tuple(
         OIP_SERVICE + m for m in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata"))
