@@ -500,7 +500,12 @@ def _check_inputs(inp: Inputs, boxes: pa.Table) -> list[str]:
             top = max(reasons, key=reasons.get) if reasons else ""
             warnings.append(f"{name}: {bad} of {total} rows rejected (most: {top!r}); do the labels and the "
                             "reference describe the same images, with the same image ids and class names?")
-    if len(inp.labels) and len(inp.reference) and boxes.num_rows:
+    if len(inp.labels) and not len(inp.reference):
+        # every label would be "spurious" against nothing: a reference that is empty (or wholly rejected) is far
+        # more likely the wrong file than a dataset whose every box is wrong
+        warnings.append(f"the reference has no usable boxes, so all {len(inp.labels)} labels have no reference box "
+                        "on them; is it the right file (predictions of these images, not an empty list)?")
+    elif len(inp.labels) and boxes.num_rows:
         nothing = sum(1 for r in boxes.column("reference_id").to_pylist() if r is None)
         if nothing / boxes.num_rows > UNMATCHED_WARN:
             warnings.append(f"{nothing} of {boxes.num_rows} labels have no reference box on them; do the labels and "
