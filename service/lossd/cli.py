@@ -11,7 +11,7 @@ import sys
 
 from . import __version__
 from .allocator import tune_malloc
-from .settings import Settings
+from .settings import Settings, host_port
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -106,9 +106,9 @@ def _check_port_free(host: str, port: int, what: str) -> None:
             sock.bind(address)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise _StartupError(f"{what}: {host}:{port} is already in use (another lossd serve?); pick a free "
+                raise _StartupError(f"{what}: {host_port(host, port)} is already in use (another lossd serve?); pick a free "
                                     "port, or 0 for any") from None
-            raise _StartupError(f"{what}: cannot bind {host}:{port}: {exc.strerror or exc}") from None
+            raise _StartupError(f"{what}: cannot bind {host_port(host, port)}: {exc.strerror or exc}") from None
 
 
 def _raise_open_files(wanted: int) -> None:

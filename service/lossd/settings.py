@@ -77,6 +77,12 @@ class Settings(BaseSettings):
                                   "of returning it to the kernel: large requests skip page faults (0: glibc's "
                                   "defaults)")
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        # "[::1]" as in a URL is the address ::1; each transport adds the brackets it needs (host_port)
+        return value[1:-1] if value.startswith("[") and value.endswith("]") else value
+
     @field_validator("api_keys", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _str_list(cls, value):
@@ -89,3 +95,8 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a JSON list ({exc}); give a JSON list of strings, e.g. '[\"a\",\"b\"]', "
                                  "or comma-separated values, e.g. a,b") from None
         return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port as gRPC, URLs and messages write it: an IPv6 address in brackets ([::1]:50051)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -88,3 +89,58 @@ def test_comma_separated_keys_and_ctrl_c_stops_cleanly():
     assert rc in (0, 130), log[-3000:]
     assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
     assert "lossd stopped" in log
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def _free_port_v6() -> int:
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+@pytest.mark.parametrize("host", ["::1", "[::1]", "::"])
+def test_an_ipv6_host_serves_rest_and_grpc(host, tmp_path):
+    # gRPC wants [::1]:PORT; "::1:PORT" failed to bind (a traceback, exit 3 and a misleading "in use")
+    from lossd_client import LossClient
+
+    http_port, grpc_port = _free_port_v6(), _free_port_v6()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "lossd.cli", "serve", "--host", host, "--http-port",
+                             str(http_port), "--grpc-port", str(grpc_port)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "LOSSD_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"})
+    try:
+        url = f"http://[::1]:{http_port}"
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "not ready in 240 s"
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/v1/losses", timeout=10).status_code == 200
+        for client_url in (url, f"grpc://[::1]:{grpc_port}"):
+            with LossClient(client_url) as client:
+                assert client.loss("iou", [[0, 0, 10, 10]], [[0, 0, 10, 5]]).loss.tolist() == [0.5]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.parametrize("value, expected", [("[::1]", "::1"), ("::", "::"), ("127.0.0.1", "127.0.0.1")])
+def test_a_bracketed_ipv6_host_is_the_address(monkeypatch, value, expected):
+    monkeypatch.setenv("LOSSD_HOST", value)
+    assert Settings().host == expected
