@@ -144,3 +144,56 @@ def test_an_ipv6_host_serves_rest_and_grpc(host, tmp_path):
 def test_a_bracketed_ipv6_host_is_the_address(monkeypatch, value, expected):
     monkeypatch.setenv("LOSSD_HOST", value)
     assert Settings().host == expected
+
+
+@pytest.mark.parametrize("device", ["tpu", "mps", "meta", "cuda:x"])
+def test_a_device_that_is_not_cpu_or_cuda_is_named(device):
+    # tpu was a torch traceback (exit 3); mps and meta started, failed in the warm-up and never became ready
+    line = _one_error_line(_serve("--http-port", "0", "--grpc-port", "0", env={"LOSSD_DEVICE": device}))
+    assert line == f"lossd serve: error: LOSSD_DEVICE / --device {device!r}: expected auto, cpu, cuda or cuda:N"
+
+
+def test_a_log_level_that_is_not_one_is_named():
+    line = _one_error_line(_serve("--http-port", "0", "--grpc-port", "0", env={"LOSSD_LOG_LEVEL": "loud"}))
+    assert line.startswith("lossd serve: error: LOSSD_LOG_LEVEL: 'loud' is not a log level") and "debug" in line
+
+
+def test_a_tls_certificate_that_is_not_pem_is_named(tmp_path):
+    bad = tmp_path / "cert.pem"
+    bad.write_text("not a certificate\n")
+    line = _one_error_line(_serve("--http-port", "0", "--grpc-port", "0",
+                                  env={"LOSSD_TLS_CERT": str(bad), "LOSSD_TLS_KEY": str(bad)}))
+    assert f"LOSSD_TLS_CERT={bad}" in line and "not a PEM certificate" in line, line
+
+
+@pytest.mark.parametrize("flag", ["--http-port", "--grpc-port"])
+def test_a_port_that_is_not_a_number_names_the_flag(flag):
+    r = _serve(flag, "abc")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line = r.stderr.strip().splitlines()[-1]  # after argparse's usage lines
+    assert line.endswith(f"argument {flag}: must be a port in [0, 65535], got 'abc'"), line
+
+
+def test_a_closed_pipe_ends_quietly():
+    # `lossd losses | head -1`: the reader is gone before the catalog is written
+    proc = subprocess.Popen([sys.executable, "-m", "lossd.cli", "losses"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_ctrl_c_while_the_parser_is_built_exits_130_without_a_traceback():
+    # a real SIGINT at the moment the parser imports the quality package (~0.5 s after start): was a
+    # KeyboardInterrupt traceback and exit -2
+    code = ("import os, signal, sys\n"
+            "class Interrupt:\n"
+            "    @staticmethod\n"
+            "    def find_spec(name, *a):\n"
+            "        if name == 'lossd.quality':\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "sys.meta_path.insert(0, Interrupt)\n"
+            "from lossd.cli import main\n"
+            "sys.exit(main(['losses']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130 and r.stderr == "lossd: interrupted\n", r.stderr[-2000:]

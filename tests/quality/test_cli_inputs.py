@@ -168,3 +168,10 @@ def test_an_empty_reference_warns_and_exits_3(coco, tmp_path, capsys):
     assert "warning: the reference has no usable boxes" in err and "labels have no reference box" in err
     summary = json.loads((tmp_path / "q" / "summary.json").read_text())
     assert summary["references"] == 0 and len(summary["warnings"]) == 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_cuda_device_without_a_gpu_is_one_line(coco, tmp_path):
+    line = _one_error_line(_quality(*coco, "--out", str(tmp_path / "q"), "--device", "cuda"))
+    assert line == "lossd quality: error: --device cuda: torch sees no CUDA GPU here; use cpu or auto"
+    assert not (tmp_path / "q").exists()
