@@ -175,3 +175,13 @@ def test_a_cuda_device_without_a_gpu_is_one_line(coco, tmp_path):
     line = _one_error_line(_quality(*coco, "--out", str(tmp_path / "q"), "--device", "cuda"))
     assert line == "lossd quality: error: --device cuda: torch sees no CUDA GPU here; use cpu or auto"
     assert not (tmp_path / "q").exists()
+
+
+def test_the_rejected_rows_warning_names_the_kind_of_fault(tmp_path, capsys):
+    # was "(most: 'expected')": the reason cut at its first quote
+    labels = _yolo(tmp_path / "labels", ["0 0.5 0.5 0.2 0.4"])
+    preds = _yolo(tmp_path / "preds", ["0 0.5 0.5", "1 0.2", "0 0.5 0.5 0.2 0.4 0.9"], classes=False)
+    rc = main(["quality", str(labels), str(preds), "--out", str(tmp_path / "q"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert "warning: reference: 2 of 3 rows rejected (most: 'expected …, got …')" in err, err
