@@ -320,7 +320,7 @@ def _bounded_int(high: int, why: str):
 # each shard is a thread with one request in flight: beyond a few per server core nothing runs faster, and a server
 # answers more than LOSSD_MAX_IN_FLIGHT (512 by default) requests at once with `overloaded`
 MAX_SHARDS = 64
-MAX_ITERATIONS = 10_000  # each iteration is a step of every case and a point of every curve and record
+MAX_ITERATIONS = 100_000  # each iteration is a step of every case and a point (8 bytes) of every curve and record
 SIM_SERVER = "http://127.0.0.1:8000"
 PAPER_CASES = 1_715_000  # simulate.POINTS * simulate.CASES_PER_POINT (not imported here: numba loads slowly)
 
@@ -474,7 +474,7 @@ def _main(argv: list[str] | None) -> int:
                           "every other box and regression loss in the catalog; default)")
     sim.add_argument("--cases", type=_bounded_int(PAPER_CASES, "the paper's cases; N selects a prefix of them"),
                      help=f"only the first N of the {PAPER_CASES:,} cases (quick runs)")
-    sim.add_argument("--iterations", type=_bounded_int(MAX_ITERATIONS, "50 times the paper's 200"), default=200,
+    sim.add_argument("--iterations", type=_bounded_int(MAX_ITERATIONS, "500 times the paper's 200"), default=200,
                      help=f"gradient steps (the learning rate drops at 80%% and 90%%; at most {MAX_ITERATIONS:,})")
     sim.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the 5,000 anchor centres")
     sim.add_argument("--shards", type=_bounded_int(MAX_SHARDS, "each is a thread with a request in flight; more "

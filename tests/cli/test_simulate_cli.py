@@ -68,7 +68,7 @@ def test_progress_counts_iterations_not_shard_steps(tmp_path):
     (["--losses", ""], ["argument --losses", "one or more"]),
     (["--losses", " , "], ["argument --losses", "one or more"]),
     (["--map", ""], ["argument --map", "one or more"]),
-    (["--iterations", "100000000"], ["argument --iterations", "at most 10,000"]),
+    (["--iterations", "100000000"], ["argument --iterations", "at most 100,000"]),
     (["--local", "--server", "http://127.0.0.1:9"], ["argument --server", "not allowed with argument --local"]),
 ])
 def test_options_that_cannot_work_together_or_at_all_are_refused(tmp_path, args, words):
