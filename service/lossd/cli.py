@@ -480,7 +480,8 @@ def _main(argv: list[str] | None) -> int:
     sim.add_argument("--shards", type=_bounded_int(MAX_SHARDS, "each is a thread with a request in flight; more "
                                                    "only load the server"),
                      default=2, help=f"case groups stepped concurrently (at most {MAX_SHARDS})")
-    sim.add_argument("--map", type=_names, help="losses drawn in the final-error map (default: the paper's four that ran)")
+    sim.add_argument("--map", type=_names,
+                     help="losses drawn in the final-error map (default: the paper's four that ran)")
     sim.add_argument("--out", default="simulation", help="output folder")
     sim.add_argument("--force", action="store_true", help="rerun losses whose results are already in --out")
     sim.add_argument("--paper-gradients", action="store_true",

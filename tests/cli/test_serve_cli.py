@@ -113,10 +113,11 @@ def test_an_ipv6_host_serves_rest_and_grpc(host, tmp_path):
     from lossd_client import LossClient
 
     http_port, grpc_port = _free_port_v6(), _free_port_v6()
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "lossd.cli", "serve", "--host", host, "--http-port",
-                             str(http_port), "--grpc-port", str(grpc_port)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "LOSSD_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"})
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "lossd.cli", "serve", "--host", host, "--http-port",
+                                 str(http_port), "--grpc-port", str(grpc_port)], stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, "LOSSD_DEVICE": "cpu",
+                                                               "PYTHONUNBUFFERED": "1"})
     try:
         url = f"http://[::1]:{http_port}"
         deadline = time.monotonic() + 240
@@ -136,7 +137,6 @@ def test_an_ipv6_host_serves_rest_and_grpc(host, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-        log.close()
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
 
 
@@ -195,5 +195,5 @@ def test_ctrl_c_while_the_parser_is_built_exits_130_without_a_traceback():
             "sys.meta_path.insert(0, Interrupt)\n"
             "from lossd.cli import main\n"
             "sys.exit(main(['losses']))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 130 and r.stderr == "lossd: interrupted\n", r.stderr[-2000:]
