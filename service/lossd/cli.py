@@ -8,10 +8,12 @@ import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .allocator import tune_malloc
-from .settings import Settings
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -26,7 +28,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .allocator import tune_malloc
     from .rest import create_app
+    from .settings import Settings
 
     overrides = {k: v for k, v in {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port,
                                    "device": args.device}.items() if v is not None}
@@ -76,12 +80,15 @@ def _check_serve_settings(settings: Settings) -> None:
                 raise _StartupError(f"{name}={path}: cannot read it: {exc.strerror or exc}") from None
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise _StartupError("LOSSD_TLS_CERT and LOSSD_TLS_KEY go together: set both or neither")
-    if settings.device.startswith("cuda"):
-        import torch
+    if settings.tls_cert and settings.tls_key:
+        import ssl
 
-        if not torch.cuda.is_available():
-            raise _StartupError(f"LOSSD_DEVICE / --device {settings.device}: torch sees no CUDA GPU here; use cpu "
-                                "or auto")
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(settings.tls_cert, settings.tls_key)
+        except ssl.SSLError as exc:
+            raise _StartupError(f"LOSSD_TLS_CERT={settings.tls_cert}, LOSSD_TLS_KEY={settings.tls_key}: not a PEM "
+                                f"certificate and its private key ({exc.reason or exc})") from None
+    _check_device(settings.device, "LOSSD_DEVICE / --device")
     if settings.http_port and settings.http_port == settings.grpc_port:
         raise _StartupError(f"LOSSD_HTTP_PORT / --http-port and LOSSD_GRPC_PORT / --grpc-port are both "
                             f"{settings.http_port}: REST and gRPC need a port each")
@@ -90,9 +97,23 @@ def _check_serve_settings(settings: Settings) -> None:
         _check_port_free(settings.host, port, f"{name} / {flag} {port}")  # port 0 checks the host
 
 
+def _check_device(device: str, what: str) -> None:
+    """A device torch cannot use here (cuda without a GPU, cuda:N past the last one, mps, ...) as one line."""
+    if device == "auto":
+        return
+    from .engine import pick_device
+
+    try:
+        pick_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise _StartupError(f"{what} {device}: {str(exc).split(': ', 1)[-1]}") from None
+
+
 def _check_port_free(host: str, port: int, what: str) -> None:
     import errno
     import socket
+
+    from .settings import host_port
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -106,9 +127,9 @@ def _check_port_free(host: str, port: int, what: str) -> None:
             sock.bind(address)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise _StartupError(f"{what}: {host}:{port} is already in use (another lossd serve?); pick a free "
-                                    "port, or 0 for any") from None
-            raise _StartupError(f"{what}: cannot bind {host}:{port}: {exc.strerror or exc}") from None
+                raise _StartupError(f"{what}: {host_port(host, port)} is already in use (another lossd serve?); "
+                                    "pick a free port, or 0 for any") from None
+            raise _StartupError(f"{what}: cannot bind {host_port(host, port)}: {exc.strerror or exc}") from None
 
 
 def _raise_open_files(wanted: int) -> None:
@@ -199,6 +220,8 @@ def _quality(args: argparse.Namespace) -> int:
         LossdError = ()  # catches nothing
     from .quality import InputError, Thresholds, run
 
+    if not args.server and args.ray is None:  # a Ray worker may have the GPU this process lacks
+        _check_device(args.device, "--device")
     th = Thresholds(conf=args.conf, ok_iou=args.ok_iou, missing_conf=args.missing_conf, match_iou=args.match_iou,
                     wrong_class_iou=args.wrong_class_iou, support_iou=args.support_iou, loss=args.loss)
     try:
@@ -236,7 +259,9 @@ def _simulate(args: argparse.Namespace) -> int:
         from .simulate import PAPER_LOSSES
 
         losses = list(PAPER_LOSSES) if args.losses == "paper" else [x for x in args.losses.split(",") if x]
-    server = None if args.local else args.server
+    server = None if args.local else args.server or SIM_SERVER
+    if args.local or args.paper_gradients:
+        _check_device(args.device or "cpu", "--device")
     try:
         summary = run(losses=losses, cases=args.cases, iterations=args.iterations, seed=args.seed, out=args.out,
                       server=server, api_key=args.api_key or os.environ.get("LOSSD_API_KEY"),
@@ -295,18 +320,34 @@ def _bounded_int(high: int, why: str):
 # each shard is a thread with one request in flight: beyond a few per server core nothing runs faster, and a server
 # answers more than LOSSD_MAX_IN_FLIGHT (512 by default) requests at once with `overloaded`
 MAX_SHARDS = 64
+MAX_ITERATIONS = 100_000  # each iteration is a step of every case and a point (8 bytes) of every curve and record
+SIM_SERVER = "http://127.0.0.1:8000"
 PAPER_CASES = 1_715_000  # simulate.POINTS * simulate.CASES_PER_POINT (not imported here: numba loads slowly)
 
 
+def _names(text: str) -> str:
+    """Comma-separated names, each once, in the order given; none at all is refused (it would mean every loss)."""
+    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"give one or more comma-separated names, got {text!r}")
+    return ",".join(names)
+
+
 def _fraction(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port in [0, 65535], got {text!r}") from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port in [0, 65535], got {text}")
     return value
@@ -319,7 +360,14 @@ def _run(args: argparse.Namespace) -> int:
     from lossd_client import LossdError
 
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return rc
+    except BrokenPipeError:
+        # `lossd losses | head -1`: the reader has what it wanted; end quietly like other Unix tools (status
+        # 128 + SIGPIPE), with stdout pointed at /dev/null so the interpreter's own flush at exit says nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         hint = ""
         if args.command == "quality":
@@ -330,7 +378,10 @@ def _run(args: argparse.Namespace) -> int:
     except ValidationError as exc:  # LOSSD_* settings
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
-        print(f"lossd {args.command}: error: LOSSD_{where.upper()}: {first.get('msg')}", file=sys.stderr)
+        msg = str(first.get("msg")).removeprefix("Value error, ")
+        if not msg.startswith(f"LOSSD_{where.upper()}"):
+            msg = f"LOSSD_{where.upper()}: {msg}"
+        print(f"lossd {args.command}: error: {msg}", file=sys.stderr)
     except (LossdError, OSError, ValueError) as exc:
         print(f"lossd {args.command}: error: {exc}", file=sys.stderr)
     except Exception as exc:
@@ -344,6 +395,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # while the parser is built (its imports) or the arguments are read
+        print("lossd: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="lossd", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"lossd {__version__}")
     # every subcommand's parser gets the same formatter
@@ -405,23 +464,24 @@ def main(argv: list[str] | None = None) -> int:
     q.set_defaults(func=_quality)
     sim = sub.add_parser("simulate", help="the DIoU paper's regression simulation, on lossd's gradients "
                                           "(pip install \"lossd[simulate]\": matplotlib)")
-    sim.add_argument("--server", default="http://127.0.0.1:8000",
-                     help="the running lossd to ask (http(s):// or grpc://)")
-    sim.add_argument("--local", action="store_true", help="use an engine in this process instead of a server")
+    where = sim.add_mutually_exclusive_group()
+    where.add_argument("--server", help=f"the running lossd to ask (http(s):// or grpc://; default {SIM_SERVER})")
+    where.add_argument("--local", action="store_true", help="use an engine in this process instead of a server")
     sim.add_argument("--device", choices=["cpu", "cuda"], help="--local: engine device (default cpu)")
     sim.add_argument("--api-key", help="API key for --server (or LOSSD_API_KEY)")
-    sim.add_argument("--losses", default="all",
+    sim.add_argument("--losses", default="all", type=_names,
                      help="comma-separated names, 'paper' (iou,giou,diou,ciou) or 'all' (the paper's four, then "
                           "every other box and regression loss in the catalog; default)")
     sim.add_argument("--cases", type=_bounded_int(PAPER_CASES, "the paper's cases; N selects a prefix of them"),
                      help=f"only the first N of the {PAPER_CASES:,} cases (quick runs)")
-    sim.add_argument("--iterations", type=_positive_int, default=200, help="gradient steps (the learning "
-                     "rate drops at 80%% and 90%%)")
+    sim.add_argument("--iterations", type=_bounded_int(MAX_ITERATIONS, "500 times the paper's 200"), default=200,
+                     help=f"gradient steps (the learning rate drops at 80%% and 90%%; at most {MAX_ITERATIONS:,})")
     sim.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the 5,000 anchor centres")
     sim.add_argument("--shards", type=_bounded_int(MAX_SHARDS, "each is a thread with a request in flight; more "
                                                    "only load the server"),
                      default=2, help=f"case groups stepped concurrently (at most {MAX_SHARDS})")
-    sim.add_argument("--map", help="losses drawn in the final-error map (default: the paper's four that ran)")
+    sim.add_argument("--map", type=_names,
+                     help="losses drawn in the final-error map (default: the paper's four that ran)")
     sim.add_argument("--out", default="simulation", help="output folder")
     sim.add_argument("--force", action="store_true", help="rerun losses whose results are already in --out")
     sim.add_argument("--paper-gradients", action="store_true",

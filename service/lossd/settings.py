@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # a list setting from the environment: a JSON list ('["a","b"]') or comma-separated (a,b)
 StrList = Annotated[list[str], NoDecode]
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names (trace: below debug)
 
 
 class Settings(BaseSettings):
@@ -70,12 +71,33 @@ class Settings(BaseSettings):
                                    "only when this is set")
     max_shm_regions: int = Field(64, ge=0, description="system shared-memory regions registered at once (each "
                                  "holds a mapping; 0 turns the extension off)")
-    log_level: str = Field("info", description="logging level")
+    log_level: str = Field("info", description="logging level: critical, error, warning, info, debug or trace")
     gc_freeze: bool = Field(True, description="once warm, move the objects loaded at start-up out of Python's "
                             "garbage collections (each full collection would otherwise walk ~300k of them)")
     malloc_retain_mb: int = Field(256, ge=0, le=2**20, description="freed heap (MiB) glibc keeps for reuse instead "
                                   "of returning it to the kernel: large requests skip page faults (0: glibc's "
                                   "defaults)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        name = value.strip().lower()
+        if name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isascii() and name[5:].isdigit()):
+            return name
+        raise ValueError(f"LOSSD_DEVICE / --device {value[:40]!r}: expected auto, cpu, cuda or cuda:N")
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.strip().lower() in LOG_LEVELS:
+            return value.strip().lower()
+        raise ValueError(f"{value[:40]!r} is not a log level; expected one of {', '.join(LOG_LEVELS)}")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        # "[::1]" as in a URL is the address ::1; each transport adds the brackets it needs (host_port)
+        return value[1:-1] if value.startswith("[") and value.endswith("]") else value
 
     @field_validator("api_keys", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
@@ -89,3 +111,8 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a JSON list ({exc}); give a JSON list of strings, e.g. '[\"a\",\"b\"]', "
                                  "or comma-separated values, e.g. a,b") from None
         return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port as gRPC, URLs and messages write it: an IPv6 address in brackets ([::1]:50051)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -560,20 +560,23 @@ def run(*, losses: list[str] | None, cases: int | None, iterations: int, seed: i
         import matplotlib  # noqa: F401  (checked first: the plots come after minutes of work)
     except ImportError:
         raise SystemExit("lossd simulate draws its plots with matplotlib: pip install 'lossd[simulate]'") from None
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _make_out(out)
     if paper_gradients:
         grad_fn = PaperGradients()
     else:
         grad_fn = RemoteGradients(server, api_key) if server else LocalGradients(device)
     try:
         can = descendable(grad_fn.catalog())
-        names = losses or can
+        names = list(dict.fromkeys(losses or can))
         unknown = [n for n in names if n not in can]
         if unknown:  # before any work
             raise ValueError(f"cannot descend {', '.join(map(repr, unknown))}: not a box or regression loss "
                              f"{'of this server' if server and not paper_gradients else 'here'}; these can be: "
                              f"{', '.join(can)}")
+        not_run = [n for n in map_losses or () if n not in names]
+        if not_run:  # the map would silently leave them out
+            raise ValueError(f"--map {','.join(not_run)}: not among the losses of this run ({', '.join(names)}); "
+                             "the map draws losses that ran")
         cs = build_cases(cases, seed)
         config = {"cases": len(cs), "iterations": iterations, "seed": seed, "gradients": grad_fn.label.split(" (")[0]
                   if paper_gradients else "lossd"}
@@ -627,6 +630,15 @@ def run(*, losses: list[str] | None, cases: int | None, iterations: int, seed: i
         grad_fn.close()
 
 
+def _make_out(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create the output folder: {exc.strerror or exc}") from None
+    return out
+
+
 def _save(r: LossRun, out: Path, config: dict, backend: str, cases: Cases) -> dict:
     n = len(cases)
     record = {"loss": r.loss, "params": r.params, **config, "backend": backend, "complete": r.complete,
@@ -665,8 +677,7 @@ def ablation(*, cases: int = 34_300, iterations: int = 200, seed: int = 0, out: 
     """The paper's simulation on its own hand-derived gradients, then with one departure from the exact gradient
     fixed at a time, then all: which departure makes its figure differ from lossd's exact gradients. Writes
     <out>/ablation.json and ablation.md; the last row equals the exact gradients (checked by the tests)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _make_out(out)
     cs = build_cases(cases, seed)
     rows = []
     for label, fixes in ABLATION:

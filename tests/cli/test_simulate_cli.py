@@ -62,3 +62,50 @@ def test_progress_counts_iterations_not_shard_steps(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "20/20" in r.stderr and "40/40" not in r.stderr, r.stderr[-500:]
     assert "iteration" in r.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--losses", ""], ["argument --losses", "one or more"]),
+    (["--losses", " , "], ["argument --losses", "one or more"]),
+    (["--map", ""], ["argument --map", "one or more"]),
+    (["--iterations", "100000000"], ["argument --iterations", "at most 100,000"]),
+    (["--local", "--server", "http://127.0.0.1:9"], ["argument --server", "not allowed with argument --local"]),
+])
+def test_options_that_cannot_work_together_or_at_all_are_refused(tmp_path, args, words):
+    line = _error_line(_simulate(*args, "--out", str(tmp_path / "s"), timeout=30))
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_out_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = _simulate("--local", "--losses", "iou", "--cases", "343", "--iterations", "2", "--out",
+                  str(tmp_path / "afile"), "--no-progress", timeout=60)
+    assert _error_line(r) == (f"lossd simulate: error: --out {tmp_path / 'afile'}: cannot create the output folder: "
+                              "File exists"), r.stderr
+
+
+@pytest.mark.parametrize("map_", ["nope", "ciou"])  # no such loss; a loss that is not run
+def test_a_map_of_losses_that_do_not_run_is_refused_before_any_work(tmp_path, map_):
+    out = tmp_path / "s"
+    r = _simulate("--local", "--losses", "iou", "--map", map_, "--cases", "343", "--iterations", "2", "--out",
+                  str(out), "--no-progress", timeout=60)
+    line = _error_line(r)
+    assert f"--map {map_}: not among the losses of this run (iou)" in line, line
+    assert not list(out.glob("*.json"))
+
+
+def test_a_loss_named_twice_runs_once(tmp_path):
+    out = tmp_path / "s"
+    r = _simulate("--local", "--losses", "iou,iou", "--cases", "343", "--iterations", "2", "--out", str(out),
+                  "--no-progress", timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1 and '"iou"' in rows[0], r.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_cuda_device_without_a_gpu_is_one_line(tmp_path):
+    line = _error_line(_simulate("--local", "--device", "cuda", "--losses", "iou", "--cases", "343", "--out",
+                                 str(tmp_path / "s"), timeout=60))
+    assert line == "lossd simulate: error: --device cuda: torch sees no CUDA GPU here; use cpu or auto"

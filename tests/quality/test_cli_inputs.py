@@ -155,3 +155,33 @@ def test_a_real_sigint_while_writing_outputs_exits_130_in_one_line(coco, tmp_pat
         f"lossd quality: interrupted; the shards done are kept in {tmp_path / 'q' / 'shards'}: run the same command "
         "again to go on"]
     assert not (tmp_path / "q" / "summary.json").exists()
+
+
+def test_an_empty_reference_warns_and_exits_3(coco, tmp_path, capsys):
+    # every label "spurious" against an empty predictions file is the wrong file far more often than a dataset
+    # whose every box is wrong: warn and exit 3, as with one prediction (most labels with no reference box)
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    rc = main(["quality", coco[0], str(empty), "--out", str(tmp_path / "q"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert "warning: the reference has no usable boxes" in err and "labels have no reference box" in err
+    summary = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert summary["references"] == 0 and len(summary["warnings"]) == 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_cuda_device_without_a_gpu_is_one_line(coco, tmp_path):
+    line = _one_error_line(_quality(*coco, "--out", str(tmp_path / "q"), "--device", "cuda"))
+    assert line == "lossd quality: error: --device cuda: torch sees no CUDA GPU here; use cpu or auto"
+    assert not (tmp_path / "q").exists()
+
+
+def test_the_rejected_rows_warning_names_the_kind_of_fault(tmp_path, capsys):
+    # was "(most: 'expected')": the reason cut at its first quote
+    labels = _yolo(tmp_path / "labels", ["0 0.5 0.5 0.2 0.4"])
+    preds = _yolo(tmp_path / "preds", ["0 0.5 0.5", "1 0.2", "0 0.5 0.5 0.2 0.4 0.9"], classes=False)
+    rc = main(["quality", str(labels), str(preds), "--out", str(tmp_path / "q"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert "warning: reference: 2 of 3 rows rejected (most: 'expected …, got …')" in err, err

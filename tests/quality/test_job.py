@@ -218,7 +218,7 @@ def test_cli_errors_are_one_line_with_an_exit_code(coco, voc_dir, tmp_path, caps
     # VOC labels against COCO predictions: nothing lines up; outputs are written, but it warns and exits 3
     assert main(["quality", str(voc_dir), results, "--out", str(tmp_path / "voc"), "--no-progress"]) == 3
     err = capsys.readouterr().err
-    assert "warning: reference: 734 of 734 rows rejected (most: 'unknown image')" in err
+    assert "warning: reference: 734 of 734 rows rejected (most: 'unknown category id …')" in err
     assert (tmp_path / "voc" / "boxes.csv").exists()
 
 

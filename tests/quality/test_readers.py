@@ -108,3 +108,47 @@ def test_unreadable_inputs_name_the_file_and_what_was_expected(coco_dir, tmp_pat
     (tmp_path / "yolo").mkdir()
     with pytest.raises(InputError, match="classes.txt not found"):
         read_any(tmp_path / "yolo")
+
+
+def test_coco_numbers_given_as_strings_are_bad_rows(tmp_path):
+    data = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.jpg"}],
+            "categories": [{"id": 3, "name": "cat"}],
+            "annotations": [{"id": 10, "image_id": 1, "category_id": 3, "bbox": [1, 2, "3", 4]},
+                            {"id": 11, "image_id": 1, "category_id": 3, "bbox": [1, 2, True, 4]}]}
+    labels = read_coco(write_json(tmp_path / "l.json", data))
+    assert len(labels) == 0
+    assert [p["problem"] for p in labels.problems] == ["bbox [1, 2, '3', 4] is not four numbers",
+                                                       "bbox [1, 2, True, 4] is not four numbers"]
+
+
+def test_prediction_confidences_outside_0_1_or_not_numbers_are_bad_rows(tmp_path):
+    data = {"images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.jpg"}],
+            "categories": [{"id": 3, "name": "cat"}], "annotations": []}
+    labels = read_coco(write_json(tmp_path / "l.json", data))
+    row = {"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4]}
+    results = [{**row, "score": 0.5}, {**row, "score": 1.5}, {**row, "score": -1}, {**row, "score": "hi"},
+               {**row, "score": None}, dict(row), {**row, "score": 1}, {**row, "score": 0}]
+    ref = read_coco_reference(write_json(tmp_path / "r.json", results), labels)
+    assert ref.box_id == ["r0", "r6", "r7"] and ref.score.tolist() == [0.5, 1.0, 0.0]
+    got = {p["location"]: p["problem"] for p in ref.problems}
+    assert got == {"results[1]": "confidence 1.5 is not a number in [0, 1]",
+                   "results[2]": "confidence -1.0 is not a number in [0, 1]",
+                   "results[3]": "score 'hi' is not a number", "results[4]": "score 'None' is not a number",
+                   "results[5]": "no score (other rows have one)"}
+    # no row with a score: a second annotator's boxes, each with confidence 1
+    ref = read_coco_reference(write_json(tmp_path / "r2.json", [dict(row)]), labels)
+    assert ref.score.tolist() == [1.0] and not ref.problems
+    # YOLO and VOC confidences too
+    yolo = tmp_path / "yolo"
+    yolo.mkdir()
+    (yolo / "a.txt").write_text("0 0.5 0.5 0.2 0.2 1.5\n0 0.5 0.5 0.2 0.2 0.7\n")
+    ref = read_yolo(yolo, ["cat"], {"a": (100.0, 100.0)})
+    assert ref.score.tolist() == [0.7] and ref.problems[0]["problem"] == "confidence 1.5 is not a number in [0, 1]"
+
+
+def test_cleanlab_arrays_of_the_wrong_shape_are_refused():
+    preds = [[np.array([[0, 0, 10, 10, 0.9]])]]
+    with pytest.raises(InputError, match=r"labels\[0\]\['bboxes'\]: shape \[1, 3\], expected \[L, 4\]"):
+        from_cleanlab([{"bboxes": np.zeros((1, 3)), "labels": np.array([0])}], preds)
+    with pytest.raises(InputError, match=r"predictions\[0\]\[0\]: shape \[1, 4\], expected \[M, 5\]"):
+        from_cleanlab([{"bboxes": np.array([[0, 0, 10, 10]]), "labels": np.array([0])}], [[np.array([[0, 0, 10, 10]])]])

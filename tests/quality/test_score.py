@@ -130,3 +130,20 @@ def test_calibration_rule(evaluator):
     assert pooled["source"] == {"conf": "calibrated", "ok_iou": "calibrated", "missing_conf": "calibrated"}
     _, _, _, given = score(labels, ref, evaluator, Thresholds(conf=0.3))
     assert (given.conf == 0.3).all() and given.as_dict(["cat", "dog"])["source"]["conf"] == "given"
+
+
+@pytest.mark.parametrize("kw", [{"conf": 2}, {"ok_iou": float("nan")}, {"missing_conf": -0.1}, {"match_iou": None},
+                                {"support_iou": "0.5"}, {"wrong_class_iou": True}])
+def test_thresholds_outside_0_1_are_refused_as_in_the_cli(kw):
+    with pytest.raises(ValueError, match=f"{next(iter(kw))} must be a number in \\[0, 1\\]"):
+        Thresholds(**kw)
+
+
+def test_the_python_api_refuses_thresholds_the_cli_refuses(coco_dir):
+    from lossd.quality import evaluate
+
+    files = coco_dir / "instances_val2014_100.json", coco_dir / "fakebbox100_results.json"
+    with pytest.raises(ValueError, match="conf must be"):
+        evaluate(*files, conf=2)
+    with pytest.raises(ValueError, match="ok_iou must be"):
+        evaluate(*files, ok_iou=float("nan"))

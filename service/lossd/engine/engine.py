@@ -78,11 +78,19 @@ def _place(dst: np.ndarray, src: Tensor, name: str) -> None:
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """auto (CUDA when torch sees a GPU, else CPU), cpu, cuda or cuda:N; anything else is a ValueError (the engine
+    is built and tested on these two; mps or meta would fail only at warm-up)."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = str(device)
+    if not (name in ("cpu", "cuda") or (name.startswith("cuda:") and name[5:].isascii() and name[5:].isdigit())):
+        raise ValueError(f"device {str(device)!r}: expected auto, cpu, cuda or cuda:N")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+        raise ValueError(f"device {str(device)!r}: torch sees no CUDA GPU here; use cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 

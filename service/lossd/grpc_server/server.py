@@ -17,7 +17,7 @@ from lossd_client.wire import pb
 
 from ..auth import key_matches, request_key
 from ..service import Service
-from ..settings import Settings
+from ..settings import Settings, host_port
 from ..errors import ServiceError
 from .errors import abort
 from .servicers import BadMessage, InferenceServicer, LossServicer
@@ -193,13 +193,13 @@ class GrpcServer:
             if settings.tls_cert and settings.tls_key:
                 creds = grpc.ssl_server_credentials([(Path(settings.tls_key).read_bytes(),
                                                       Path(settings.tls_cert).read_bytes())])
-                self.port = self.server.add_secure_port(f"{host}:{port}", creds)
+                self.port = self.server.add_secure_port(host_port(host, port), creds)
             else:
-                self.port = self.server.add_insecure_port(f"{host}:{port}")
+                self.port = self.server.add_insecure_port(host_port(host, port))
         except RuntimeError:  # grpc's own message points at GRPC_VERBOSITY, not at the setting
             self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"LOSSD_GRPC_PORT / --grpc-port: could not bind gRPC to {host}:{port} (in use, or "
+            raise RuntimeError(f"LOSSD_GRPC_PORT / --grpc-port: could not bind gRPC to {host_port(host, port)} (in use, or "
                                "LOSSD_HOST is not an address of this machine)")
         self.host = host
 
@@ -207,7 +207,7 @@ class GrpcServer:
         for name in ("",) + SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
-        log.info("gRPC listening on %s:%d", self.host, self.port)
+        log.info("gRPC listening on %s", host_port(self.host, self.port))
 
     async def set_not_serving(self) -> None:
         for name in ("",) + SERVICES:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -486,6 +487,13 @@ def image_table(image_ids: list[str], files: list[str], boxes: pa.Table, refs: p
 
 
 # ------------------------------------------------------------------------------------------------ outputs
+def _problem_kind(problem: str) -> str:
+    """A problem without the row's own values ("expected 'class cx cy w h [confidence]', got '1 2'" -> "expected
+    …, got …"), so that rows with the same fault count together in the warning."""
+    kind = re.sub(r"'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\([^)]*\)|-?\b\d[\w.+-]*|\bnan\b|-?\binf\b", "…", problem)
+    return re.sub(r"…(\s*…)+", "…", kind).strip()[:80]
+
+
 def _check_inputs(inp: Inputs, boxes: pa.Table) -> list[str]:
     """Warnings for inputs that do not fit each other (most rows rejected, or no reference near most labels)."""
     warnings = []
@@ -495,12 +503,17 @@ def _check_inputs(inp: Inputs, boxes: pa.Table) -> list[str]:
         if total and bad / total > REJECTED_WARN:
             reasons = {}
             for p in b.problems:
-                key = p["problem"].split(" '")[0].split(" (")[0][:60]
+                key = _problem_kind(p["problem"])
                 reasons[key] = reasons.get(key, 0) + 1
             top = max(reasons, key=reasons.get) if reasons else ""
             warnings.append(f"{name}: {bad} of {total} rows rejected (most: {top!r}); do the labels and the "
                             "reference describe the same images, with the same image ids and class names?")
-    if len(inp.labels) and len(inp.reference) and boxes.num_rows:
+    if len(inp.labels) and not len(inp.reference):
+        # every label would be "spurious" against nothing: a reference that is empty (or wholly rejected) is far
+        # more likely the wrong file than a dataset whose every box is wrong
+        warnings.append(f"the reference has no usable boxes, so all {len(inp.labels)} labels have no reference box "
+                        "on them; is it the right file (predictions of these images, not an empty list)?")
+    elif len(inp.labels) and boxes.num_rows:
         nothing = sum(1 for r in boxes.column("reference_id").to_pylist() if r is None)
         if nothing / boxes.num_rows > UNMATCHED_WARN:
             warnings.append(f"{nothing} of {boxes.num_rows} labels have no reference box on them; do the labels and "

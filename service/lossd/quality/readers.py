@@ -67,11 +67,16 @@ class _Builder:
             return self.problem(location, f"unknown category {category!r}")
         try:
             x1, y1, x2, y2 = (float(v) for v in xyxy)
-            score = float(score)
         except (TypeError, ValueError):
             return self.problem(location, f"box {xyxy!r} is not four numbers")
-        if not all(math.isfinite(v) for v in (x1, y1, x2, y2, score)):
-            return self.problem(location, f"box {xyxy!r} or score {score!r} is not finite")
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            return self.problem(location, f"box {xyxy!r} is not finite")
+        try:
+            score = float(score)
+        except (TypeError, ValueError):
+            score = math.nan
+        if not 0.0 <= score <= 1.0:  # NaN too
+            return self.problem(location, f"confidence {score!r} is not a number in [0, 1]")
         if x2 < x1 or y2 < y1:
             return self.problem(location, f"negative width or height: {xyxy!r} (x1, y1, x2, y2)")
         self.rows.append((img, cat, x1, y1, x2, y2, score, box_id))
@@ -119,10 +124,9 @@ def _coco_row(b: _Builder, loc: str, box_id: str, row: dict, cats: dict, score: 
         return b.problem(loc, f"bbox {bbox!r} is not [left, top, width, height]")
     if row.get("category_id") not in cats:
         return b.problem(loc, f"unknown category id {row.get('category_id')!r}")
-    try:
-        x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError):
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):  # JSON numbers, not "3"
         return b.problem(loc, f"bbox {bbox!r} is not four numbers")
+    x, y, w, h = (float(v) for v in bbox)
     if w < 0 or h < 0:
         return b.problem(loc, f"negative width or height in bbox {bbox!r}")
     b.add(loc, box_id, str(row.get("image_id")), cats[row["category_id"]], (x, y, x + w, y + h), score)
@@ -146,13 +150,22 @@ def read_coco_reference(path: str | Path, labels: BoxSet, categories_from: str |
     else:  # labels from YOLO/VOC: ids are 0-based class indices
         cats = dict(enumerate(labels.categories))
     b = _Builder(labels.images, labels.categories, path.name)
+    # a results list where no row has a score is a second annotator's boxes (confidence 1); where some have one,
+    # a row without one is a problem like any other bad row
+    scored = any(isinstance(row, dict) and "score" in row for row in data)
     for i, row in enumerate(data):
         loc = f"results[{i}]"
         if not isinstance(row, dict):
             b.problem(loc, "not an object")
             continue
+        if scored and "score" not in row:
+            b.problem(loc, "no score (other rows have one)")
+            continue
         score = row.get("score", 1.0)
-        _coco_row(b, loc, f"r{i}", row, cats, score if isinstance(score, (int, float)) else float("nan"))
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            b.problem(loc, f"score {str(score)[:40]!r} is not a number")
+            continue
+        _coco_row(b, loc, f"r{i}", row, cats, score)
     out = b.build()
     out.box_format = "coco"
     return out
@@ -344,7 +357,9 @@ def from_cleanlab(labels: list, predictions: list | None = None, class_names: li
         images.append(Image(str(i), float(w), float(h), name if "image_name" in d else ""))
     lb = _Builder(images, names, "labels")
     for i, d in enumerate(labels):
-        boxes = np.asarray(d["bboxes"], dtype=np.float64).reshape(-1, 4) if len(d["bboxes"]) else np.zeros((0, 4))
+        boxes = np.asarray(d["bboxes"], dtype=np.float64) if len(d["bboxes"]) else np.zeros((0, 4))
+        if boxes.ndim != 2 or boxes.shape[1] != 4:  # an array of the wrong shape is the caller's bug: raise
+            raise InputError(f"labels[{i}]['bboxes']: shape {list(boxes.shape)}, expected [L, 4] (x1, y1, x2, y2)")
         ids = np.asarray(d["labels"]).reshape(-1)
         if len(ids) != len(boxes):
             lb.problem(f"labels[{i}]", f"{len(boxes)} bboxes but {len(ids)} labels")
@@ -362,9 +377,8 @@ def from_cleanlab(labels: list, predictions: list | None = None, class_names: li
             if arr.size == 0:
                 continue
             if arr.ndim != 2 or arr.shape[1] != 5:
-                rb.problem(f"predictions[{i}][{c}]", f"shape {list(arr.shape)}, expected [M, 5] (x1, y1, x2, y2, "
-                           "probability)")
-                continue
+                raise InputError(f"predictions[{i}][{c}]: shape {list(arr.shape)}, expected [M, 5] (x1, y1, x2, y2, "
+                                 "probability)")
             for k, row in enumerate(arr):
                 rb.add(f"predictions[{i}][{c}][{k}]", f"{i}:{c}:{k}", str(i), names[c], row[:4], row[4])
     return lab, rb.build()

@@ -67,6 +67,16 @@ class Thresholds:
     support_iou: float = 0.5  # a reference this close (any confidence) shows an object is there
     loss: str = "ciou"  # the loss kept for every label/reference pair
 
+    def __post_init__(self) -> None:
+        # as the CLI's options: a confidence or IoU outside [0, 1] (or NaN) would flag everything or nothing
+        for name in ("conf", "ok_iou", "missing_conf", "match_iou", "wrong_class_iou", "support_iou"):
+            value = getattr(self, name)
+            if value is None and name in ("conf", "ok_iou", "missing_conf"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1]" + (" or None (calibrated per class)" if name
+                                 in ("conf", "ok_iou", "missing_conf") else "") + f", got {value!r}")
+
     def as_dict(self) -> dict:
         return asdict(self)
 
