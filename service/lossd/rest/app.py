@@ -18,7 +18,7 @@ from ..admission import Admission
 from ..bodyparse import BigJsonParser
 from ..engine import Engine
 from ..service import Observability, Service
-from ..settings import Settings
+from ..settings import Settings, host_port
 from . import docs, errors, losses, metrics, oip, playground
 from .deps import require_api_key
 from .guard import HeadAsGet, OriginGuard
@@ -70,9 +70,9 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None, *
             if grpc_server is not None:
                 await grpc_server.set_serving()
             app.state.ready.set()
-            where = f", gRPC on {settings.host}:{grpc_server.port}" if grpc_server else ""
-            log.info("lossd ready: REST on %s:%d%s, engine on %s, warm in %.2fs", settings.host,
-                     settings.http_port, where, eng.device, eng.warm_seconds or 0.0)
+            where = f", gRPC on {host_port(settings.host, grpc_server.port)}" if grpc_server else ""
+            log.info("lossd ready: REST on %s%s, engine on %s, warm in %.2fs", host_port(settings.host,
+                     settings.http_port), where, eng.device, eng.warm_seconds or 0.0)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(warm)
