@@ -87,6 +87,9 @@ def _same_rows(first: tuple[str, np.ndarray], *others: tuple[str, np.ndarray | N
                                     None, {"field": other})
 
 
+_PREPARE_ARGS = ("name", "pred", "target", "weights", "box_format", "reduction", "params", "return_grad")
+
+
 def _prepare(name, pred, target, weights=None, box_format="xyxy", reduction="none", params=None,
              return_grad=True) -> Call:
     _check_args(name=name, box_format=box_format, reduction=reduction, return_grad=return_grad, params=params)
@@ -97,9 +100,6 @@ def _prepare(name, pred, target, weights=None, box_format="xyxy", reduction="non
         t = t.astype(p.dtype)
     w = None if weights is None else wire_array(weights).astype(p.dtype, copy=False)
     return Call(name, p, t, w, box_format, reduction, dict(params or {}), return_grad)
-
-
-_PREPARE_ARGS = ("name", "pred", "target", "weights", "box_format", "reduction", "params", "return_grad")
 
 
 def _slices(n: int, row_bytes: int, max_bytes: int) -> list[slice]:
@@ -326,12 +326,10 @@ class _Base:
         for i, c in enumerate(calls):
             if not isinstance(c, Mapping):
                 raise _invalid(f"calls[{i}]", f"must be a dict of loss()'s arguments, got {type(c).__name__}")
-            missing = [k for k in ("name", "pred", "target") if k not in c]
-            unknown = sorted(set(c) - set(_PREPARE_ARGS))
-            if missing or unknown:
-                what = (f"needs {', '.join(missing)}" if missing else "") + ("; " if missing and unknown else "") + \
-                       (f"unknown arguments {', '.join(map(str, unknown))}" if unknown else "")
-                raise _invalid(f"calls[{i}]", what)
+            faults = [f"needs {k}" for k in ("name", "pred", "target") if k not in c]
+            faults += [f"unknown argument {k!r:.40}" for k in c if k not in _PREPARE_ARGS]
+            if faults:
+                raise _invalid(f"calls[{i}]", "; ".join(faults))
             prepared.append(_prepare(**c))
         return self._wire.stream(prepared)
 

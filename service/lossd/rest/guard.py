@@ -201,8 +201,8 @@ class OriginGuard:
 
 class HeadAsGet:
     """HEAD on a GET route answers what GET would, without the body (RFC 9110: the same status and headers, so
-    Content-Length is the GET body's): uptime monitors, load balancers and ``curl -I`` probe with it. FastAPI's
-    routes answer only the methods they declare, so HEAD was 405 everywhere."""
+    Content-Length is the GET body's): uptime monitors, load balancers and ``curl -I`` probe with it, and FastAPI's
+    routes answer only the methods they declare."""
 
     def __init__(self, app) -> None:
         self.app = app
