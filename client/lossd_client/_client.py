@@ -99,7 +99,7 @@ def _prepare(name, pred, target, weights=None, box_format="xyxy", reduction="non
     if t.dtype.kind == "f" and t.dtype != p.dtype:
         t = t.astype(p.dtype)
     w = None if weights is None else wire_array(weights).astype(p.dtype, copy=False)
-    return Call(name, p, t, w, box_format, reduction, dict(params or {}), return_grad)
+    return Call(name, p, t, w, box_format, reduction, dict(params or {}), bool(return_grad))  # np.True_ too
 
 
 def _slices(n: int, row_bytes: int, max_bytes: int) -> list[slice]:
@@ -318,6 +318,7 @@ class _Base:
         a, b = wire_array(boxes1), wire_array(boxes2)
         if not pairwise:
             _same_rows(("boxes1", a), ("boxes2", b))  # row against row: boxes2 is cut as boxes1 is
+        pairwise = bool(pairwise)  # np.True_ too (JSON has no numpy bools)
         build = lambda s: self._wire.metric(name, a[s], b if pairwise else b[s], box_format, pairwise, params)  # noqa: E731
         return build, [(s.start, s) for s in _metric_slices(a, b, pairwise, self.max_request_bytes)]
 
@@ -330,7 +331,10 @@ class _Base:
             faults += [f"unknown argument {k!r:.40}" for k in c if k not in _PREPARE_ARGS]
             if faults:
                 raise _invalid(f"calls[{i}]", "; ".join(faults))
-            prepared.append(_prepare(**c))
+            try:
+                prepared.append(_prepare(**c))
+            except InvalidInputError as exc:
+                raise _invalid(f"calls[{i}].{exc.field}", exc.message) from None
         return self._wire.stream(prepared)
 
 

@@ -21,9 +21,9 @@ def request_key(headers: Iterable[tuple]) -> bytes | str | None:
         if name == "x-api-key":
             keys.append(value)
         elif name == "authorization":
-            scheme = value[:7].lower()
-            if scheme in (b"bearer ", "bearer "):
-                keys.append(value[7:].strip())
+            scheme = value[:6].lower()
+            if scheme in (b"bearer", "bearer") and (len(value) == 6 or value[6:7] in (b" ", " ")):
+                keys.append(value[7:].strip())  # an empty token counts too, as an empty x-api-key does
     return one_key(keys)
 
 

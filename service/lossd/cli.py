@@ -196,6 +196,7 @@ def _losses(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .engine import Engine
 
+    _check_device(args.device or "auto", "--device")
     engine = Engine(device=args.device or "auto")
     pred = [[0, 0, 10, 10], [5, 5, 15, 20]]
     target = [[1, 1, 11, 11], [5, 5, 15, 15]]
@@ -412,13 +413,13 @@ def _main(argv: list[str] | None) -> int:
     serve.add_argument("--host", help="bind address (default 127.0.0.1; LOSSD_HOST)")
     serve.add_argument("--http-port", type=_port, help="REST port (default 8000; LOSSD_HTTP_PORT)")
     serve.add_argument("--grpc-port", type=_port, help="gRPC port (default 50051; LOSSD_GRPC_PORT)")
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="engine device (default auto; LOSSD_DEVICE)")
+    serve.add_argument("--device", help="engine device: auto, cpu, cuda or cuda:N (default auto; LOSSD_DEVICE)")
     serve.set_defaults(func=_serve)
     ls = sub.add_parser("losses", help="list the catalog")
     ls.add_argument("--json", action="store_true", help="the whole catalog as JSON")
     ls.set_defaults(func=_losses)
     demo = sub.add_parser("demo", help="evaluate a few box losses in-process")
-    demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="engine device")
+    demo.add_argument("--device", default="auto", help="engine device: auto, cpu, cuda or cuda:N")
     demo.set_defaults(func=_demo)
     q = sub.add_parser("quality", help="score a dataset's boxes against a reference and flag likely label errors",
                        formatter_class=_QualityHelp,

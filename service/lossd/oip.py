@@ -158,6 +158,9 @@ def _tensor(entry: Any, raw: memoryview, offset: int, shm: ShmCall | None = None
     dt = DTYPES.get(datatype) if isinstance(datatype, str) else None
     if dt is None:
         raise bad(f"input {name}: datatype {quote(datatype)} is not one of {sorted(DTYPES)}")
+    if datatype == "BOOL":  # boxes, labels and weights are numbers (model metadata): true/false would be 1 and 0
+        raise bad(f"input {name}: datatype BOOL is not accepted; boxes, labels and weights are numbers (FP32, FP64 "
+                  "or, for labels, an integer type)")
     shape = entry.get("shape")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
             isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape):

@@ -153,6 +153,16 @@ def test_a_device_that_is_not_cpu_or_cuda_is_named(device):
     assert line == f"lossd serve: error: LOSSD_DEVICE / --device {device!r}: expected auto, cpu, cuda or cuda:N"
 
 
+def test_the_device_flag_takes_cuda_n_as_the_setting_does():
+    # --device cuda:0 was refused by the flag's choices (auto, cpu, cuda) though LOSSD_DEVICE takes cuda:N
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: cuda:0 would start a server")
+    line = _one_error_line(_serve("--http-port", "0", "--grpc-port", "0", "--device", "cuda:0"))
+    assert line == "lossd serve: error: LOSSD_DEVICE / --device cuda:0: torch sees no CUDA GPU here; use cpu or auto"
+
+
 def test_a_log_level_that_is_not_one_is_named():
     line = _one_error_line(_serve("--http-port", "0", "--grpc-port", "0", env={"LOSSD_LOG_LEVEL": "loud"}))
     assert line.startswith("lossd serve: error: LOSSD_LOG_LEVEL: 'loud' is not a log level") and "debug" in line

@@ -135,3 +135,20 @@ def test_the_constructor_refuses_impossible_options(kwargs, exc, word):
     args = {"url": "http://127.0.0.1:1", **kwargs}
     with pytest.raises(exc, match=word):
         LossClient(args.pop("url"), **args)
+
+
+@pytest.mark.parametrize("kind", ["http", "grpc"])
+def test_numpy_booleans_are_options_like_python_ones(live_server, kind):
+    """np.True_ for return_grad / pairwise failed over HTTP (JSON has no numpy bools)."""
+    with LossClient(_url(live_server, kind)) as c:
+        r = c.loss("iou", [[0.0, 0, 2, 2]], [[1.0, 1, 3, 3]], return_grad=np.True_)
+        assert r.loss[0] == pytest.approx(1 - 1 / 7) and r.grad.shape == (1, 4)
+        assert c.metric("iou", [[0.0, 0, 2, 2]], [[1.0, 1, 3, 3]], pairwise=np.True_).shape == (1, 1)
+
+
+def test_a_stream_items_bad_option_names_the_item(live_server):
+    with LossClient(live_server.grpc_url) as c:
+        with pytest.raises(InvalidInputError) as err:
+            c.stream([{"name": "iou", "pred": BOX, "target": BOX}, {"name": "iou", "pred": BOX, "target": BOX,
+                                                                   "return_grad": "no"}])
+    assert err.value.field == "calls[1].return_grad"

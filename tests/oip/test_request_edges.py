@@ -128,3 +128,14 @@ def test_model_ready_for_an_unknown_model_is_false_on_both_transports(live_serve
     resp = httpx.get(f"{live_server.http_url}/v2/models/nope/ready", timeout=30)
     assert 400 <= resp.status_code < 500
     assert httpx.get(f"{live_server.http_url}/v2/models/ciou/ready", timeout=30).status_code == 200
+
+
+def test_bool_datatype_inputs_are_refused(live_server):
+    """datatype BOOL let true/false in as box coordinates (read as 1 and 0) on every path; the models take numbers."""
+    body = {"inputs": [{"name": "PRED", "shape": [1, 4], "datatype": "BOOL", "data": [True, False, True, True]},
+                       _json_input("TARGET", TARGET)]}
+    _refused(_post(live_server.http_url, body), "input PRED", "BOOL")
+    blob = np.array([True, False, True, True]).tobytes() + TARGET.tobytes()
+    body = {"inputs": [{"name": "PRED", "shape": [1, 4], "datatype": "BOOL", "parameters": {"binary_data_size": 4}},
+                       {"name": "TARGET", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": 16}}]}
+    _refused(_post(live_server.http_url, body, blob), "input PRED", "BOOL")

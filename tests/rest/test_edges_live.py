@@ -34,6 +34,8 @@ def _status(url: str, headers: list[tuple[str, str]]) -> int:
     [("x-api-key", "zz"), ("authorization", "Bearer k1")],
     [("x-api-key", "k1"), ("authorization", "Bearer k2")],   # two good keys, but two
     [("authorization", "Bearer k1"), ("authorization", "Bearer k2")],
+    [("x-api-key", "k1"), ("authorization", "Bearer")],       # an empty Bearer counts, as an empty x-api-key does
+    [("x-api-key", ""), ("authorization", "Bearer k1")],
 ])
 def test_several_keys_in_one_request_are_refused(keyed, headers):
     resp = httpx.post(f"{keyed.http_url}/v1/losses/ciou", json=BODY, headers=headers, timeout=60)
