@@ -24,12 +24,7 @@ def request_key(headers: Iterable[tuple]) -> bytes | str | None:
             scheme = value[:6].lower()
             if scheme in (b"bearer", "bearer") and (len(value) == 6 or value[6:7] in (b" ", " ")):
                 keys.append(value[7:].strip())  # an empty token counts too, as an empty x-api-key does
-    return one_key(keys)
-
-
-def one_key(values: list) -> bytes | str | None:
-    """The only value of ``values``; None when there are none or several."""
-    return values[0] if len(values) == 1 else None
+    return keys[0] if len(keys) == 1 else None  # none, or several: refused
 
 
 def key_matches(given: bytes | str | None, keys: list[str]) -> bool:

@@ -32,32 +32,27 @@ def _raise_rows(code: str, field: str, rows: list[int], what: str) -> None:
                       n_rows=len(rows))
 
 
-def _non_number_rows(x: Any) -> list[int]:
-    """Rows of nested lists (as parsed from JSON) that hold something other than a number at any depth."""
-    def bad(v: Any) -> bool:
-        if isinstance(v, (list, tuple)):
-            return any(bad(e) for e in v)
-        return not isinstance(v, (int, float, np.number))
+def _rows_where(x: Any, leaf: Callable[[Any], bool]) -> list[int]:
+    """Rows of nested lists (as parsed from JSON) holding, at any depth, a value for which ``leaf`` is true."""
+    def found(v: Any) -> bool:
+        return any(found(e) for e in v) if isinstance(v, (list, tuple)) else leaf(v)
 
-    if not isinstance(x, (list, tuple)):
-        return []
-    return [i for i, v in enumerate(x) if bad(v)]
+    return [i for i, v in enumerate(x) if found(v)] if isinstance(x, (list, tuple)) else []
 
 
-def _huge_rows(x: Any) -> list[int]:
-    """Rows of nested lists holding a whole number too large for a float64."""
-    def huge(v: Any) -> bool:
-        if isinstance(v, (list, tuple)):
-            return any(huge(e) for e in v)
-        if not isinstance(v, int):
-            return False
-        try:
-            float(v)
-        except OverflowError:
-            return True
+def _not_a_number(v: Any) -> bool:
+    return not isinstance(v, (int, float, np.number))
+
+
+def _past_float64(v: Any) -> bool:
+    """A whole number too large for a float64."""
+    if not isinstance(v, int):
         return False
-
-    return [i for i, v in enumerate(x) if huge(v)]
+    try:
+        float(v)
+    except OverflowError:
+        return True
+    return False
 
 
 def as_array(x: Any, field: str) -> Tensor:
@@ -72,7 +67,7 @@ def as_array(x: Any, field: str) -> Tensor:
         raise EngineError("invalid_shape", f"{field} is not a rectangular array (its rows have different "
                           "lengths)", field=field) from None
     if arr.dtype == object or arr.dtype.kind not in "biuf":
-        rows = _non_number_rows(x)
+        rows = _rows_where(x, _not_a_number)
         if rows:
             _raise_rows("invalid_value", field, rows, "not a number (a string, null or object)")
         if arr.dtype != object or not isinstance(x, (list, tuple)):
@@ -81,7 +76,7 @@ def as_array(x: Any, field: str) -> Tensor:
         try:
             arr = np.asarray(x, dtype=np.float64)
         except OverflowError:
-            _raise_rows("non_finite", field, _huge_rows(x), "whole numbers beyond float64's range")
+            _raise_rows("non_finite", field, _rows_where(x, _past_float64), "whole numbers beyond float64's range")
     if arr.dtype.kind == "b":
         arr = arr.astype(np.float32)
     elif arr.dtype.kind == "u" and arr.dtype != np.uint8:

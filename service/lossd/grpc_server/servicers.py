@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Awaitable, Callable
 
@@ -58,10 +59,7 @@ async def _guarded(context: grpc.aio.ServicerContext, request: Any, work: Callab
 def _message_bytes(shape: tuple, dtype: str) -> int:
     """What a MetricResponse holds beyond the values while gRPC sends it: the message's copy of them and its
     serialised bytes."""
-    n = 1
-    for d in shape:
-        n *= d
-    return 2 * n * (8 if dtype == "float64" else 4)
+    return 2 * math.prod(shape) * (8 if dtype == "float64" else 4)
 
 
 def _array(message: WithTensors, field: str, required: bool = True):
