@@ -18,6 +18,9 @@ tenants, frequency) then moves both sides of a ratio alike. Scenarios:
                         wheel where the wheel cannot be installed beside a CPU-only torch)
   lossd_shm_grpc/http   LossClient with shared memory: the inputs copied into its region, one small request, LOSS
                         and GRAD handed back as views of the region (lent to the caller until it drops them)
+  lossd_inplace_grpc/http  LossClient with shared memory, the inputs built in the region (client.shared_inputs():
+                        the caller fills its arrays instead of arrays of its own, as the in-process engine reads
+                        tensors the caller made): nothing copied in, one small request, answers as above
   lossd_wire_grpc/http  LossClient(shared_memory=False): the tensors through the socket (8 MiB requests, 4 in flight)
   triton_shm_grpc/http  tritonclient's shared-memory flow as its examples write it (set_shared_memory_region,
                         infer, get_contents_as_numpy: views of the output region, valid until the next call), in a
@@ -232,6 +235,11 @@ def main() -> int:
         for n in sizes:
             p, t = run.boxes(n, 7)
             pt, tt = torch.from_numpy(p), torch.from_numpy(t)
+            inputs = {}
+            for transport in urls:
+                bufs = inputs[transport] = clients[("shm", transport)].shared_inputs(p.shape)
+                assert bufs.shared, transport
+                bufs.pred[...], bufs.target[...] = p, t
 
             def autograd():
                 x = pt.clone().requires_grad_(True)
@@ -245,10 +253,16 @@ def main() -> int:
 
             # every path gives the same numbers
             results = {key: c.loss("ciou", p, t) for key, c in clients.items()}
+            for transport, bufs in inputs.items():
+                results[("inplace", transport)] = clients[("shm", transport)].loss("ciou", bufs.pred, bufs.target)
+            for transport, bufs in inputs.items():  # the in-place calls' answers lie in their own region
+                whole = np.frombuffer(bufs.region.mem.buf, np.uint8)
+                assert np.shares_memory(results[("inplace", transport)].grad, whole), transport
+                del whole
             ref = results[("wire", "grpc")]
             for key, r in results.items():
                 assert np.array_equal(r.loss, ref.loss) and np.array_equal(r.grad, ref.grad), key
-                assert (clients[key].shared_memory_calls > 0) == (key[0] == "shm"), key
+                assert (clients.get(key, clients[("shm", key[1])]).shared_memory_calls > 0) == (key[0] != "wire"), key
             del results
             ref_sum = float(ref.loss.astype(np.float64).sum())
             for transport, tr_sum in triton.ask(op="setup", n=n).items():
@@ -263,6 +277,9 @@ def main() -> int:
                      "torchvision": in_threads(torchvision, autograd_threads)}
             for (mode, transport), c in clients.items():
                 local[f"lossd_{mode}_{transport}"] = (lambda c=c: c.loss("ciou", p, t))
+            for transport, bufs in inputs.items():
+                local[f"lossd_inplace_{transport}"] = (
+                    lambda c=clients[("shm", transport)], b=bufs: c.loss("ciou", b.pred, b.target))
             names = list(local) + ["triton_shm_grpc", "triton_shm_http"]
 
             def run_chunk(name: str, k: int) -> dict:
@@ -284,6 +301,8 @@ def main() -> int:
                     chunks[name].append(run_chunk(name, ks[name]))
                 run.log(f"  n={n}: round {r + 1}/{args.rounds} done")
             res["rows"].append({"n": n, **summarise(n, chunks, ks)})
+            for bufs in inputs.values():
+                bufs.close()
     finally:
         triton.close()
         for c in clients.values():

@@ -35,6 +35,7 @@ import numpy as np
 
 from ._errors import (RETRYABLE, ClientClosedError, InvalidInputError, LossdError, NotFoundError, ServerError,
                       UnavailableError)
+from ._inputs import SharedInputs
 from ._shm import AsyncShmPath, ShmPath, is_loopback_url
 from ._transport import ASYNC, SYNC, Call, Exchange, LossResult, _Options, parse_endpoints
 from .wire import wire_array
@@ -294,6 +295,19 @@ class _Base:
     def shared_memory_calls(self) -> int:
         """How many loss calls went through shared memory (0 when the path is off or never taken)."""
         return self._shm.calls if self._shm is not None else 0
+
+    def shared_inputs(self, pred_shape: Any, target_shape: Any = None, *, dtype: Any = "float32",
+                      target_dtype: Any = None, weights: bool = False) -> SharedInputs:
+        """Arrays to fill with loss() inputs (``.pred``, ``.target``, ``.weights`` when asked for) that lie in
+        shared memory with the server when this client uses shared memory: a loss() call on them, or on a
+        contiguous part such as ``pred[:k]``, then copies and sends no tensor bytes (the server reads them in
+        place). Otherwise they are ordinary arrays (``.shared`` says which). ``pred_shape``: e.g. (n, 4), or n for
+        n boxes; ``target_shape``: pred's unless given (e.g. (n,) with target_dtype="int64" for class labels);
+        ``dtype``: float32 or float64. Close it (or the client) to unregister its region."""
+        self._check_open()
+        path = self._shm if self._shm is not None and self._shm.enabled else None
+        return SharedInputs(path, pred_shape, target_shape, dtype=dtype, target_dtype=target_dtype,
+                            weights=weights)
 
     @property
     def endpoints(self) -> list[str]:

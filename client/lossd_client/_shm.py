@@ -88,6 +88,8 @@ def _copy_pairs(pairs: list) -> None:
             np.copyto(dst, src)
 
 
+# a call on the caller's SharedInputs that must take the ordinary path (copy its inputs into a pool region)
+COPY = object()
 # below this many input bytes a call goes over the wire: registering a region and the extra request cost more
 SHM_MIN_BYTES = 256 * 1024
 # answers this big are handed to the caller as views of their region (_Region.lend) instead of being copied out
@@ -240,7 +242,9 @@ class ShmPath:
         self.calls = 0  # calls answered through shared memory
         self.replaced = 0  # regions found lost and replaced
         self.retired: list[_Region] = []  # lent when the process forked: never reused, unregistered at the next call
+        self.shared: list[weakref.ref] = []  # the caller's SharedInputs (their regions are theirs, not the pool's)
         self.lock = threading.Lock()
+        self._adopting = threading.Lock()
         _PATHS.add(self)
 
     # ------------------------------------------------------------------------------------------------ fork
@@ -257,14 +261,19 @@ class ShmPath:
             except FileNotFoundError:
                 pass
             self.retired.append(region)
+        for si in self._inputs():
+            for slot in si.slots:
+                slot.retired = slot.retired or slot.held
 
     def _after_fork_in_child(self) -> None:
         """In the child: the regions belong to the parent (their names are registered by it and it removes them):
         forget them without touching them; the child makes its own when it calls."""
         for region in self.pool + self.retired:
             region._finalizer.detach()
-        self.pool, self.retired, self.current = [], [], None
-        self.lock = threading.Lock()
+        for si in self._inputs():
+            si.forked()
+        self.pool, self.retired, self.current, self.shared = [], [], None, []
+        self.lock, self._adopting = threading.Lock(), threading.Lock()
 
     def _retired_names(self) -> list[str]:
         gone, self.retired = self.retired, []
@@ -350,15 +359,130 @@ class ShmPath:
             region.drop()
         return [r for r in gone if r.registered]
 
+    # ---------------------------------------------------------------- the caller's SharedInputs (_inputs.py)
+    def _adopt(self, si) -> None:
+        with self._adopting:
+            self.shared = [ref for ref in self.shared if ref() is not None] + [weakref.ref(si)]
+
+    def _let_go(self, region: _Region) -> None:
+        """A SharedInputs closed or gone: its object is removed now, its name unregistered at the next call."""
+        region.drop()
+        self.retired.append(region)
+
+    def _inputs(self) -> list:
+        return [si for si in (ref() for ref in self.shared) if si is not None]
+
+    def _closed_inputs(self) -> list[_Region]:
+        """close(): every SharedInputs closed; their registered regions, to unregister."""
+        regions = []
+        for si in self._inputs():
+            if si.closed:
+                continue  # closed by the caller: already among the retired
+            si.closed = True
+            if si.region is not None and si.region.registered:
+                regions.append(si.region)
+            if si.region is not None:
+                si._finalizer.detach()
+                si.region.drop()
+        self.shared = []
+        return regions
+
+    def _in_place(self, call):
+        """(SharedInputs, answer slot, tensors, outputs) when every tensor of the call lies in the inputs part of
+        one of the caller's SharedInputs and one of its answer places is free; else None (the inputs are copied)."""
+        arrays = {"PRED": call.pred, "TARGET": call.target}
+        if call.weights is not None:
+            arrays["WEIGHTS"] = call.weights
+        if any(arr.dtype not in OIP_OF for arr in arrays.values()):
+            return None
+        for si in self._inputs():
+            at = si.offsets(arrays)
+            if at is None:
+                continue
+            slot = si.free_slot()
+            if slot is None:
+                return None
+            n = call.pred.shape[0] if call.pred.ndim else 1
+            itemsize = max(call.pred.itemsize, 4)
+            outputs = si.outputs(slot, n, call.pred.size * itemsize, itemsize, call.return_grad)
+            if outputs is None:
+                return None
+            tensors = [(name, OIP_OF[arr.dtype], list(arr.shape), at[name], arr.nbytes)
+                       for name, arr in arrays.items()]
+            return si, slot, tensors, outputs
+        return None
+
+    def _mark(self, region: _Region, call, outputs: dict) -> list:
+        marks = self._marks(call, outputs)
+        buf = region.mem.buf
+        for _, at, mark in marks:
+            buf[at:at + len(mark)] = mark
+        return marks
+
+    def _not_in_place(self, si, exc: LossdError):
+        """The server refused to register a SharedInputs region: the wire for a transient failure (None), else
+        this and later calls on it copy their inputs (COPY)."""
+        if isinstance(exc, RETRYABLE):
+            return None
+        si.shareable = False
+        return COPY
+
+    def _refused_in_place(self, si, exc: LossdError, outputs: dict, key) -> Any:
+        """A refused call on a SharedInputs: its region lost or taken over (COPY: the call takes the ordinary path
+        and the region is registered under a fresh name next time), or the call is wrong (raised)."""
+        if _lost(exc, outputs) or isinstance(exc, InvalidInputError) and self._taken(si.region, key):
+            return self._lost_in_place(si)
+        raise exc
+
+    def _lost_in_place(self, si):
+        si.lost()
+        self.replaced += 1
+        return COPY
+
+    def _answer_in_place(self, fast, call, marks: list, answer: list):
+        si, slot, _, outputs = fast
+        if not self._written(si.region, marks, answer, outputs):
+            return self._lost_in_place(si)  # answered, but not into our object: its name was taken over
+        out_bytes = sum(size for _, size in outputs.values())
+        whole = slot.lend(si.region.mem) if out_bytes >= LEND_MIN_BYTES else None
+        return self._read(si.region, call, answer, outputs, whole)
+
+    def _call_in_place(self, fast, call):
+        """A call on the caller's SharedInputs: its LossResult, None for the wire, or COPY for the ordinary path."""
+        si, _, tensors, outputs = fast
+        region = si.region
+        if not region.registered:
+            if not si.registrable():
+                return COPY
+            try:
+                self.endpoint.shm_register(region.name, region.key, region.mem.size)
+            except LossdError as exc:
+                return self._not_in_place(si, exc)
+            region.registered = True
+        marks = self._mark(region, call, outputs)
+        try:
+            answer = self.endpoint.shm_infer(call.name, region.name, tensors, outputs, self._params(call))
+        except RETRYABLE:
+            return None
+        except LossdError as exc:
+            key = self._key_of(region) if isinstance(exc, InvalidInputError) else None
+            return self._refused_in_place(si, exc, outputs, key)
+        return self._answer_in_place(fast, call, marks, answer)
+
     def close(self) -> None:
         with self.lock:
             self.enabled = False  # a call after close() makes no region (the transport refuses it)
-            for name in [r.name for r in self._dropped()] + self._retired_names():
+            for name in [r.name for r in self._dropped() + self._closed_inputs()] + self._retired_names():
                 _quiet(self.endpoint.shm_unregister, name)
 
     # ------------------------------------------------------------------------------------------- the call
     def wants(self, call) -> bool:
-        return self.enabled and call.pred.nbytes + call.target.nbytes >= SHM_MIN_BYTES
+        """Big calls, and any call on the caller's SharedInputs (nothing to copy)."""
+        if not self.enabled:
+            return False
+        if call.pred.nbytes + call.target.nbytes >= SHM_MIN_BYTES:
+            return True
+        return any(si.offsets({"PRED": call.pred}) is not None for si in self._inputs())
 
     @staticmethod
     def _layout(call) -> tuple[list, dict, int, int]:
@@ -411,15 +535,18 @@ class ShmPath:
         tensors = [(name, OIP_OF[arr.dtype], list(arr.shape), offset, arr.nbytes) for name, arr, offset in layout]
         for _, at, mark in marks:
             buf[at:at + len(mark)] = mark
-        params = {"box_format": call.box_format, "reduction": call.reduction, "return_grad": call.return_grad,
-                  **call.params}
-        return tensors, params
+        return tensors, ShmPath._params(call)
 
-    def _read(self, region: _Region, call, answer: list, outputs: dict, lend: bool):
-        """The answer: views of the region, which is then lent until the caller lets go of them, or copies."""
+    @staticmethod
+    def _params(call) -> dict:
+        return {"box_format": call.box_format, "reduction": call.reduction, "return_grad": call.return_grad,
+                **call.params}
+
+    def _read(self, region: _Region, call, answer: list, outputs: dict, whole: np.ndarray | None):
+        """The answer: views of ``whole`` (the region, lent until the caller lets go of them), or copies when
+        ``whole`` is None."""
         from ._transport import LossResult
 
-        whole = region.lend() if lend else None
         out = {}
         for oname, datatype, shape in answer:
             dt = NP_OF_OIP[datatype]
@@ -452,6 +579,11 @@ class ShmPath:
         with self.lock:
             for name in self._retired_names():
                 _quiet(self.endpoint.shm_unregister, name)
+            fast = self._in_place(call)
+            if fast is not None:
+                out = self._call_in_place(fast, call)
+                if out is not COPY:
+                    return out
             layout, outputs, size, out_bytes = self._layout(call)
             for _ in range(2):
                 region, old = self._pick(size)
@@ -480,7 +612,8 @@ class ShmPath:
                         raise
                     continue
                 if self._written(region, marks, answer, outputs):
-                    return self._read(region, call, answer, outputs, self._lends(region, out_bytes))
+                    whole = region.lend() if self._lends(region, out_bytes) else None
+                    return self._read(region, call, answer, outputs, whole)
                 self._replace()  # answered, but not into our object: the region's name was taken over
             return self._give_up()
 
@@ -540,7 +673,7 @@ class AsyncShmPath(ShmPath):
 
     async def aclose(self) -> None:
         self.enabled = False
-        for name in [r.name for r in self._dropped()] + self._retired_names():
+        for name in [r.name for r in self._dropped() + self._closed_inputs()] + self._retired_names():
             await _aquiet(self.endpoint.shm_unregister, name)
 
     def _after_fork_in_child(self) -> None:
@@ -553,6 +686,11 @@ class AsyncShmPath(ShmPath):
         async with self.alock:
             for name in self._retired_names():
                 await _aquiet(self.endpoint.shm_unregister, name)
+            fast = self._in_place(call)
+            if fast is not None:
+                out = await self._acall_in_place(fast, call)
+                if out is not COPY:
+                    return out
             layout, outputs, size, out_bytes = self._layout(call)
             for _ in range(2):
                 region, old = self._pick(size)
@@ -581,9 +719,31 @@ class AsyncShmPath(ShmPath):
                         raise
                     continue
                 if self._written(region, marks, answer, outputs):
-                    return self._read(region, call, answer, outputs, self._lends(region, out_bytes))
+                    whole = region.lend() if self._lends(region, out_bytes) else None
+                    return self._read(region, call, answer, outputs, whole)
                 self._replace()
             return self._give_up()
+
+    async def _acall_in_place(self, fast, call):
+        si, _, tensors, outputs = fast
+        region = si.region
+        if not region.registered:
+            if not si.registrable():
+                return COPY
+            try:
+                await self.endpoint.shm_register(region.name, region.key, region.mem.size)
+            except LossdError as exc:
+                return self._not_in_place(si, exc)
+            region.registered = True
+        marks = self._mark(region, call, outputs)
+        try:
+            answer = await self.endpoint.shm_infer(call.name, region.name, tensors, outputs, self._params(call))
+        except RETRYABLE:
+            return None
+        except LossdError as exc:
+            key = await self._akey_of(region) if isinstance(exc, InvalidInputError) else None
+            return self._refused_in_place(si, exc, outputs, key)
+        return self._answer_in_place(fast, call, marks, answer)
 
     async def _akey_of(self, region: _Region) -> str | Exception:
         try:

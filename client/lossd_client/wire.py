@@ -50,7 +50,7 @@ def wire_array(x: Any, *, index: bool = False) -> np.ndarray:
         raise TypeError("expected numbers, got an array of booleans; convert it (e.g. .astype(np.float32)) if "
                         "0 and 1 are meant")
     if arr.dtype.kind in "iu":
-        arr = arr.astype("<i8") if index else arr.astype("<f4")
+        arr = arr.astype("<i8", copy=False) if index else arr.astype("<f4")
     elif arr.dtype.kind == "f":
         arr = arr.astype("<f8" if arr.dtype.itemsize == 8 else "<f4", copy=False)
     else:
