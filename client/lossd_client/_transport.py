@@ -202,7 +202,7 @@ STREAM_STATUS = {"unknown_loss": "NOT_FOUND", "unknown_metric": "NOT_FOUND", "un
                  "too_many_regions": "RESOURCE_EXHAUSTED", "resource_exhausted": "RESOURCE_EXHAUSTED",
                  "deadline_exceeded": "DEADLINE_EXCEEDED", "request_timeout": "DEADLINE_EXCEEDED",
                  "draining": "UNAVAILABLE", "internal": "INTERNAL", "unauthorized": "UNAUTHENTICATED",
-                 "forbidden": "PERMISSION_DENIED"}
+                 "forbidden": "PERMISSION_DENIED", "not_found": "UNIMPLEMENTED", "method_not_allowed": "UNIMPLEMENTED"}
 
 
 def _from_pb_stream(answers: list) -> list[LossResult]:

@@ -15,7 +15,7 @@ import multiprocessing
 import re
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import orjson
@@ -42,15 +42,26 @@ class NotNumbers(ValueError):
 BOOL_IN_ARRAY = re.compile(rb"[\[,]\s*(?:true|false)")
 
 
-def bool_rows(value: list, row_size: int = 1) -> list[int]:
-    """Rows (first index) of a nested list that hold a bool at any depth; a flat list's elements are grouped in
-    rows of ``row_size``."""
+def rows_where(value: list, row_size: int, leaf: Callable[[Any], bool]) -> list[int]:
+    """Rows (first index) of a nested list holding, at any depth, an element for which ``leaf`` is true; a flat
+    list's elements are grouped in rows of ``row_size``."""
     def has(v: Any) -> bool:
-        return isinstance(v, bool) or (isinstance(v, list) and any(has(x) for x in v))
+        return any(has(x) for x in v) if isinstance(v, list) else leaf(v)
 
     flat = all(not isinstance(v, list) for v in value)
     rows = [i // (row_size if flat else 1) for i, v in enumerate(value) if has(v)]
     return sorted(set(rows))
+
+
+def bool_rows(value: list, row_size: int = 1) -> list[int]:
+    return rows_where(value, row_size, lambda v: isinstance(v, bool))
+
+
+def row_size(shape: Any) -> int:
+    """Elements per row of an OIP input's flat data, from its declared shape (1 when the shape is not usable)."""
+    if isinstance(shape, list) and len(shape) > 1 and all(type(d) is int and d > 0 for d in shape):
+        return math.prod(shape[1:])
+    return 1
 
 
 def refuse_bools(raw: bytes | memoryview, obj: Any, kind: str) -> None:
@@ -65,11 +76,7 @@ def refuse_bools(raw: bytes | memoryview, obj: Any, kind: str) -> None:
         for entry in obj["inputs"]:
             if (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("data"), list)
                     and entry.get("datatype") != "BOOL"):
-                shape = entry.get("shape")
-                size = 1
-                if isinstance(shape, list) and len(shape) > 1 and all(type(d) is int and d > 0 for d in shape):
-                    size = math.prod(shape[1:])
-                fields.append((f"inputs.{entry['name']}.data", entry["data"], size))
+                fields.append((f"inputs.{entry['name']}.data", entry["data"], row_size(entry.get("shape"))))
     for field, value, size in fields:
         rows = bool_rows(value, size)
         if rows:

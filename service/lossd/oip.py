@@ -16,7 +16,7 @@ import numpy as np
 
 from . import __version__
 from .engine import EngineError, Out, Result, get_loss
-from .bodyparse import BodyError, NotNumbers, loads, refuse_bools
+from .bodyparse import BodyError, NotNumbers, loads, refuse_bools, row_size, rows_where
 from .engine.errors import rows_phrase
 from .errors import ServiceError, parsing, quote
 from .shm import ShmCall, not_local, tensor_ref
@@ -199,16 +199,22 @@ def _tensor(entry: Any, raw: memoryview, offset: int, shm: ShmCall | None = None
     if "data" not in entry:
         raise bad(f"input {name}: has neither 'data' nor parameters.binary_data_size")
     with parsing(f"inputs.{name}.data"):
-        arr = _numbers(np.asarray(entry["data"]), dt, name)
+        arr = _numbers(np.asarray(entry["data"]), dt, name, entry["data"], shape)
     if arr.size != count:
         raise bad(f"input {name}: data has {arr.size} elements but shape {shape} needs {count}")
     return name, arr.reshape(shape), offset
 
 
-def _numbers(arr: np.ndarray, dt: np.dtype, name: str) -> np.ndarray:
+def _numbers(arr: np.ndarray, dt: np.dtype, name: str, data: Any, shape: list) -> np.ndarray:
     """JSON data as the declared datatype: floats as float64 (the engine casts), integers checked against the
-    declared type's range (never wrapped), booleans as booleans."""
+    declared type's range (never wrapped), booleans as booleans. Strings, nulls and objects where numbers go
+    are invalid_value naming their rows (of ``shape``)."""
     kind = arr.dtype.kind
+    if dt.kind != "b" and kind not in "iufb" and isinstance(data, list):
+        rows = rows_where(data, row_size(shape), lambda v: not isinstance(v, (int, float)))
+        if rows:
+            raise EngineError("invalid_value", f"inputs.{name}.data: not a number (a string, null or object) at "
+                              f"{rows_phrase(rows, len(rows))}", field=f"inputs.{name}.data", rows=rows)
     if dt.kind == "f":
         if kind not in "iuf":
             raise ProtocolError(f"input {name}: data must hold numbers ({dt.name})", field=f"inputs.{name}.data")

@@ -86,7 +86,7 @@ def test_empty_batch_is_valid(client):
     ({"pred": PRED, "target": TARGET, "params": {"gamma": 1}}, 422, "unknown_param", "params.gamma"),
     ({"pred": PRED, "target": TARGET, "params": {"eps": 5}}, 422, "param_out_of_range", "params.eps"),
     ({"pred": PRED, "target": TARGET, "weights": [1, 2]}, 422, "length_mismatch", "weights"),
-    ({"pred": PRED, "target": TARGET, "weights": ["a", 1, 2]}, 422, "invalid_request", "weights.0"),
+    ({"pred": PRED, "target": TARGET, "weights": 2.0}, 422, "length_mismatch", "weights"),
     ({"pred": PRED}, 422, "invalid_request", "target"),
     ({"pred": PRED, "target": TARGET, "colour": "red"}, 422, "invalid_request", "colour"),
     ({"pred": "boxes", "target": TARGET}, 422, "invalid_shape", "pred"),
@@ -99,6 +99,14 @@ def test_loss_errors(client, body, status, code, field):
     assert err["details"]["field"] == field
     if code in ("non_finite", "inverted_box"):
         assert err["details"]["rows"] and "row" in err["message"]
+
+
+@pytest.mark.parametrize("weights, row", [([1, "a", 2], 1), ([1, 2, "1.5"], 2), ([None, 1, 2], 0)])
+def test_weights_that_are_not_numbers_name_their_row(client, weights, row):
+    """As in pred and target: a string (even "1.5") or null among the weights is refused, naming its row."""
+    resp = client.post("/v1/losses/ciou", json={"pred": PRED, "target": TARGET, "weights": weights})
+    err = error_of(resp, 422, "invalid_value")
+    assert err["details"]["field"] == "weights" and err["details"]["rows"] == [row]
 
 
 @pytest.mark.parametrize("name", ["iou", "giou", "diou", "ciou", "eiou", "siou"])

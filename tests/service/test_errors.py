@@ -33,6 +33,15 @@ def test_each_row_is_read_by_both_transports(code):
     assert 400 <= row.oip < 600 and 400 <= row.v1 < 600
 
 
+@pytest.mark.parametrize("code", sorted(TABLE))
+def test_the_clients_stream_item_status_is_the_tables(code):
+    """A stream item's error carries only its code; the client gives it the status (and so the error class) the
+    same code has on a call of its own, from a copy of this table that must not drift from it."""
+    from lossd_client._transport import STREAM_STATUS
+
+    assert STREAM_STATUS.get(code, "INVALID_ARGUMENT") == TABLE[code].grpc
+
+
 def test_bad_input_on_v2_is_400_as_triton_answers():
     for code in CODES - {"unknown_loss", "unknown_metric", "too_large"}:
         assert TABLE[code].oip == 400 and TABLE[code].v1 == 422 and TABLE[code].grpc == "INVALID_ARGUMENT"

@@ -27,7 +27,9 @@ class LossRequest(BaseModel):
     target: Any = Field(..., description="same rows as pred: boxes, class indices, or targets")
     box_format: Literal["xyxy", "xywh", "cxcywh"] | str = "xyxy"
     reduction: Literal["none", "mean", "sum"] | str = "none"
-    weights: list[float] | None = Field(None, description="[N] per-sample weights")
+    # checked by the engine, as pred is: a string or null names its rows ("1.5" is not read as 1.5)
+    weights: Any = Field(None, description="[N] per-sample weights",
+                         json_schema_extra={"type": "array", "items": {"type": "number"}})
     params: dict[str, Any] | None = Field(None, description="the loss's parameters; omitted ones take the defaults")
     return_grad: StrictBool = True
     dtype: Literal["float32", "float64"] = "float32"
