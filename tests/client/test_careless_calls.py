@@ -5,7 +5,8 @@
 - call options of the wrong type are InvalidInputError naming the option on both transports (over gRPC they were
   a TypeError naming nothing, or accepted: box_format=None);
 - stream() items: a missing argument names the item, an unknown loss is NotFoundError on both transports;
-- boolean arrays are refused (the server refuses JSON true/false), metric() of float64 boxes is computed in
+- true/false are refused naming the field and rows (the server refuses JSON true/false): boolean arrays, and
+  bools among a list's numbers, which numpy read as 1 and 0; ragged lists and strings name the field; metric() of float64 boxes is computed in
   float64 over HTTP as over gRPC, a URL with a path that is not a lossd root says so, and the constructor refuses
   impossible options at once."""
 
@@ -86,10 +87,32 @@ def test_an_unknown_loss_in_a_stream_is_not_found_on_both_transports(live_server
 
 
 @pytest.mark.parametrize("kind", ["http", "grpc"])
-def test_boolean_arrays_are_refused(live_server, kind):
+@pytest.mark.parametrize("call, field, rows", [
+    (lambda c: c.loss("ciou", np.array([[True, False, True, True]]), BOX), "pred", [0]),
+    # bools among a list's numbers: numpy reads them as 1 and 0 (the server refuses JSON true/false)
+    (lambda c: c.loss("ciou", [[0, 0, 5, 5], [0, 0, True, 1]], BOX * 2), "pred", [1]),
+    (lambda c: c.loss("ciou", BOX * 3, [[0, 0, 1, 1], [0.5, 0, 1, 1], [0, 0, 1.5, np.True_]]), "target", [2]),
+    (lambda c: c.loss("ciou", BOX * 2, BOX * 2, weights=[1.0, False]), "weights", [1]),
+    (lambda c: c.loss("cross_entropy", [[0.1, 0.9]] * 3, [0, True, 1]), "target", [1]),
+    (lambda c: c.metric("iou", BOX, [[True, 0, 1, 1]]), "boxes2", [0]),
+])
+def test_true_false_among_numbers_are_refused_naming_the_rows(live_server, kind, call, field, rows):
     with LossClient(_url(live_server, kind)) as c:
-        with pytest.raises(TypeError, match="booleans"):
-            c.loss("ciou", np.array([[True, False, True, True]]), BOX)
+        with pytest.raises(InvalidInputError) as err:
+            call(c)
+        assert err.value.code == "invalid_value" and err.value.field == field and err.value.rows == rows
+
+
+@pytest.mark.parametrize("call, code, field", [
+    (lambda c: c.loss("ciou", [[0, 0, 1, 1], [0, 0, 1]], BOX * 2), "invalid_shape", "pred"),
+    (lambda c: c.loss("ciou", BOX, [["a", 0, 1, 1]]), "invalid_value", "target"),
+    (lambda c: c.metric("iou", [[0, 0, 1, None]], BOX), "invalid_value", "boxes1"),
+])
+def test_ragged_lists_and_strings_name_the_field(live_server, call, code, field):
+    with LossClient(live_server.grpc_url) as c:
+        with pytest.raises(InvalidInputError) as err:
+            call(c)
+        assert err.value.code == code and err.value.field == field
 
 
 @pytest.mark.parametrize("kind", ["http", "grpc"])
