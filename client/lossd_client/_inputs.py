@@ -17,7 +17,9 @@ this process, no room in /dev/shm) the arrays are ordinary numpy arrays and call
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 import uuid
 import weakref
 from typing import Any
@@ -40,6 +42,9 @@ def _invalid(field: str, message: str) -> InvalidInputError:
 def _shape(field: str, shape: Any) -> tuple[int, ...]:
     if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
         shape = (int(shape), 4)  # n boxes
+    if isinstance(shape, (str, bytes)):
+        raise _invalid(field, f"must be a shape (a tuple of sizes, e.g. (n, 4)) or a number of boxes, got the "
+                       f"string {shape!r:.40}")
     try:
         dims = tuple(shape)
     except TypeError:
@@ -71,8 +76,8 @@ class _Slot:
         self.held = False
         self.retired = False  # held when the process forked: a child views it, so it is never written again
 
-    def lend(self, mem) -> np.ndarray:
-        whole = np.frombuffer(mem.buf, dtype=np.uint8)
+    def lend(self, buf) -> np.ndarray:
+        whole = np.frombuffer(buf, dtype=np.uint8)
         self.held = True
         weakref.finalize(whole, self._returned)
         return whole
@@ -111,15 +116,20 @@ class SharedInputs:
         places, size = {}, 0
         for name, (shape, d) in specs.items():
             places[name] = size
-            size += _aligned(int(np.prod(shape)) * d.itemsize)
+            size += _aligned(math.prod(shape) * d.itemsize)  # Python ints: np.prod wraps around past int64
         self.inputs_bytes = size
         self.loss_bytes = _aligned(max(rows, 1) * dt.itemsize)  # LOSS at a slot's start, GRAD after it
-        slot_bytes = _aligned(self.loss_bytes + int(np.prod(pred_shape)) * dt.itemsize)
+        slot_bytes = _aligned(self.loss_bytes + math.prod(pred_shape) * dt.itemsize)
         self.slots = [_Slot(size), _Slot(size + slot_bytes)]
         self.slot_bytes = slot_bytes
         size += 2 * slot_bytes
+        if size > sys.maxsize:  # no object or mapping can be this big (and SharedMemory would leave one behind)
+            raise _invalid("pred_shape" if target_shape is pred_shape or math.prod(target_shape) <= math.prod(
+                pred_shape) else "target_shape", f"{size} bytes (inputs and two answer places) is more than can be "
+                f"mapped ({sys.maxsize})")
 
         self.region = None
+        self._path = weakref.ref(path) if path is not None else None
         if path is not None and path.enabled:
             try:
                 self.region = _Region(max(size, ALIGN))
@@ -127,7 +137,7 @@ class SharedInputs:
                 self.region = None
         arrays = {}
         for name, (shape, d) in specs.items():
-            count = int(np.prod(shape))
+            count = math.prod(shape)
             if self.region is None or count == 0:
                 arrays[name] = np.zeros(shape, d)
             else:
@@ -139,6 +149,9 @@ class SharedInputs:
         self.shareable = self.region is not None  # False once the region cannot be used again
         self.closed = False
         if self.region is not None:
+            # the region's memory as the in-place calls see it: a view of its own, so that close() from another
+            # thread while a call uses the region (SharedMemory.buf is then None) leaves it mapped and usable
+            self.buf = self.region.mem.buf[:]
             whole = np.frombuffer(self.region.mem.buf, dtype=np.uint8)
             self.base = whole.ctypes.data
             del whole
@@ -148,8 +161,9 @@ class SharedInputs:
 
     @property
     def shared(self) -> bool:
-        """Whether the arrays lie in shared memory with the server (calls on them copy nothing)."""
-        return self.shareable and not self.closed
+        """Whether the arrays lie in shared memory with the server and calls on them use it (copy nothing)."""
+        path = self._path() if self._path is not None else None
+        return self.shareable and not self.closed and path is not None and path.enabled
 
     def close(self) -> None:
         """Unregister the region (at the client's next call or close) and remove its object; the arrays and any

@@ -322,9 +322,9 @@ class ShmPath:
                 self.pool.append(old)
             # no room for more: use the regions there are (their answers copied out once the last is lent), and
             # this call goes over the wire
-            self.max_regions = max(1, len(self.pool))
-            if not self.pool:
-                self.enabled = False
+            self.max_regions = len(self.pool)
+            if not self.pool and not self._inputs():
+                self.enabled = False  # nothing shared with the server: off, calls go over the wire
             return None, None
         self.pool.append(region)
         return region, old
@@ -412,12 +412,22 @@ class ShmPath:
             return si, slot, tensors, outputs
         return None
 
-    def _mark(self, region: _Region, call, outputs: dict) -> list:
+    def _mark(self, si, call, outputs: dict) -> list:
         marks = self._marks(call, outputs)
-        buf = region.mem.buf
+        buf = si.buf  # not region.mem.buf: None once si is closed, maybe by another thread during this call
         for _, at, mark in marks:
             buf[at:at + len(mark)] = mark
         return marks
+
+    @staticmethod
+    def _still_whole(si) -> bool:
+        """A registered SharedInputs region whose object someone of our user shrank since (maybe to just its inputs
+        part): writing the sentinel into an answer place past the object's end would kill this process (SIGBUS),
+        so calls on it copy from now on."""
+        if si.region.intact():
+            return True
+        si.shareable = False
+        return False
 
     def _not_in_place(self, si, exc: LossdError):
         """The server refused to register a SharedInputs region: the wire for a transient failure (None), else
@@ -441,11 +451,11 @@ class ShmPath:
 
     def _answer_in_place(self, fast, call, marks: list, answer: list):
         si, slot, _, outputs = fast
-        if not self._written(si.region, marks, answer, outputs):
+        if not self._written(si.region, marks, answer, outputs, si.buf):
             return self._lost_in_place(si)  # answered, but not into our object: its name was taken over
         out_bytes = sum(size for _, size in outputs.values())
-        whole = slot.lend(si.region.mem) if out_bytes >= LEND_MIN_BYTES else None
-        return self._read(si.region, call, answer, outputs, whole)
+        whole = slot.lend(si.buf) if out_bytes >= LEND_MIN_BYTES else None
+        return self._read(si.region, call, answer, outputs, whole, si.buf)
 
     def _call_in_place(self, fast, call):
         """A call on the caller's SharedInputs: its LossResult, None for the wire, or COPY for the ordinary path."""
@@ -459,13 +469,15 @@ class ShmPath:
             except LossdError as exc:
                 return self._not_in_place(si, exc)
             region.registered = True
-        marks = self._mark(region, call, outputs)
+        elif not self._still_whole(si):
+            return COPY
+        marks = self._mark(si, call, outputs)
         try:
             answer = self.endpoint.shm_infer(call.name, region.name, tensors, outputs, self._params(call))
         except RETRYABLE:
             return None
         except LossdError as exc:
-            key = self._key_of(region) if isinstance(exc, InvalidInputError) else None
+            key = self._place_of(region) if isinstance(exc, InvalidInputError) else None
             return self._refused_in_place(si, exc, outputs, key)
         return self._answer_in_place(fast, call, marks, answer)
 
@@ -519,11 +531,12 @@ class ShmPath:
         return marks
 
     @staticmethod
-    def _written(region: _Region, marks: list, answer: list, outputs: dict) -> bool:
-        """Whether the server wrote its answer into our object: no sentinel left inside what it says it wrote."""
+    def _written(region: _Region, marks: list, answer: list, outputs: dict, buf=None) -> bool:
+        """Whether the server wrote its answer into our object: no sentinel left inside what it says it wrote.
+        ``buf``: the region's memory when not ``region.mem.buf`` (a SharedInputs' own view)."""
         ends = {oname: outputs[oname][0] + int(np.prod(shape)) * NP_OF_OIP[datatype].itemsize
                 for oname, datatype, shape in answer if oname in outputs}
-        buf = region.mem.buf
+        buf = region.mem.buf if buf is None else buf
         return all(bytes(buf[at:at + len(mark)]) != mark for oname, at, mark in marks
                    if at + len(mark) <= ends.get(oname, 0))
 
@@ -542,9 +555,9 @@ class ShmPath:
         return {"box_format": call.box_format, "reduction": call.reduction, "return_grad": call.return_grad,
                 **call.params}
 
-    def _read(self, region: _Region, call, answer: list, outputs: dict, whole: np.ndarray | None):
+    def _read(self, region: _Region, call, answer: list, outputs: dict, whole: np.ndarray | None, buf=None):
         """The answer: views of ``whole`` (the region, lent until the caller lets go of them), or copies when
-        ``whole`` is None."""
+        ``whole`` is None (from ``buf``, the region's memory, when given)."""
         from ._transport import LossResult
 
         out = {}
@@ -556,7 +569,8 @@ class ShmPath:
                 out[oname] = whole[at:at + count * dt.itemsize].view(dt).reshape(shape)
             else:
                 arr = np.empty(count, dtype=dt)
-                _copy_all([(arr, np.frombuffer(region.mem.buf, dtype=dt, count=count, offset=at))])
+                _copy_all([(arr, np.frombuffer(region.mem.buf if buf is None else buf, dtype=dt, count=count,
+                                               offset=at))])
                 out[oname] = arr.reshape(shape)
         self.calls += 1
         loss = out["LOSS"]
@@ -564,7 +578,7 @@ class ShmPath:
             loss = float(loss.reshape(-1)[0])
         return LossResult(loss, out.get("GRAD"))
 
-    def _refused_call(self, exc: LossdError, region: _Region, outputs: dict, key: str | Exception | None) -> bool:
+    def _refused_call(self, exc: LossdError, region: _Region, outputs: dict, key: tuple | Exception | None) -> bool:
         """Whether a refused call says our region is lost (then every region is forgotten and the call retried)
         rather than that the call is wrong. ``key``: what the server holds under the region's name, asked only
         for an input error (None otherwise)."""
@@ -607,7 +621,7 @@ class ShmPath:
                 except RETRYABLE:
                     return None  # overloaded or unavailable: the wire path retries with backoff and failover
                 except LossdError as exc:
-                    key = self._key_of(region) if isinstance(exc, InvalidInputError) else None
+                    key = self._place_of(region) if isinstance(exc, InvalidInputError) else None
                     if not self._refused_call(exc, region, outputs, key):
                         raise
                     continue
@@ -617,22 +631,24 @@ class ShmPath:
                 self._replace()  # answered, but not into our object: the region's name was taken over
             return self._give_up()
 
-    def _key_of(self, region: _Region) -> str | Exception:
+    def _place_of(self, region: _Region) -> tuple | Exception:
         try:
-            return self.endpoint.shm_key(region.name)
+            return self.endpoint.shm_place(region.name)
         except Exception as exc:  # noqa: BLE001 (judged by _taken)
             return exc
 
     @staticmethod
-    def _taken(region: _Region, key: str | Exception) -> bool:
-        """Whether a refused input came from someone else's object: the server's region under our name no longer
-        names our object, so it read another process's tensors. ``key``: what the server says it holds under our
+    def _taken(region: _Region, place: tuple | Exception) -> bool:
+        """Whether a refused call came from a region someone else registered under our name: it no longer names
+        our whole object (another object, or ours at another offset or size), so the server read or checked
+        something other than what we wrote. ``place``: the (key, offset, byte_size) the server holds under our
         name (or what asking raised)."""
-        if isinstance(key, LossdError):
-            return key.code in LOST
-        if isinstance(key, Exception):
+        if isinstance(place, LossdError):
+            return place.code in LOST
+        if isinstance(place, Exception):
             return False  # cannot tell (an older server): the error stands
-        return key.lstrip("/") != region.mem.name
+        key, offset, size = place
+        return key.lstrip("/") != region.mem.name or offset != 0 or size != region.mem.size
 
     def _give_up(self) -> None:
         """The region was lost twice in one call: shared memory is off for this client, the call goes over the
@@ -714,7 +730,7 @@ class AsyncShmPath(ShmPath):
                 except RETRYABLE:
                     return None
                 except LossdError as exc:
-                    key = await self._akey_of(region) if isinstance(exc, InvalidInputError) else None
+                    key = await self._aplace_of(region) if isinstance(exc, InvalidInputError) else None
                     if not self._refused_call(exc, region, outputs, key):
                         raise
                     continue
@@ -735,19 +751,21 @@ class AsyncShmPath(ShmPath):
             except LossdError as exc:
                 return self._not_in_place(si, exc)
             region.registered = True
-        marks = self._mark(region, call, outputs)
+        elif not self._still_whole(si):
+            return COPY
+        marks = self._mark(si, call, outputs)
         try:
             answer = await self.endpoint.shm_infer(call.name, region.name, tensors, outputs, self._params(call))
         except RETRYABLE:
             return None
         except LossdError as exc:
-            key = await self._akey_of(region) if isinstance(exc, InvalidInputError) else None
+            key = await self._aplace_of(region) if isinstance(exc, InvalidInputError) else None
             return self._refused_in_place(si, exc, outputs, key)
         return self._answer_in_place(fast, call, marks, answer)
 
-    async def _akey_of(self, region: _Region) -> str | Exception:
+    async def _aplace_of(self, region: _Region) -> tuple | Exception:
         try:
-            return await self.endpoint.shm_key(region.name)
+            return await self.endpoint.shm_place(region.name)
         except Exception as exc:  # noqa: BLE001
             return exc
 

@@ -385,9 +385,9 @@ class HTTPTransport:
                           {"content": body, "headers": {"Content-Type": "application/json"}}))
         return _shm.http_outputs(resp.json())
 
-    def shm_key(self, name: str) -> str:
-        """The key (shared-memory object) the server holds for region ``name``."""
-        return self.send(("GET", f"/v2/systemsharedmemory/region/{name}/status", {})).json()[0]["key"]
+    def shm_place(self, name: str) -> tuple[str, int, int]:
+        """Where the server holds region ``name``: its key (shared-memory object), offset and byte_size."""
+        return _place(self.send(("GET", f"/v2/systemsharedmemory/region/{name}/status", {})).json()[0])
 
     def close(self) -> None:
         self._http.close()
@@ -433,8 +433,8 @@ class AsyncHTTPTransport:
         resp = await self.send(("POST", f"/v2/models/{model}/infer", {"json_bytes": body}))
         return _shm.http_outputs(resp.json())
 
-    async def shm_key(self, name: str) -> str:
-        return (await self.send(("GET", f"/v2/systemsharedmemory/region/{name}/status", {}))).json()[0]["key"]
+    async def shm_place(self, name: str) -> tuple[str, int, int]:
+        return _place((await self.send(("GET", f"/v2/systemsharedmemory/region/{name}/status", {}))).json()[0])
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -512,10 +512,10 @@ class GRPCTransport:
                            _shm.grpc_infer_request(oip_pb, model, region, tensors, outputs, params))
         return [(o.name, o.datatype, list(o.shape)) for o in resp.outputs]
 
-    def shm_key(self, name: str) -> str:
+    def shm_place(self, name: str) -> tuple[str, int, int]:
         from .wire import oip_pb
         resp = self._unary(self._oip().SystemSharedMemoryStatus, oip_pb.SystemSharedMemoryStatusRequest(name=name))
-        return resp.regions[name].key
+        return _place(resp.regions[name])
 
     def close(self) -> None:
         self._channel.close()
@@ -563,14 +563,21 @@ class AsyncGRPCTransport:
                                  _shm.grpc_infer_request(oip_pb, model, region, tensors, outputs, params))
         return [(o.name, o.datatype, list(o.shape)) for o in resp.outputs]
 
-    async def shm_key(self, name: str) -> str:
+    async def shm_place(self, name: str) -> tuple[str, int, int]:
         from .wire import oip_pb
         resp = await self._unary(self._oip().SystemSharedMemoryStatus,
                                  oip_pb.SystemSharedMemoryStatusRequest(name=name))
-        return resp.regions[name].key
+        return _place(resp.regions[name])
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+def _place(status: Any) -> tuple[str, int, int]:
+    """(key, offset, byte_size) from a region's status: a JSON entry or a gRPC RegionStatus."""
+    if isinstance(status, dict):
+        return status["key"], int(status.get("offset", 0)), int(status["byte_size"])
+    return status.key, int(status.offset), int(status.byte_size)
 
 
 SYNC = {"http": HTTPTransport, "grpc": GRPCTransport}

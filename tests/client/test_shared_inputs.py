@@ -277,3 +277,102 @@ def test_a_forked_child_uses_its_own_regions_and_its_answer_never_changes(live_s
         finally:
             proc.join(60)
         assert proc.exitcode == 0
+
+
+def test_an_object_truncated_to_its_inputs_after_registering_is_copied_not_a_crash(client, wire, copies):
+    """Another process of our user shrinks the object to just its inputs part after the region was registered:
+    the arrays the caller filled stay readable, and the call must take the ordinary path (docs: a truncated object
+    is always copied), not write the sentinel into the answer place past the object's end (SIGBUS)."""
+    bufs = filled(client, N, 20)
+    client.loss("ciou", bufs.pred, bufs.target)  # registers the region
+    assert bufs.region.registered
+    fd = os.open(f"/dev/shm/{bufs.region.mem.name}", os.O_RDWR)
+    try:
+        os.ftruncate(fd, bufs.inputs_bytes)
+    finally:
+        os.close(fd)
+    ours = client.loss("ciou", bufs.pred, bufs.target)
+    same(ours, wire.loss("ciou", *boxes(N, 20)))
+    assert copies and not bufs.shared
+
+
+def test_closing_the_inputs_while_a_call_on_them_runs_still_answers(client, wire, monkeypatch):
+    """bufs.close() from another thread while loss() on bufs is at the server: the call gives the right answer
+    (the region stays mapped while the call uses it), not a TypeError from a closed SharedMemory."""
+    bufs = filled(client, N, 21)
+    endpoint = client.client._shm.endpoint
+    real = endpoint.shm_infer
+
+    def closing(*args):  # the close lands while the server reads and writes the region
+        bufs.close()
+        return real(*args)
+
+    async def aclosing(*args):
+        bufs.close()
+        return await real(*args)
+
+    monkeypatch.setattr(endpoint, "shm_infer", aclosing if client.loop is not None else closing)
+    ours = client.loss("ciou", bufs.pred, bufs.target)
+    monkeypatch.setattr(endpoint, "shm_infer", real)
+    same(ours, wire.loss("ciou", *boxes(N, 21)))
+    assert not bufs.shared
+
+
+@pytest.mark.parametrize("args", [((2**62, 4),), ((3, 2**62),), ((2**61, 8),), ((4, 4), (2**62, 4))])
+def test_sizes_past_what_can_be_mapped_are_the_callers_error_and_leave_nothing(live_server, args):
+    """Byte counts past int64 (np.prod wrapped around, ftruncate raised OverflowError out of SharedMemory) were an
+    untyped OverflowError / ValueError and left an empty object in /dev/shm each time."""
+    before = set(os.listdir("/dev/shm"))
+    with LossClient(live_server.grpc_url) as c:
+        with pytest.raises(InvalidInputError) as info:
+            c.shared_inputs(*args)
+    assert info.value.field == ("target_shape" if len(args) > 1 else "pred_shape")
+    assert not [f for f in set(os.listdir("/dev/shm")) - before if f.startswith("lossd_client_")]
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["shared-inputs", "pool-region"])
+def test_our_name_registered_again_on_our_object_at_another_offset_is_a_lost_region(client, wire, live_server, own):
+    """Another process registers our region's name again on our own object, 64 bytes in: the outputs no longer
+    fit, and the refusal used to stand as the caller's error (the takeover check compared only the key)."""
+    if own:
+        bufs = filled(client, N, 22)
+        args = (bufs.pred, bufs.target)
+        client.loss("ciou", *args)
+        region = bufs.region
+    else:
+        args = boxes(N, 22)
+        client.loss("ciou", *args)
+        region = client.shm.current
+    base = f"{live_server.http_url}/v2/systemsharedmemory/region/{region.name}"
+    assert httpx.post(f"{base}/unregister").status_code == 200
+    assert httpx.post(f"{base}/register", json={"key": region.key, "offset": 64,
+                                                "byte_size": region.mem.size - 64}).status_code == 200
+    try:
+        same(client.loss("ciou", *args), wire.loss("ciou", *boxes(N, 22)))
+        assert client.shm.replaced == 1
+    finally:
+        httpx.post(f"{base}/unregister")
+
+
+def test_a_full_dev_shm_when_a_call_must_copy_leaves_the_inputs_in_place(client, wire, monkeypatch):
+    """Both answer places held, so a call needs a pool region, and /dev/shm is full just then (posix_fallocate
+    answers ENOSPC, as on a full tmpfs): that call goes over the wire, and calls on the inputs stay in place
+    (shared memory was turned off for the whole client, while bufs.shared still said True)."""
+    import errno
+
+    bufs = filled(client, N, 23)
+    want = wire.loss("ciou", *boxes(N, 23))
+    held = [client.loss("ciou", bufs.pred, bufs.target) for _ in range(2)]
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_shm.os, "posix_fallocate", full)
+    same(client.loss("ciou", bufs.pred, bufs.target), want)  # over the wire
+    monkeypatch.undo()
+    del held
+    gc.collect()
+    calls = client.shm.calls
+    out = client.loss("ciou", bufs.pred, bufs.target)
+    same(out, want)
+    assert bufs.shared and client.shm.calls == calls + 1 and in_region(out.loss, bufs)
