@@ -155,7 +155,6 @@ class SharedInputs:
             whole = np.frombuffer(self.region.mem.buf, dtype=np.uint8)
             self.base = whole.ctypes.data
             del whole
-            self.pid = os.getpid()
             self._finalizer = weakref.finalize(self, path._let_go, self.region)
             path._adopt(self)
 
