@@ -105,11 +105,16 @@ def _bool_rows(x: Any) -> list[int]:
         return list(range(len(x) if x.ndim else 1)) if x.dtype.kind == "b" and x.size else []
     if not isinstance(x, (list, tuple)) or not _holds_bool(x):
         return []
+    return _rows_holding(x, lambda v: isinstance(v, (bool, np.bool_)))
+
+
+def _rows_holding(x: Any, leaf: Callable[[Any], bool]) -> list[int]:
+    """Rows of nested lists holding, at any depth, an element for which ``leaf`` is true."""
+    if not isinstance(x, (list, tuple)):
+        return []
 
     def has(v: Any) -> bool:
-        if isinstance(v, (list, tuple)):
-            return any(has(e) if isinstance(e, (list, tuple)) else isinstance(e, (bool, np.bool_)) for e in v)
-        return isinstance(v, (bool, np.bool_))
+        return any(has(e) for e in v) if isinstance(v, (list, tuple)) else leaf(v)
 
     return [i for i, v in enumerate(x) if has(v)]
 
@@ -147,6 +152,10 @@ def _numbers(x: Any, field: str, *, labels: bool = False) -> np.ndarray:
     try:
         return wire_array(arr, index=labels and arr.dtype.kind in "iu")
     except TypeError as exc:
+        rows = _rows_holding(x, lambda v: not isinstance(v, (int, float, np.number)))
+        if rows:
+            raise InvalidInputError("invalid_value", f"{field}: not a number (a string, null or object) at "
+                                    f"{_rows_text(rows)}", None, {"field": field, "rows": rows}) from None
         raise InvalidInputError("invalid_value", f"{field}: {exc}", None, {"field": field}) from None
 
 

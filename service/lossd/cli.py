@@ -441,7 +441,7 @@ def _main(argv: list[str] | None) -> int:
     q.add_argument("--api-key", help="API key for --server (or LOSSD_API_KEY); with --ray it goes to the workers")
     q.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="distribute shards over Ray (a local Ray when no address is given; pip install "
-                        '"lossd[ray]"); each worker loads an engine, or calls the --server servers when given')
+                        '-e ".[ray]" in the clone); each worker loads an engine, or calls the --server servers when given')
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="engine device (in this process, or on each Ray worker; unused with --server)")
     q.add_argument("--shard-size", type=_positive_int, default=500, help="images per shard (the unit of resumption)")
@@ -464,7 +464,7 @@ def _main(argv: list[str] | None) -> int:
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_quality)
     sim = sub.add_parser("simulate", help="the DIoU paper's regression simulation, on lossd's gradients "
-                                          "(pip install \"lossd[simulate]\": matplotlib)")
+                                          "(pip install -e \".[simulate]\" in the clone: matplotlib)")
     where = sim.add_mutually_exclusive_group()
     where.add_argument("--server", help=f"the running lossd to ask (http(s):// or grpc://; default {SIM_SERVER})")
     where.add_argument("--local", action="store_true", help="use an engine in this process instead of a server")

@@ -35,6 +35,14 @@ SERVER_METADATA = {"name": "lossd", "version": __version__,
                                   "system_shared_memory"]}
 
 
+def server_metadata(shared_memory: bool) -> dict:
+    """GET /v2 and gRPC ServerMetadata: the extensions, without system_shared_memory when it is off
+    (LOSSD_MAX_SHM_REGIONS=0)."""
+    if shared_memory:
+        return SERVER_METADATA
+    return {**SERVER_METADATA, "extensions": [e for e in SERVER_METADATA["extensions"] if e != "system_shared_memory"]}
+
+
 MAX_DIMS = 8            # the models take [N], [N,K]; deeper shapes are refused before any allocation
 MAX_ID_CHARS = 1024     # a request id, echoed back in the answer
 MAX_DIM = 2**40         # a single dimension; the element count is bounded by the body (or message) size anyway

@@ -155,6 +155,9 @@ class SharedMemory:
             self._evict_stale(idle=self.GONE_IDLE_S)
             if len(self.regions) >= self.max_regions:
                 self._evict_stale()
+            if self.max_regions == 0:
+                raise ServiceError("shared memory is off on this server (LOSSD_MAX_SHM_REGIONS=0)",
+                                   "too_many_regions", field="name")
             if len(self.regions) >= self.max_regions:
                 raise ServiceError(f"this server holds at most {self.max_regions} shared-memory regions "
                                    "(LOSSD_MAX_SHM_REGIONS); unregister one first", "too_many_regions",

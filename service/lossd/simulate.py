@@ -559,7 +559,7 @@ def run(*, losses: list[str] | None, cases: int | None, iterations: int, seed: i
     try:
         import matplotlib  # noqa: F401  (checked first: the plots come after minutes of work)
     except ImportError:
-        raise SystemExit("lossd simulate draws its plots with matplotlib: pip install 'lossd[simulate]'") from None
+        raise SystemExit("lossd simulate draws its plots with matplotlib: pip install -e '.[simulate]' (in the clone)") from None
     out = _make_out(out)
     if paper_gradients:
         grad_fn = PaperGradients()

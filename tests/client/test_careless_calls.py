@@ -103,16 +103,17 @@ def test_true_false_among_numbers_are_refused_naming_the_rows(live_server, kind,
         assert err.value.code == "invalid_value" and err.value.field == field and err.value.rows == rows
 
 
-@pytest.mark.parametrize("call, code, field", [
-    (lambda c: c.loss("ciou", [[0, 0, 1, 1], [0, 0, 1]], BOX * 2), "invalid_shape", "pred"),
-    (lambda c: c.loss("ciou", BOX, [["a", 0, 1, 1]]), "invalid_value", "target"),
-    (lambda c: c.metric("iou", [[0, 0, 1, None]], BOX), "invalid_value", "boxes1"),
+@pytest.mark.parametrize("call, code, field, rows", [
+    (lambda c: c.loss("ciou", [[0, 0, 1, 1], [0, 0, 1]], BOX * 2), "invalid_shape", "pred", None),
+    (lambda c: c.loss("ciou", BOX * 2, [[0, 0, 1, 1], ["a", 0, 1, 1]]), "invalid_value", "target", [1]),
+    (lambda c: c.metric("iou", [[0, 0, 1, None]], BOX), "invalid_value", "boxes1", [0]),
+    (lambda c: c.loss("ciou", np.array([["0", "0", "1", "1"]]), BOX), "invalid_value", "pred", None),
 ])
-def test_ragged_lists_and_strings_name_the_field(live_server, call, code, field):
+def test_ragged_lists_and_strings_name_the_field(live_server, call, code, field, rows):
     with LossClient(live_server.grpc_url) as c:
         with pytest.raises(InvalidInputError) as err:
             call(c)
-        assert err.value.code == code and err.value.field == field
+        assert err.value.code == code and err.value.field == field and err.value.rows == rows
 
 
 @pytest.mark.parametrize("kind", ["http", "grpc"])

@@ -214,7 +214,7 @@ def test_cli_errors_are_one_line_with_an_exit_code(coco, voc_dir, tmp_path, caps
     assert len(err) == 1 and "swapped" in err[0] and "fakebbox100_results.json" in err[0]
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     assert main(["quality", labels, results, "--out", str(tmp_path / "o"), "--ray"]) == 2
-    assert 'pip install "lossd[ray]"' in capsys.readouterr().err
+    assert 'pip install -e ".[ray]"' in capsys.readouterr().err
     # VOC labels against COCO predictions: nothing lines up; outputs are written, but it warns and exits 3
     assert main(["quality", str(voc_dir), results, "--out", str(tmp_path / "voc"), "--no-progress"]) == 3
     err = capsys.readouterr().err

@@ -23,6 +23,7 @@ def oip_error(resp, status: int, contains: str) -> str:
 def test_server_and_model_metadata(client):
     meta = client.get("/v2").json()
     assert meta["name"] == "lossd" and "binary_tensor_data" in meta["extensions"]
+    assert "system_shared_memory" in meta["extensions"]
     assert client.get("/v2/health/live").status_code == 200
     assert client.get("/v2/health/ready").json() == {"ready": True}
     for name in LOSSES:
@@ -152,3 +153,17 @@ def test_infer_nan_names_rows_and_bad_json(client):
     resp = client.post("/v2/models/giou/infer", json=body)
     assert resp.status_code == 400 and resp.headers["lossd-error-field"] == "inputs.PRED"
     oip_error(client.post("/v2/models/nope/infer", json={"inputs": []}), 404, "unknown loss")
+
+
+def test_shared_memory_off_is_not_listed_and_refuses_registering(make_client):
+    """LOSSD_MAX_SHM_REGIONS=0 turns the extension off: /v2 does not list it (it did), and registering says that
+    shared memory is off rather than that 0 regions are held."""
+    from lossd.errors import ServiceError
+    from lossd.shm import SharedMemory
+
+    off = make_client(max_shm_regions=0)
+    meta = off.get("/v2").json()
+    assert "system_shared_memory" not in meta["extensions"] and "binary_tensor_data" in meta["extensions"]
+    with pytest.raises(ServiceError) as err:
+        SharedMemory(0).register("r", "/lossd_never_made", 0, 16)
+    assert err.value.code == "too_many_regions" and "shared memory is off" in str(err.value)

@@ -90,6 +90,7 @@ def test_empty_batch_is_valid(client):
     ({"pred": PRED}, 422, "invalid_request", "target"),
     ({"pred": PRED, "target": TARGET, "colour": "red"}, 422, "invalid_request", "colour"),
     ({"pred": "boxes", "target": TARGET}, 422, "invalid_shape", "pred"),
+    ({"pred": PRED, "target": TARGET, "dtype": "float16"}, 422, "unknown_dtype", "dtype"),
 ])
 def test_loss_errors(client, body, status, code, field):
     import json

@@ -263,7 +263,8 @@ class Engine:
             return
         if n > self.max_rows:
             raise EngineError("too_large", f"{field} has {n} rows; this server takes at most {self.max_rows} per "
-                              "request (split it; the Python client does so by itself)", field=field)
+                              "request (LOSSD_MAX_ROWS): split it (the Python client splits calls by size, "
+                              "max_request_bytes, not by rows)", field=field)
 
     def _compiled_route(self, spec, kwargs: dict) -> bool:
         if spec.name not in fastpath.FUSED_LOSSES or spec.mean_weight is not None:

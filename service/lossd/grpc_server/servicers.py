@@ -13,7 +13,7 @@ from lossd_client.wire import (WithTensors, encode_evaluate_response, encode_mes
 
 from ..engine import EngineError
 from ..errors import ServiceError, parsing
-from ..oip import SERVER_METADATA, ProtocolError
+from ..oip import ProtocolError, server_metadata
 from ..service import Service
 from .errors import abort, stream_error
 
@@ -248,7 +248,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         return await _guarded(context, request, work)
 
     async def ServerMetadata(self, request, context):
-        return oip_pb.ServerMetadataResponse(**SERVER_METADATA)
+        return oip_pb.ServerMetadataResponse(**server_metadata(self.service.settings.max_shm_regions > 0))
 
     async def ModelMetadata(self, request, context):
         async def work():

@@ -279,7 +279,7 @@ def run(labels_path: str | Path, reference_path: str | Path, out_dir: str | Path
         try:
             import ray  # noqa: F401
         except ImportError:
-            raise InputError('--ray needs Ray, which is not installed: pip install "lossd[ray]"') from None
+            raise InputError('--ray needs Ray, which is not installed: pip install -e ".[ray]" (in the clone)') from None
     t0 = time.perf_counter()
     out = Path(out_dir)
     shard_dir = out / "shards"

@@ -32,7 +32,7 @@ class LossRequest(BaseModel):
                          json_schema_extra={"type": "array", "items": {"type": "number"}})
     params: dict[str, Any] | None = Field(None, description="the loss's parameters; omitted ones take the defaults")
     return_grad: StrictBool = True
-    dtype: Literal["float32", "float64"] = "float32"
+    dtype: Literal["float32", "float64"] | str = "float32"  # anything else: unknown_dtype, from the service
 
 
 class LossResponse(BaseModel):

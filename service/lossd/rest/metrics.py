@@ -26,7 +26,7 @@ class MetricRequest(BaseModel):
     box_format: Literal["xyxy", "xywh", "cxcywh"] | str = "xyxy"
     pairwise: StrictBool = False
     params: dict[str, Any] | None = None
-    dtype: Literal["float32", "float64"] = "float32"
+    dtype: Literal["float32", "float64"] | str = "float32"  # anything else: unknown_dtype, from the service
 
 
 class MetricResponse(BaseModel):

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..bodyparse import BIG_JSON_BYTES
 from ..errors import ServiceError
-from ..oip import HEADER, SERVER_METADATA, loads_json, parse_http_body
+from ..oip import HEADER, loads_json, parse_http_body, server_metadata as metadata
 from ..service import Service
 from .body import read_json
 from .deps import get_deadline, get_service, require_api_key
@@ -31,8 +31,8 @@ keyed = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=OIP_
 
 
 @router.get("")
-def server_metadata() -> dict:
-    return SERVER_METADATA
+def server_metadata(service: Service = Depends(get_service)) -> dict:
+    return metadata(service.settings.max_shm_regions > 0)
 
 
 @router.get("/health/live")
