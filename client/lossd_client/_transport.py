@@ -222,7 +222,10 @@ def _catalog_from_pb(resp: pb.ListLossesResponse) -> list[dict]:
     for e in resp.losses:
         params = {p.name: {"default": from_param(p.default_value), "min": p.min if p.HasField("min") else None,
                            "max": p.max if p.HasField("max") else None, "doc": p.doc, "type": p.type,
-                           "choices": list(p.choices) or None} for p in e.params}
+                           "choices": list(p.choices) or None,
+                           # as over HTTP: present when a bound itself is excluded ("> 0")
+                           "exclusive": ({"min": p.min_exclusive, "max": p.max_exclusive}
+                                         if p.min_exclusive or p.max_exclusive else None)} for p in e.params}
         entry = {"name": e.name, "kind": e.kind, "summary": e.summary, "doc": e.doc, "reference": e.reference,
                  "pred": e.pred, "target": e.target, "params": params}
         if "weighted_mean" in e.DESCRIPTOR.fields_by_name:  # servers whose catalog says so

@@ -118,7 +118,10 @@ def test_catalog_is_the_same_over_both_transports(live_server):
             pa, pb = a["params"][name], b["params"][name]
             assert pa["default"] == pytest.approx(pb["default"]) if isinstance(pa["default"], float) else \
                 pa["default"] == pb["default"]
-            assert (pa["min"], pa["max"], pa["doc"]) == (pb["min"], pb["max"], pb["doc"])
+            # every other key alike (gRPC's lacked "exclusive": balanced_l1's alpha is > 0, not >= 0)
+            assert {k: v for k, v in pa.items() if k != "default"} == {k: v for k, v in pb.items() if k != "default"}
+    exclusive = {e["name"]: e["params"] for e in grpc_cat}["balanced_l1"]["alpha"]["exclusive"]
+    assert exclusive == {"min": True, "max": False}
 
 
 def test_async_client(url, engine):
