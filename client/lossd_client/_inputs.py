@@ -213,11 +213,19 @@ class SharedInputs:
         self.region.registered = False
         self.region.name = f"lossd_client_{uuid.uuid4().hex[:16]}"
 
+    def whole(self) -> bool:
+        """Whether the registered region's object still holds all of it: someone of our user may have shrunk it
+        (maybe to just its inputs part), and writing the sentinel into an answer place past its end would kill this
+        process (SIGBUS); calls on it then copy from now on."""
+        if self.region.intact():
+            return True
+        self.shareable = False
+        return False
+
     def registrable(self) -> bool:
         """Whether the region's object can be registered (again): our object still holds all of it and its name
         in /dev/shm still names it (another process may have removed it and made its own under the name)."""
-        if not self.region.intact():
-            self.shareable = False
+        if not self.whole():
             return False
         fd = getattr(self.region.mem, "_fd", -1)
         if fd >= 0:

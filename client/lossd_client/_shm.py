@@ -419,16 +419,6 @@ class ShmPath:
             buf[at:at + len(mark)] = mark
         return marks
 
-    @staticmethod
-    def _still_whole(si) -> bool:
-        """A registered SharedInputs region whose object someone of our user shrank since (maybe to just its inputs
-        part): writing the sentinel into an answer place past the object's end would kill this process (SIGBUS),
-        so calls on it copy from now on."""
-        if si.region.intact():
-            return True
-        si.shareable = False
-        return False
-
     def _not_in_place(self, si, exc: LossdError):
         """The server refused to register a SharedInputs region: the wire for a transient failure (None), else
         this and later calls on it copy their inputs (COPY)."""
@@ -437,10 +427,10 @@ class ShmPath:
         si.shareable = False
         return COPY
 
-    def _refused_in_place(self, si, exc: LossdError, outputs: dict, key) -> Any:
+    def _refused_in_place(self, si, exc: LossdError, outputs: dict, place) -> Any:
         """A refused call on a SharedInputs: its region lost or taken over (COPY: the call takes the ordinary path
         and the region is registered under a fresh name next time), or the call is wrong (raised)."""
-        if _lost(exc, outputs) or isinstance(exc, InvalidInputError) and self._taken(si.region, key):
+        if _lost(exc, outputs) or isinstance(exc, InvalidInputError) and self._taken(si.region, place):
             return self._lost_in_place(si)
         raise exc
 
@@ -451,11 +441,11 @@ class ShmPath:
 
     def _answer_in_place(self, fast, call, marks: list, answer: list):
         si, slot, _, outputs = fast
-        if not self._written(si.region, marks, answer, outputs, si.buf):
+        if not self._written(si.buf, marks, answer, outputs):
             return self._lost_in_place(si)  # answered, but not into our object: its name was taken over
         out_bytes = sum(size for _, size in outputs.values())
         whole = slot.lend(si.buf) if out_bytes >= LEND_MIN_BYTES else None
-        return self._read(si.region, call, answer, outputs, whole, si.buf)
+        return self._read(si.buf, call, answer, outputs, whole)
 
     def _call_in_place(self, fast, call):
         """A call on the caller's SharedInputs: its LossResult, None for the wire, or COPY for the ordinary path."""
@@ -469,7 +459,7 @@ class ShmPath:
             except LossdError as exc:
                 return self._not_in_place(si, exc)
             region.registered = True
-        elif not self._still_whole(si):
+        elif not si.whole():
             return COPY
         marks = self._mark(si, call, outputs)
         try:
@@ -477,8 +467,8 @@ class ShmPath:
         except RETRYABLE:
             return None
         except LossdError as exc:
-            key = self._place_of(region) if isinstance(exc, InvalidInputError) else None
-            return self._refused_in_place(si, exc, outputs, key)
+            place = self._place_of(region) if isinstance(exc, InvalidInputError) else None
+            return self._refused_in_place(si, exc, outputs, place)
         return self._answer_in_place(fast, call, marks, answer)
 
     def close(self) -> None:
@@ -531,12 +521,11 @@ class ShmPath:
         return marks
 
     @staticmethod
-    def _written(region: _Region, marks: list, answer: list, outputs: dict, buf=None) -> bool:
-        """Whether the server wrote its answer into our object: no sentinel left inside what it says it wrote.
-        ``buf``: the region's memory when not ``region.mem.buf`` (a SharedInputs' own view)."""
+    def _written(buf, marks: list, answer: list, outputs: dict) -> bool:
+        """Whether the server wrote its answer into our object (``buf``, its memory): no sentinel left inside what
+        it says it wrote."""
         ends = {oname: outputs[oname][0] + int(np.prod(shape)) * NP_OF_OIP[datatype].itemsize
                 for oname, datatype, shape in answer if oname in outputs}
-        buf = region.mem.buf if buf is None else buf
         return all(bytes(buf[at:at + len(mark)]) != mark for oname, at, mark in marks
                    if at + len(mark) <= ends.get(oname, 0))
 
@@ -555,9 +544,9 @@ class ShmPath:
         return {"box_format": call.box_format, "reduction": call.reduction, "return_grad": call.return_grad,
                 **call.params}
 
-    def _read(self, region: _Region, call, answer: list, outputs: dict, whole: np.ndarray | None, buf=None):
-        """The answer: views of ``whole`` (the region, lent until the caller lets go of them), or copies when
-        ``whole`` is None (from ``buf``, the region's memory, when given)."""
+    def _read(self, buf, call, answer: list, outputs: dict, whole: np.ndarray | None):
+        """The answer: views of ``whole`` (the region, lent until the caller lets go of them), or copies out of
+        ``buf`` (the region's memory) when ``whole`` is None."""
         from ._transport import LossResult
 
         out = {}
@@ -569,8 +558,7 @@ class ShmPath:
                 out[oname] = whole[at:at + count * dt.itemsize].view(dt).reshape(shape)
             else:
                 arr = np.empty(count, dtype=dt)
-                _copy_all([(arr, np.frombuffer(region.mem.buf if buf is None else buf, dtype=dt, count=count,
-                                               offset=at))])
+                _copy_all([(arr, np.frombuffer(buf, dtype=dt, count=count, offset=at))])
                 out[oname] = arr.reshape(shape)
         self.calls += 1
         loss = out["LOSS"]
@@ -578,11 +566,11 @@ class ShmPath:
             loss = float(loss.reshape(-1)[0])
         return LossResult(loss, out.get("GRAD"))
 
-    def _refused_call(self, exc: LossdError, region: _Region, outputs: dict, key: tuple | Exception | None) -> bool:
+    def _refused_call(self, exc: LossdError, region: _Region, outputs: dict, place: tuple | Exception | None) -> bool:
         """Whether a refused call says our region is lost (then every region is forgotten and the call retried)
-        rather than that the call is wrong. ``key``: what the server holds under the region's name, asked only
+        rather than that the call is wrong. ``place``: what the server holds under the region's name, asked only
         for an input error (None otherwise)."""
-        if _lost(exc, outputs) or isinstance(exc, InvalidInputError) and self._taken(region, key):
+        if _lost(exc, outputs) or isinstance(exc, InvalidInputError) and self._taken(region, place):
             self._replace()
             return True
         return False
@@ -621,13 +609,13 @@ class ShmPath:
                 except RETRYABLE:
                     return None  # overloaded or unavailable: the wire path retries with backoff and failover
                 except LossdError as exc:
-                    key = self._place_of(region) if isinstance(exc, InvalidInputError) else None
-                    if not self._refused_call(exc, region, outputs, key):
+                    place = self._place_of(region) if isinstance(exc, InvalidInputError) else None
+                    if not self._refused_call(exc, region, outputs, place):
                         raise
                     continue
-                if self._written(region, marks, answer, outputs):
+                if self._written(region.mem.buf, marks, answer, outputs):
                     whole = region.lend() if self._lends(region, out_bytes) else None
-                    return self._read(region, call, answer, outputs, whole)
+                    return self._read(region.mem.buf, call, answer, outputs, whole)
                 self._replace()  # answered, but not into our object: the region's name was taken over
             return self._give_up()
 
@@ -730,13 +718,13 @@ class AsyncShmPath(ShmPath):
                 except RETRYABLE:
                     return None
                 except LossdError as exc:
-                    key = await self._aplace_of(region) if isinstance(exc, InvalidInputError) else None
-                    if not self._refused_call(exc, region, outputs, key):
+                    place = await self._aplace_of(region) if isinstance(exc, InvalidInputError) else None
+                    if not self._refused_call(exc, region, outputs, place):
                         raise
                     continue
-                if self._written(region, marks, answer, outputs):
+                if self._written(region.mem.buf, marks, answer, outputs):
                     whole = region.lend() if self._lends(region, out_bytes) else None
-                    return self._read(region, call, answer, outputs, whole)
+                    return self._read(region.mem.buf, call, answer, outputs, whole)
                 self._replace()
             return self._give_up()
 
@@ -751,7 +739,7 @@ class AsyncShmPath(ShmPath):
             except LossdError as exc:
                 return self._not_in_place(si, exc)
             region.registered = True
-        elif not self._still_whole(si):
+        elif not si.whole():
             return COPY
         marks = self._mark(si, call, outputs)
         try:
@@ -759,8 +747,8 @@ class AsyncShmPath(ShmPath):
         except RETRYABLE:
             return None
         except LossdError as exc:
-            key = await self._aplace_of(region) if isinstance(exc, InvalidInputError) else None
-            return self._refused_in_place(si, exc, outputs, key)
+            place = await self._aplace_of(region) if isinstance(exc, InvalidInputError) else None
+            return self._refused_in_place(si, exc, outputs, place)
         return self._answer_in_place(fast, call, marks, answer)
 
     async def _aplace_of(self, region: _Region) -> tuple | Exception:
